@@ -1,0 +1,90 @@
+"""The `bench` command. Every user error is one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.errors import BenchError
+
+LISTABLE = ("methods", "regimes", "datasets", "presets")
+
+
+def _cmd_list(what: str) -> None:
+    from bench.config import PRESETS, REGIMES
+    from bench.registry import DATASETS, METHODS
+
+    if what == "methods":
+        for name in METHODS.names():
+            cls = METHODS.get(name)
+            print(f"{name:16s} regimes: {', '.join(cls.regimes):40s} {cls.description}")
+    elif what == "regimes":
+        for name in REGIMES:
+            print(name)
+    elif what == "datasets":
+        for name in DATASETS.names():
+            print(f"{name:16s} {getattr(DATASETS.get(name), 'description', '')}")
+    elif what == "presets":
+        for name in PRESETS:
+            print(name)
+
+
+def _cmd_run(args: list[str]) -> None:
+    from bench.config import parse_overrides
+    from bench.run import execute, resolve_runs
+
+    runs = resolve_runs(parse_overrides(args))
+    for cfg in runs:
+        folder = execute(cfg)
+        import json
+
+        test = json.loads((folder / "metrics.json").read_text())["test"]
+        shown = " ".join(f"{k}={test[k]:.3f}" if test[k] is not None else f"{k}=n/a"
+                         for k in ("f1", "acc", "auc", "ap"))
+        print(f"{cfg.method} {cfg.regime} seed {cfg.seed}: {shown} -> {folder}")
+
+
+def _cmd_data(args: list[str]) -> None:
+    from bench.config import compose, parse_overrides
+    from bench.datasets.loading import load_data
+
+    if not args or args[0] != "synth":
+        raise BenchError(f"unknown data command '{args[0] if args else ''}'; valid: synth")
+    cfg = compose(parse_overrides(args[1:]))
+    data = load_data(cfg)
+    table = data.table
+    print(f"{data.name}: {len(table)} vertebrae from {table.patient_id.nunique()} patients, "
+          f"{int(table.label.sum())} fractured ({table.label.mean():.1%}), crops {data.images.shape[1:]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Benchmark pretraining methods for 3D CT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="list methods, regimes, datasets or presets")
+    p_list.add_argument("what", nargs="?", default="methods", choices=LISTABLE)
+    p_run = sub.add_parser("run", help="run method=NAME [regime=NAME] [key=value ...]")
+    p_run.add_argument("overrides", nargs="*", metavar="key=value")
+    p_data = sub.add_parser("data", help="data synth [key=value ...]")
+    p_data.add_argument("args", nargs="*")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            _cmd_list(args.what)
+        elif args.command == "run":
+            _cmd_run(args.overrides)
+        elif args.command == "data":
+            _cmd_data(args.args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Run configuration: one typed OmegaConf tree per run.
+
+A run's config is composed in a fixed order, each layer overriding the one before:
+  1. the defaults of `RunConfig` (this file), with the method's own `Params` dataclass as `model`;
+  2. the preset file `bench/presets/<preset>.yaml` (sizes and schedules for tiny/small/paper);
+  3. the method's own per-preset overrides (`Method.presets[preset]`);
+  4. the user's `key=value` overrides.
+Every layer is validated against the dataclasses, so a typo or a bad value fails before any work,
+with one line naming the key and what is valid there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from bench.errors import BenchError, choices_hint
+
+REGIMES: tuple[str, ...] = ("scratch", "public", "public_to_vertebrae", "vertebrae")
+PRESETS: tuple[str, ...] = ("tiny", "small", "paper")
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the embedded synthetic vertebra benchmark (see bench.datasets.synthetic)."""
+
+    n_patients: int = 120
+    min_vertebrae: int = 4  # consecutive vertebrae per patient
+    max_vertebrae: int = 8
+    fracture_rate: float = 0.15  # fraction of fractured vertebrae, as in the paper (940 / 6245)
+    fov_mm: float = 96.0  # physical edge of a crop; voxel spacing = fov_mm / crop_size
+    noise_hu: float = 25.0  # typical CT noise sigma; each scan draws around it
+    seed: int = 0  # the data seed, separate from the run seed so every run sees the same data
+
+
+@dataclass
+class RunConfig:
+    """One finetuning run: a method in a regime on a data set with a seed."""
+
+    method: str = ""
+    regime: Optional[str] = None  # None: every regime the method supports
+    preset: Literal["tiny", "small", "paper"] = "small"
+    seed: int = 0
+    data: str = "synthetic"  # a registered data set name or the path of a crop store
+    out: str = "runs"
+    suite: str = "single"
+    cache_dir: str = ""  # "" -> $BENCH_CACHE or ~/.cache/vertebench
+    crop_size: int = 48  # edge of the cubic crop the model sees, in voxels
+
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # 0 disables clipping
+    augment: bool = True  # random left-right flips in training
+    threshold: float = 0.5  # on the softmax fracture probability
+
+    # execution
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
+    compile: bool = False
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    deterministic: bool = True
+    progress: bool = True
+
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: Any = field(default_factory=dict)  # replaced by the method's Params dataclass
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`["a.b=1", "c=x"]` -> {"a.b": "1", "c": "x"}, rejecting anything not `key=value`."""
+    out: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key or key != key.strip():
+            raise BenchError(f"bad argument '{arg}': expected key=value (for example seed=1)")
+        if key in out:
+            raise BenchError(f"key '{key}' given twice ({key}={out[key]} and {arg})")
+        out[key] = value
+    return out
+
+
+def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
+    """Merge `layer` into `base`, turning OmegaConf's errors into one BenchError line."""
+    try:
+        if isinstance(layer, dict) and layer and all(isinstance(v, str) for v in layer.values()):
+            layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in layer.items()])
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise BenchError(_explain(exc, base, where)) from None
+
+
+def _explain(exc: OmegaConfBaseException, base: DictConfig, where: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    first = str(exc).splitlines()[0]
+    if isinstance(exc, ConfigKeyError):
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(base, parent_key) if parent_key else base
+        valid = [
+            f"{parent_key}.{k}" if parent_key else k
+            for k in (parent.keys() if isinstance(parent, DictConfig) else [])
+        ]
+        return f"unknown config key '{key}' ({where}); {choices_hint(key, valid)}"
+    if isinstance(exc, ValidationError):
+        node_type = _field_type(base, key)
+        expected = f"; expected {node_type}" if node_type and "expected" not in first else ""
+        return f"bad value for '{key}' ({where}): {first}{expected}"
+    return f"config error at '{key}' ({where}): {first}"
+
+
+def _field_type(base: DictConfig, key: str) -> str:
+    try:
+        node = base._get_node(key)  # noqa: SLF001  (OmegaConf has no public accessor for types)
+    except Exception:
+        return ""
+    typ = getattr(node, "_metadata", None)
+    typ = getattr(typ, "ref_type", None)
+    return getattr(typ, "__name__", str(typ)) if typ is not None else ""
+
+
+def _preset_layer(preset: str) -> DictConfig:
+    text = resources.files("bench").joinpath("presets", f"{preset}.yaml").read_text()
+    return OmegaConf.create(text)
+
+
+def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictConfig:
+    """The fully resolved, validated config of one run (regime may still be None)."""
+    preset = overrides.get("preset", "small")
+    if preset not in PRESETS:
+        raise BenchError(f"unknown preset '{preset}'; {choices_hint(preset, PRESETS)}")
+    cfg: DictConfig = OmegaConf.structured(RunConfig)
+    if method_cls is not None:
+        OmegaConf.set_struct(cfg, False)
+        cfg.model = OmegaConf.structured(method_cls.Params)
+        OmegaConf.set_struct(cfg, True)
+    cfg = _merge(cfg, _preset_layer(preset), f"preset {preset}")
+    if method_cls is not None:
+        method_layer = method_cls.presets.get(preset, {})
+        cfg = _merge(cfg, OmegaConf.create(method_layer), f"method {method_cls.name}, preset {preset}")
+    cfg = _merge(cfg, overrides, "command line")
+    validate(cfg)
+    return cfg
+
+
+_POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
+             "synthetic.min_vertebrae", "synthetic.fov_mm")
+_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
+                 "threads", "synthetic.noise_hu")
+_UNIT_OPEN = ("synthetic.fracture_rate", "threshold")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types alone cannot express."""
+    for key in _POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected > 0")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected >= 0")
+    for key in _UNIT_OPEN:
+        if not 0 < OmegaConf.select(cfg, key) < 1:
+            raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
+    if cfg.synthetic.max_vertebrae < cfg.synthetic.min_vertebrae:
+        raise BenchError(
+            f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "
+            f"synthetic.min_vertebrae ({cfg.synthetic.min_vertebrae})"
+        )
+
+
+def config_hash(node: Any, length: int = 12) -> str:
+    """A short stable hash of a config (sub)tree, for naming cached artifacts."""
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+    blob = json.dumps(container, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,196 @@
+"""The finetuning loop shared by every method.
+
+Optimiser and cosine-with-warmup schedule from timm, class-weighted cross entropy
+(w_c = 1 - n_c / n), the checkpoint with the best validation F1 (ties: higher validation AUC, then
+the earlier epoch), evaluation of that checkpoint on the test split. AMP and `torch.compile` are
+switches that work on CPU too, so the GPU paths are exercised by the CPU test suite.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bench.datasets.base import VertebraSet
+from bench.datasets.torch_data import CropDataset
+from bench.errors import BenchError
+from bench.metrics import binary_metrics, class_weights
+
+
+def select_device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def amp_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """None when AMP is off; bf16 on CPU (fp16 autocast is poorly supported there), fp16 on CUDA."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if cfg.amp_dtype == "fp16" and device.type == "cpu":
+        raise BenchError("amp_dtype=fp16 is not supported on CPU; use amp_dtype=bf16 or auto")
+    return torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    test_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    predictions: pd.DataFrame
+    epochs: list[dict[str, Any]]
+    cost: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+            loss_fn: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """Fracture probabilities (softmax of class 1) and the mean loss."""
+    model.eval()
+    scores, total, count = [], 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        if loss_fn is not None:
+            total += float(loss_fn(logits, y)) * len(y)
+            count += len(y)
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().double().numpy())
+    return np.concatenate(scores), (total / count if count else math.nan)
+
+
+def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
+    seed_everything(cfg.seed, cfg.deterministic)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg)
+    dtype = amp_dtype(cfg, device)
+    train, val, test = (data.subset(s) for s in ("train", "val", "test"))
+    for part in (train, val, test):
+        if len(part.table) == 0:
+            raise BenchError(f"data '{cfg.data}': split '{part.name}' is empty")
+    y_train = train.table["label"].to_numpy()
+    if len(np.unique(y_train)) < 2:
+        raise BenchError(f"data '{cfg.data}': the training split holds only one class")
+
+    model = method.build_model(num_classes=2).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    step_model = torch.compile(model) if cfg.compile else model
+
+    train_ds = CropDataset(train.images, y_train, augment=cfg.augment, seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                              drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
+    val_loader = DataLoader(CropDataset(val.images, val.table["label"].to_numpy()),
+                            batch_size=cfg.eval_batch_size, **loader_kw)
+    test_loader = DataLoader(CropDataset(test.images, test.table["label"].to_numpy()),
+                             batch_size=cfg.eval_batch_size, **loader_kw)
+
+    weights = torch.tensor(class_weights(y_train), dtype=torch.float32, device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total_steps, lr_min=cfg.min_lr, t_in_epochs=False,
+        warmup_t=int(round(cfg.warmup_epochs * steps_per_epoch)), warmup_lr_init=cfg.lr * 0.01,
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    history: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float], int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    step = 0
+    t_train = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc=f"{method.name}", disable=not cfg.progress, leave=False)
+    for epoch in bar:
+        t_epoch = time.perf_counter()
+        train_ds.epoch = epoch
+        step_model.train()
+        loss_sum, n_seen = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = step_model(x)
+            loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise BenchError(f"training diverged at epoch {epoch} (loss {float(loss.detach())}); lower lr={cfg.lr}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step_update(step)
+            loss_sum += float(loss.detach()) * len(y)
+            n_seen += len(y)
+        train_s = time.perf_counter() - t_epoch
+        val_scores, val_loss = predict(step_model, val_loader, device, dtype, loss_fn)
+        val_m = binary_metrics(val.table["label"].to_numpy(), val_scores, cfg.threshold)
+        history.append({
+            "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val_loss,
+            "val_f1": val_m["f1"], "val_auc": val_m["auc"], "val_ap": val_m["ap"],
+            "lr": optimizer.param_groups[0]["lr"], "train_s": train_s,
+        })
+        key = (val_m["f1"], -1.0 if math.isnan(val_m["auc"]) else val_m["auc"])
+        if best is None or key > best[0]:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = (key, epoch, state, val_m)
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{val_m['f1']:.3f}")
+    train_total = time.perf_counter() - t_train
+
+    assert best is not None
+    model.load_state_dict(best[2])
+    t_eval = time.perf_counter()
+    test_scores, _ = predict(model, test_loader, device, dtype)
+    eval_s = time.perf_counter() - t_eval
+    y_test = test.table["label"].to_numpy()
+    test_m = binary_metrics(y_test, test_scores, cfg.threshold)
+    columns = [c for c in ("patient_id", "vertebra", "label", "grade") if c in test.table]
+    preds = test.table[columns].copy()
+    preds["score"] = test_scores
+    preds["prediction"] = (test_scores >= cfg.threshold).astype(int)
+    cost = {
+        "train_s": train_total,
+        "s_per_epoch": train_total / cfg.epochs,
+        "eval_s": eval_s,
+        "n_params": n_params,
+        "best_epoch": best[1],
+        "steps": step,
+        "device": str(device),
+        "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+    }
+    return FinetuneResult(model, test_m, best[3], preds, history, cost)

@@ -1,0 +1,64 @@
+"""One finetuning run from a resolved config to a folder in the results store."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.config import compose
+from bench.envinfo import environment, now
+from bench.errors import BenchError, choices_hint
+from bench.registry import get_method
+from bench.store import run_dir, write_run
+
+
+def resolve_runs(overrides: dict[str, str]) -> list[DictConfig]:
+    """The configs of `bench run method=X [regime=R] ...`: one per regime when none is given."""
+    if "method" not in overrides:
+        raise BenchError("bench run needs method=NAME (see `bench list methods`)")
+    method_cls = get_method(overrides["method"])
+    cfg = compose(overrides, method_cls)
+    if cfg.regime is None:
+        regimes = list(method_cls.regimes)
+    elif cfg.regime in method_cls.regimes:
+        regimes = [cfg.regime]
+    else:
+        raise BenchError(
+            f"method '{cfg.method}' does not support regime '{cfg.regime}'; "
+            f"{choices_hint(cfg.regime, method_cls.regimes)}"
+        )
+    runs = []
+    for regime in regimes:
+        one = cfg.copy()
+        one.regime = regime
+        runs.append(one)
+    return runs
+
+
+def execute(cfg: DictConfig) -> Path:
+    """Train, select, evaluate and store one run; returns its folder."""
+    from bench.datasets.loading import load_data
+    from bench.engine import finetune
+    from bench.registry import create_method
+
+    started = now()
+    t0 = time.perf_counter()
+    method = create_method(cfg.method, cfg)
+    data = load_data(cfg)
+    result = finetune(method, data, cfg)
+    counts = data.table.groupby("split")["label"].agg(["size", "sum"])
+    metrics = {
+        "test": result.test_metrics,
+        "val": result.val_metrics,
+        "epochs": result.epochs,
+        "cost": {**result.cost, "total_s": time.perf_counter() - t0},
+        "data": {
+            "name": data.name,
+            "fingerprint": data.fingerprint(),
+            "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
+        },
+    }
+    env = {**environment(), "started": started, "finished": now()}
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return write_run(run_dir(cfg), resolved, metrics, result.predictions, env)

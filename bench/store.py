@@ -1,0 +1,83 @@
+"""The results store: one folder per finetuning run, written so that it is never half there.
+
+A run's files are written into a hidden staging folder next to the final one, which then replaces
+the final folder by rename; an older result of the same run stays intact until that moment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from bench.config import to_yaml
+
+FILES = ("config.yaml", "metrics.json", "predictions.parquet", "env.json")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out) / cfg.suite / f"{cfg.method}-{cfg.regime}-s{cfg.seed}"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: undefined metrics are stored as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _clean(obj.item())
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], predictions: pd.DataFrame,
+              env: dict[str, Any]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        (stage / "config.yaml").write_text(to_yaml(cfg))
+        (stage / "metrics.json").write_text(dumps(metrics))
+        predictions.to_parquet(stage / "predictions.parquet", index=False)
+        (stage / "env.json").write_text(dumps(env))
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+        os.rename(stage, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return target
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    return {
+        "metrics": json.loads((folder / "metrics.json").read_text()),
+        "env": json.loads((folder / "env.json").read_text()),
+        "predictions": pd.read_parquet(folder / "predictions.parquet"),
+    }

@@ -1,0 +1,2 @@
+"""Built-in methods. Importing this package registers them (one module per method family)."""
+from bench.methods import cnn  # noqa: F401

@@ -1,0 +1,62 @@
+"""The small interface every method implements.
+
+A method says which regimes it supports, what input it takes, how to build its encoder and its
+classifier head, and which config keys it owns (`Params`, validated by OmegaConf like every other
+key). The engine does the rest: data, optimisation, checkpoint selection, evaluation and storage.
+Later stages (self-supervised pretraining, public weights) attach through `pretraining` and
+`public_weights`, which stay None for methods that have neither.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class NoParams:
+    """For methods without keys of their own."""
+
+
+class Classifier(nn.Module):
+    """encoder -> features (B, F) -> head -> logits (B, classes)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class Method:
+    """Base class of all methods; subclasses are registered with `@register_method(name)`."""
+
+    name: ClassVar[str] = ""
+    regimes: ClassVar[tuple[str, ...]] = ("scratch",)
+    input_format: ClassVar[str] = "volume"  # (B, 1, D, H, W) HU scaled to [0, 1]
+    description: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> config overrides
+    pretraining: ClassVar[Any] = None  # self-supervised stage (issue #4)
+    public_weights: ClassVar[Any] = None  # spec of the public checkpoint (issue #4)
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.params = cfg.model
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        """The encoder, mapping an input batch to (B, F) features, and F."""
+        raise NotImplementedError
+
+    def build_head(self, in_features: int, num_classes: int) -> nn.Module:
+        """The classifier head on the encoder's features; a linear layer unless overridden."""
+        return nn.Linear(in_features, num_classes)
+
+    def build_model(self, num_classes: int = 2) -> Classifier:
+        encoder, features = self.build_encoder()
+        return Classifier(encoder, self.build_head(features, num_classes))

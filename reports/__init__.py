@@ -1,0 +1,1 @@
+"""Comparison reports built from the results store (tables, statistics, plots, HTML)."""
