@@ -1,0 +1,46 @@
+"""Shared fixtures: one synthetic-data cache per test session, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from bench import register_method
+from bench.methods.base import Method
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test shares one cache, so the tiny synthetic set is generated once per session."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    os.environ["BENCH_CACHE"] = str(cache)
+    return cache
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`bench ARGS` in a fresh process, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=full_env,
+        cwd=cwd, timeout=600,
+    )
+
+
+@register_method("_test_tiny_cnn")
+class TinyTestCNN(Method):
+    """Two strided convolutions: for engine paths whose cost grows with the model (torch.compile)."""
+
+    description = "test-only"
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        net = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                            nn.Conv3d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                            nn.AdaptiveAvgPool3d(1), nn.Flatten())
+        return net, 8

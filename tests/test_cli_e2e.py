@@ -1,0 +1,109 @@
+"""The `bench` command as a user runs it, on the tiny preset."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from bench.cli import main
+from bench.config import compose
+from bench.registry import create_method, get_method
+from bench.store import FILES
+from conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "method=nope"], "unknown method 'nope'"),
+        (["run", "method=resnet18", "regime=nope"], "does not support regime 'nope'; valid: scratch"),
+        (["run", "method=resnet18", "lr=abc"], "bad value for 'lr'"),
+        (["run", "method=resnet18", "lrr=1"], "unknown config key 'lrr'"),
+        (["run", "seed=1"], "needs method=NAME"),
+    ],
+)
+def test_bad_runs_print_one_line_and_exit_2(tmp_path, args, expected):
+    out = run_cli(*args, f"out={tmp_path}/runs")
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_list_methods_shows_the_cnns():
+    out = run_cli("list", "methods")
+    assert out.returncode == 0
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert {"densenet121", "densenet169", "resnet18", "resnet50"} <= set(names)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("run", "method=resnet18", "preset=tiny", f"out={out}")  # no regime: all it supports
+    assert proc.returncode == 0, proc.stderr
+    return out / "single" / "resnet18-scratch-s0", proc
+
+
+def test_tiny_run_leaves_the_four_files(tiny_run):
+    folder, proc = tiny_run
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+    assert str(folder) in proc.stdout
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("f1", "acc", "auc", "ap", "sensitivity", "specificity", "balanced_acc"):
+        assert key in metrics["test"] and key in metrics["val"]
+    assert len(metrics["epochs"]) == 4 and metrics["cost"]["s_per_epoch"] > 0
+    assert metrics["data"]["splits"]["test"]["vertebrae"] == metrics["test"]["n"]
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["method"] == "resnet18" and config["regime"] == "scratch"
+    assert config["model"]["widen_factor"] == 0.25 and config["crop_size"] == 32
+    env = json.loads((folder / "env.json").read_text())
+    assert env["versions"]["torch"] and env["hardware"]["cpu_count"] and env["started"] <= env["finished"]
+    preds = pd.read_parquet(folder / "predictions.parquet")
+    assert list(preds.columns) == ["patient_id", "vertebra", "label", "grade", "score", "prediction"]
+    assert len(preds) == metrics["test"]["n"] and preds.score.between(0, 1).all()
+
+
+def test_same_seed_gives_identical_predictions(tmp_path, tiny_run):
+    folder, _ = tiny_run
+    assert main(["run", "method=resnet18", "regime=scratch", "preset=tiny", f"out={tmp_path}"]) == 0
+    again = tmp_path / "single" / "resnet18-scratch-s0" / "predictions.parquet"
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "predictions.parquet"), pd.read_parquet(again))
+    assert main(["run", "method=resnet18", "regime=scratch", "preset=tiny", "seed=1", f"out={tmp_path}"]) == 0
+    other = pd.read_parquet(tmp_path / "single" / "resnet18-scratch-s1" / "predictions.parquet")
+    assert not other.score.equals(pd.read_parquet(again).score)
+
+
+def test_amp_path_runs_on_cpu(tmp_path):
+    args = ["run", "method=resnet18", "regime=scratch", "preset=tiny", "epochs=1", f"out={tmp_path}", "amp=true"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())
+    assert metrics["cost"]["amp_dtype"] == "bfloat16"
+
+
+def test_compile_path_runs_on_cpu(tmp_path):
+    """torch.compile through inductor on CPU; a tiny CNN keeps the compile itself short."""
+    args = ["run", "method=_test_tiny_cnn", "preset=tiny", "epochs=1", f"out={tmp_path}", "compile=true",
+            "amp=true"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "single" / "_test_tiny_cnn-scratch-s0" / "metrics.json").read_text())
+    assert metrics["cost"]["amp_dtype"] == "bfloat16" and metrics["test"]["n"] > 0
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet169", "resnet18", "resnet50"])
+def test_every_cnn_trains_a_step(name):
+    cfg = compose({"preset": "tiny", "method": name}, get_method(name))
+    model = create_method(name, cfg).build_model(num_classes=2)
+    x = torch.rand(2, 1, 32, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 2)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_paper_preset_builds_the_published_resnet18():
+    cfg = compose({"preset": "paper", "method": "resnet18"}, get_method("resnet18"))
+    model = create_method("resnet18", cfg).build_model()
+    n = sum(p.numel() for p in model.parameters())
+    assert 33.0e6 < n < 33.3e6  # MONAI 3D ResNet-18 at full width: ~33.2M parameters
