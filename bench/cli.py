@@ -44,16 +44,62 @@ def _cmd_run(args: list[str]) -> None:
 
 
 def _cmd_data(args: list[str]) -> None:
-    from bench.config import compose, parse_overrides
+    from bench.config import parse_overrides
+
+    commands = {"synth": _data_synth, "ingest": _data_ingest, "info": _data_info}
+    if not args or args[0] not in commands:
+        from bench.errors import choices_hint
+
+        given = args[0] if args else ""
+        raise BenchError(f"unknown data command '{given}'; {choices_hint(given, commands)}")
+    if args[0] == "info":
+        if len(args) != 2:
+            raise BenchError("usage: bench data info PATH")
+        return _data_info(args[1])
+    commands[args[0]](parse_overrides(args[1:]))
+
+
+def _data_synth(overrides: dict[str, str]) -> None:
+    from bench.config import compose
     from bench.datasets.loading import load_data
 
-    if not args or args[0] != "synth":
-        raise BenchError(f"unknown data command '{args[0] if args else ''}'; valid: synth")
-    cfg = compose(parse_overrides(args[1:]))
+    cfg = compose(overrides)
     data = load_data(cfg)
     table = data.table
     print(f"{data.name}: {len(table)} vertebrae from {table.patient_id.nunique()} patients, "
           f"{int(table.label.sum())} fractured ({table.label.mean():.1%}), crops {data.images.shape[1:]}")
+
+
+def _data_ingest(overrides: dict[str, str]) -> None:
+    from bench.config import IngestConfig, structured
+    from bench.datasets.ingest import IngestOptions
+    from bench.datasets.ingest_many import find_cases, ingest
+
+    cfg = structured(IngestConfig, overrides)
+    if not cfg.label_map:
+        raise BenchError("bench data ingest needs label_map=NAME (verse, totalseg_v1, totalseg_v2): "
+                         "label ids differ between sources")
+    cases = find_cases(cfg.ct, cfg.mask, cfg.cases, cfg.centroids, cfg.patient)
+    opts = IngestOptions(label_map=cfg.label_map, size=cfg.size, spacing=cfg.spacing,
+                         max_missing=cfg.max_missing, min_volume_ml=cfg.min_volume_ml, dtype=cfg.dtype)
+    path, summary = ingest(cases, opts, cfg.out, labels=cfg.labels, workers=cfg.workers,
+                           overwrite=cfg.overwrite, progress=cfg.progress)
+    print(f"{path}: {summary['crops']} crops from {summary['cases']} case(s), {summary['skipped']} skipped")
+    for row in summary["skipped_rows"].itertuples():
+        print(f"  skipped {row.patient_id} {row.vertebra}: {row.reason}")
+    report = summary["labels_report"]
+    if report.get("labels") is not None or "labelled" in report:
+        print(f"  labels: {report['labelled']} labelled, {len(report['images_without_row'])} crops without a row, "
+              f"{len(report['rows_without_image'])} rows without a crop, {len(report['duplicate_rows'])} duplicated")
+
+
+def _data_info(path: str) -> None:
+    from bench.datasets.cropstore import open_store
+
+    crops, manifest, meta = open_store(path)
+    print(f"{path}: {len(crops)} crops of {meta['size']}^3 at {meta['spacing_mm']} mm ({meta['dtype']}, frame {meta['frame']}) "
+          f"from {manifest.patient_id.nunique()} patients; labelled {int((manifest.label >= 0).sum())}, "
+          f"fractured {int((manifest.label == 1).sum())}, skipped {meta['skipped']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("what", nargs="?", default="methods", choices=LISTABLE)
     p_run = sub.add_parser("run", help="run method=NAME [regime=NAME] [key=value ...]")
     p_run.add_argument("overrides", nargs="*", metavar="key=value")
-    p_data = sub.add_parser("data", help="data synth [key=value ...]")
+    p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
     return parser
 

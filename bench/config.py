@@ -188,3 +188,30 @@ def config_hash(node: Any, length: int = 12) -> str:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+@dataclass
+class IngestConfig:
+    """Keys of `bench data ingest` (see bench.datasets.ingest for their meaning)."""
+
+    ct: str = ""
+    mask: str = ""
+    centroids: str = ""  # VerSe centroid JSON for a single case
+    cases: str = ""  # CSV: ct, mask, patient_id[, centroids]
+    patient: str = ""  # patient id of a single case (default: the CT's file name)
+    labels: str = ""  # CSV: patient_id, vertebra, fracture[, grade]
+    label_map: str = ""  # verse | totalseg_v1 | totalseg_v2
+    out: str = "crops"
+    size: int = 96
+    spacing: float = 1.0
+    max_missing: float = 0.4
+    min_volume_ml: float = 1.0
+    dtype: Literal["int16", "float16"] = "int16"
+    workers: int = 0  # 0: one per core
+    overwrite: bool = False
+    progress: bool = True
+
+
+def structured(schema: type, overrides: dict[str, str], where: str = "command line") -> DictConfig:
+    """A dataclass schema filled from `key=value` overrides, with one-line errors."""
+    return _merge(OmegaConf.structured(schema), overrides, where)

@@ -21,6 +21,13 @@ from bench.config import to_yaml
 FILES = ("config.yaml", "metrics.json", "predictions.parquet", "env.json")
 
 
+def normal_mode(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; give the final folder the mode a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out) / cfg.suite / f"{cfg.method}-{cfg.regime}-s{cfg.seed}"
 
@@ -58,6 +65,7 @@ def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], prediction
               env: dict[str, Any]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    normal_mode(stage)
     try:
         (stage / "config.yaml").write_text(to_yaml(cfg))
         (stage / "metrics.json").write_text(dumps(metrics))

@@ -15,6 +15,7 @@ from bench.datasets.base import VertebraSet
 from bench.datasets.splits import check_no_leakage, patient_split
 from bench.errors import BenchError, choices_hint
 from bench.registry import DATASETS, register_dataset
+from bench.store import normal_mode
 
 
 def cache_root(cfg: DictConfig) -> Path:
@@ -67,6 +68,7 @@ def _write_atomically(folder: Path, images: np.ndarray, table: pd.DataFrame) -> 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        normal_mode(tmp)
         np.save(tmp / "images.npy", images)
         table.to_parquet(tmp / "table.parquet", index=False)
         try:
@@ -76,3 +78,4 @@ def _write_atomically(folder: Path, images: np.ndarray, table: pd.DataFrame) -> 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+

@@ -1,0 +1,188 @@
+"""CT + vertebra mask -> one crop per vertebra, centred on its centroid, on an RAS grid in mm.
+
+Why world coordinates: the crop grid is laid out along R, A, S in millimetres around the centroid,
+and each grid point is mapped through the CT's inverse affine. Any storage orientation (RAS, PIR,
+LPS, ...) and any voxel size therefore give the same anatomical crop, and only the small block of
+CT voxels under the crop is read and interpolated, never the whole volume.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from bench.datasets.labelmaps import VERTEBRAE, get_label_map
+from bench.datasets.nifti import load_volume, same_grid
+from bench.errors import BenchError
+
+FRAME = "RAS"  # crop axes: 0 -> patient's right, 1 -> anterior, 2 -> superior
+PAD_HU = -1000.0
+
+
+@dataclass
+class IngestOptions:
+    label_map: str
+    size: int = 96
+    spacing: float = 1.0
+    max_missing: float = 0.4  # largest fraction of a crop outside the scan that is padded, not skipped
+    min_volume_ml: float = 1.0  # mask fragments smaller than this are skipped (a vertebra is 10-70 ml)
+    dtype: str = "int16"  # or float16
+    order: int = 1  # interpolation order (0 nearest, 1 linear)
+
+    def validate(self) -> None:
+        get_label_map(self.label_map)
+        if self.size < 8 or self.spacing <= 0:
+            raise BenchError(f"bad crop geometry: size={self.size} (>= 8), spacing={self.spacing} (> 0 mm)")
+        if not 0 <= self.max_missing < 1:
+            raise BenchError(f"bad value for 'max_missing': {self.max_missing}; expected in [0, 1)")
+        if self.dtype not in ("int16", "float16"):
+            raise BenchError(f"bad value for 'dtype': '{self.dtype}'; valid: float16, int16")
+        if self.order not in (0, 1):
+            raise BenchError(f"bad value for 'order': {self.order}; valid: 0, 1")
+
+
+@dataclass
+class Case:
+    ct: str
+    mask: str
+    patient_id: str
+    centroids: str | None = None  # VerSe centroid JSON (voxel coordinates), optional
+
+
+@dataclass
+class Vertebra:
+    name: str
+    label_id: int
+    voxels: int
+    centroid_world: np.ndarray  # RAS mm
+    touches_border: bool
+
+
+def vertebra_centroids(mask: np.ndarray, affine: np.ndarray, label_map: dict[int, str]) -> list[Vertebra]:
+    """Centroids of every vertebra label, cranial to caudal; other labels are ignored.
+
+    `find_objects` is one pass over the mask; each centroid then only reads its bounding box.
+    """
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
+            raise BenchError("mask holds non-integer or non-finite values; expected integer labels")
+    ids = np.asarray(mask).astype(np.int32, copy=False) if mask.dtype.kind == "f" else mask
+    out = []
+    boxes = ndimage.find_objects(ids)
+    for label_id, name in label_map.items():
+        if label_id > len(boxes) or boxes[label_id - 1] is None:
+            continue
+        box = boxes[label_id - 1]
+        idx = np.nonzero(ids[box] == label_id)
+        count = len(idx[0])
+        voxel = np.array([idx[d].mean() + box[d].start for d in range(3)])
+        touches = any(box[d].start == 0 or box[d].stop == mask.shape[d] for d in range(3))
+        out.append(Vertebra(name, label_id, count, (affine @ np.append(voxel, 1.0))[:3], touches))
+    out.sort(key=lambda v: VERTEBRAE.index(v.name))
+    return out
+
+
+def read_verse_centroids(path: str | Path, affine: np.ndarray, shape: tuple[int, ...],
+                         label_map: dict[int, str]) -> dict[str, np.ndarray]:
+    """VerSe `*_ctd.json`: voxel coordinates in the frame named by its "direction" entry -> RAS mm."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+        direction = next(e["direction"] for e in entries if "direction" in e)
+        points = {int(e["label"]): np.array([e["X"], e["Y"], e["Z"]], float) for e in entries if "label" in e}
+    except (OSError, ValueError, KeyError, StopIteration, TypeError) as exc:
+        raise BenchError(f"centroids '{path}': not a VerSe centroid file ({type(exc).__name__}: {exc})") from None
+    # JSON voxel frame -> stored voxel frame: the affine nibabel would give the reoriented image
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(tuple(direction))
+    )
+    json_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return {label_map[i]: (json_affine @ np.append(p, 1.0))[:3] for i, p in points.items() if i in label_map}
+
+
+def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: int, spacing: float,
+                order: int = 1) -> tuple[np.ndarray, float]:
+    """The float32 (size,)*3 RAS crop around `centre` (mm) and the fraction outside the scan."""
+    offsets = (np.arange(size) - (size - 1) / 2) * spacing
+    inv = np.linalg.inv(affine)
+    step = inv[:3, :3]  # voxel displacement per mm along R, A, S
+    origin = inv[:3, :3] @ centre + inv[:3, 3]
+    corners = np.array([[a, b, c] for a in offsets[[0, -1]] for b in offsets[[0, -1]] for c in offsets[[0, -1]]])
+    reach = corners @ step.T + origin
+    shape = np.array(ct.shape)
+    lo = np.clip(np.floor(reach.min(0)).astype(int) - 1, 0, shape)
+    hi = np.clip(np.ceil(reach.max(0)).astype(int) + 2, 0, shape)
+    block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    # voxel coordinates of every grid point, built separably (no (3, N) world-point matrix)
+    coords = np.empty((3, size, size, size), np.float32)
+    for d in range(3):
+        coords[d] = (
+            (origin[d] - lo[d])
+            + step[d, 0] * offsets[:, None, None]
+            + step[d, 1] * offsets[None, :, None]
+            + step[d, 2] * offsets[None, None, :]
+        )
+    outside = np.zeros((size,) * 3, bool)
+    for d in range(3):
+        absolute = coords[d] + lo[d]
+        outside |= (absolute < -0.5) | (absolute > shape[d] - 0.5)
+    if block.size == 0:
+        return np.full((size,) * 3, PAD_HU, np.float32), 1.0
+    crop = ndimage.map_coordinates(block, coords, order=order, mode="nearest", output=np.float32)
+    crop[outside] = PAD_HU
+    return crop, float(outside.mean())
+
+
+def ingest_case(case: Case, opts: IngestOptions) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Crops (n, S, S, S) in the store dtype, their manifest rows, and the skipped vertebrae."""
+    label_map = get_label_map(opts.label_map)
+    ct, ct_affine = load_volume(case.ct, "CT")
+    mask, mask_affine = load_volume(case.mask, "mask")
+    if not same_grid(ct.shape, ct_affine, mask.shape, mask_affine):
+        raise BenchError(
+            f"mask '{case.mask}' is not on the CT's grid: shapes {ct.shape} vs {mask.shape}, "
+            f"affines differ by {np.abs(ct_affine - mask_affine).max():.3g}; resample the mask to the CT first"
+        )
+    vertebrae = vertebra_centroids(mask, mask_affine, label_map)
+    if not vertebrae:
+        present = sorted(int(v) for v in np.unique(mask) if v)[:12]
+        raise BenchError(
+            f"mask '{case.mask}': no vertebra labels of label map '{opts.label_map}' "
+            f"(labels present: {present or 'none, the mask is empty'})"
+        )
+    given = read_verse_centroids(case.centroids, mask_affine, mask.shape, label_map) if case.centroids else {}
+    crops, rows, skipped = [], [], []
+    zooms = np.sqrt((ct_affine[:3, :3] ** 2).sum(0))
+    voxel_ml = abs(np.linalg.det(mask_affine[:3, :3])) / 1000.0
+    for v in vertebrae:
+        base = {"patient_id": case.patient_id, "vertebra": v.name, "source": str(case.ct), "voxels": v.voxels}
+        volume_ml = v.voxels * voxel_ml
+        if volume_ml < opts.min_volume_ml:
+            skipped.append({**base, "reason": f"fragment of {volume_ml:.2f} ml (< min_volume_ml={opts.min_volume_ml})"})
+            continue
+        centre = given.get(v.name, v.centroid_world)
+        crop, missing = sample_crop(ct, ct_affine, centre, opts.size, opts.spacing, opts.order)
+        if missing > opts.max_missing:
+            skipped.append({**base, "missing_fraction": missing,
+                            "reason": f"{missing:.0%} of the crop outside the scan (> max_missing={opts.max_missing})"})
+            continue
+        if opts.dtype == "int16":
+            stored = np.clip(np.rint(crop), -32768, 32767).astype(np.int16)
+        else:
+            stored = crop.astype(np.float16)
+        crops.append(stored)
+        rows.append({
+            **base, "missing_fraction": missing, "touches_border": v.touches_border,
+            "centroid_x": float(centre[0]), "centroid_y": float(centre[1]), "centroid_z": float(centre[2]),
+            "centroid_source": "json" if v.name in given else "mask",
+            "source_spacing": ",".join(f"{z:.3g}" for z in zooms),
+            "checksum": hashlib.sha256(stored.tobytes()).hexdigest()[:16],
+        })
+    empty = np.empty((0,) + (opts.size,) * 3, np.int16 if opts.dtype == "int16" else np.float16)
+    return (np.stack(crops) if crops else empty), rows, skipped

@@ -1,0 +1,167 @@
+"""Many cases into one crop store: case discovery, parallel ingestion, the labels join."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bench.datasets.cropstore import StoreWriter
+from bench.datasets.ingest import FRAME, Case, IngestOptions, ingest_case
+from bench.datasets.labelmaps import check_vertebra_name
+from bench.envinfo import now
+from bench.errors import BenchError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "", patient: str = "") -> list[Case]:
+    """Cases from ct=FILE mask=FILE, ct=DIR mask=DIR (paired by file name), or cases=CSV."""
+    if cases:
+        path = Path(cases)
+        if not path.is_file():
+            raise BenchError(f"cases '{cases}': no such file")
+        table = pd.read_csv(path, dtype=str)
+        missing = {"ct", "mask", "patient_id"} - set(table.columns)
+        if missing:
+            raise BenchError(f"cases '{cases}': missing column(s) {', '.join(sorted(missing))}; expected ct, mask, patient_id[, centroids]")
+        resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
+        return [Case(resolve(r.ct), resolve(r.mask), r.patient_id,
+                     resolve(r.centroids) if "centroids" in table and isinstance(r.centroids, str) else None)
+                for r in table.itertuples()]
+    if not ct or not mask:
+        raise BenchError("bench data ingest needs ct=PATH and mask=PATH (files or folders), or cases=CSV")
+    ct_path, mask_path = Path(ct), Path(mask)
+    if ct_path.is_dir() != mask_path.is_dir():
+        raise BenchError(f"ct '{ct}' and mask '{mask}' must both be files or both be folders")
+    if ct_path.is_dir():
+        cts = sorted(p for p in ct_path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        pairs = [(p, mask_path / p.name) for p in cts]
+        unpaired = [str(m) for _, m in pairs if not m.exists()]
+        if unpaired:
+            raise BenchError(f"mask folder '{mask}' lacks {len(unpaired)} file(s) named as in '{ct}', e.g. {unpaired[0]}")
+        if not pairs:
+            raise BenchError(f"ct folder '{ct}' holds no .nii or .nii.gz files")
+        return [Case(str(c), str(m), _stem(c)) for c, m in pairs]
+    return [Case(ct, mask, patient or _stem(ct_path), centroids or None)]
+
+
+def read_labels(path: str) -> pd.DataFrame:
+    """patient_id, vertebra, fracture (0/1)[, grade 0-3], validated row by row."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"labels '{path}': no such file")
+    table = pd.read_csv(p, dtype={"patient_id": str, "vertebra": str})
+    missing = {"patient_id", "vertebra", "fracture"} - set(table.columns)
+    if missing:
+        raise BenchError(f"labels '{path}': missing column(s) {', '.join(sorted(missing))}; expected patient_id, vertebra, fracture[, grade]")
+    for row, name in enumerate(table["vertebra"], start=2):
+        check_vertebra_name(str(name), f"labels '{path}' line {row}")
+    if not table["fracture"].isin([0, 1]).all():
+        bad = table.loc[~table["fracture"].isin([0, 1]), "fracture"].iloc[0]
+        raise BenchError(f"labels '{path}': column fracture holds '{bad}'; expected 0 or 1")
+    if "grade" in table:
+        if not table["grade"].isin([0, 1, 2, 3]).all():
+            bad = table.loc[~table["grade"].isin([0, 1, 2, 3]), "grade"].iloc[0]
+            raise BenchError(f"labels '{path}': column grade holds '{bad}'; expected 0, 1, 2 or 3")
+        clash = table[(table["grade"] > 0) != (table["fracture"] == 1)]
+        if len(clash):
+            r = clash.iloc[0]
+            raise BenchError(f"labels '{path}': {r.patient_id} {r.vertebra} has fracture={r.fracture} but grade={r.grade}")
+    return table
+
+
+def join_labels(manifest: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Attach label/grade by (patient_id, vertebra NAME); unlabelled crops get label -1."""
+    manifest = manifest.copy()
+    if labels is None:
+        manifest["label"], manifest["grade"] = -1, -1
+        return manifest, {"labels": None}
+    key = ["patient_id", "vertebra"]
+    dup_mask = labels.duplicated(key, keep=False)
+    duplicates = labels[dup_mask]
+    conflicting = duplicates.groupby(key).filter(lambda g: len(g.drop_duplicates()) > 1)
+    if len(conflicting):
+        r = conflicting.iloc[0]
+        raise BenchError(f"labels: conflicting duplicate rows for {r.patient_id} {r.vertebra}")
+    labels = labels.drop_duplicates(key)
+    merged = manifest.merge(labels, on=key, how="left", indicator=True)
+    merged["label"] = merged["fracture"].fillna(-1).astype(int)
+    merged["grade"] = merged["grade"].fillna(-1).astype(int) if "grade" in merged else -1
+    no_row = merged[merged["_merge"] == "left_only"]
+    images = set(zip(manifest.patient_id, manifest.vertebra))
+    no_image = [f"{p}:{v}" for p, v in zip(labels.patient_id, labels.vertebra) if (p, v) not in images]
+    report = {
+        "labelled": int((merged["label"] >= 0).sum()),
+        "images_without_row": [f"{p}:{v}" for p, v in zip(no_row.patient_id, no_row.vertebra)],
+        "rows_without_image": no_image,
+        "duplicate_rows": [f"{p}:{v}" for p, v in duplicates[key].drop_duplicates().itertuples(index=False)],
+    }
+    return merged.drop(columns=["fracture", "_merge"]), report
+
+
+def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int, list, list, int]:
+    crops, rows, skipped = ingest_case(case, opts)
+    np.save(chunk, crops)
+    return index, rows, skipped, len(crops)
+
+
+def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", workers: int = 0,
+           overwrite: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Ingest every case into the store at `out`; returns its path and a summary."""
+    opts.validate()
+    label_table = read_labels(labels) if labels else None
+    writer = StoreWriter(out, overwrite=overwrite)
+    try:
+        workers = workers or min(len(cases), os.cpu_count() or 1)
+        results: dict[int, tuple[list, list, int]] = {}
+        bar = tqdm(total=len(cases), desc="ingest", unit="case", disable=not progress)
+        if workers <= 1:
+            for i, case in enumerate(cases):
+                _, rows, skipped, n = _work(i, case, opts, str(writer.chunk_path(i)))
+                results[i] = (rows, skipped, n)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_work, i, c, opts, str(writer.chunk_path(i))) for i, c in enumerate(cases)]
+                for fut in as_completed(futures):
+                    i, rows, skipped, n = fut.result()
+                    results[i] = (rows, skipped, n)
+                    bar.update()
+        bar.close()
+        order = sorted(results)
+        rows = [r for i in order for r in results[i][0]]
+        skipped = pd.DataFrame([s for i in order for s in results[i][1]])
+        if not rows:
+            raise BenchError(f"no vertebra could be cropped from {len(cases)} case(s); {len(skipped)} skipped")
+        manifest = pd.DataFrame(rows)
+        dup = manifest.duplicated(["patient_id", "vertebra"])
+        if dup.any():
+            r = manifest[dup].iloc[0]
+            raise BenchError(f"vertebra {r.vertebra} of patient {r.patient_id} appears in two cases; patient ids must name one CT each")
+        manifest, report = join_labels(manifest, label_table)
+        manifest["split"] = ""
+        manifest["spacing"] = opts.spacing
+        meta = {
+            "frame": FRAME, "size": opts.size, "spacing_mm": opts.spacing, "dtype": opts.dtype,
+            "options": asdict(opts), "cases": len(cases), "crops": len(manifest),
+            "skipped": len(skipped), "labels_report": report, "created": now(),
+        }
+        path = writer.commit(order, manifest, meta, skipped, (opts.size,) * 3, opts.dtype)
+    except BaseException:
+        writer.abort()
+        raise
+    return path, {**meta, "skipped_rows": skipped}
