@@ -60,13 +60,18 @@ def _cmd_data(args: list[str]) -> None:
 
 
 def _data_synth(overrides: dict[str, str]) -> None:
-    from bench.config import compose
-    from bench.datasets.loading import load_data
+    """Generate the synthetic benchmark of a preset: into the cache, or into out=DIR as a store."""
+    from pathlib import Path
 
+    from bench.config import compose
+    from bench.datasets.loading import load_data, load_store, synthesize_store
+
+    out = overrides.pop("out", "")
+    overwrite = overrides.pop("overwrite", "false").lower() == "true"
     cfg = compose(overrides)
-    data = load_data(cfg)
+    data = load_store(synthesize_store(cfg, Path(out), overwrite), cfg) if out else load_data(cfg)
     table = data.table
-    print(f"{data.name}: {len(table)} vertebrae from {table.patient_id.nunique()} patients, "
+    print(f"{out or data.name}: {len(table)} vertebrae from {table.patient_id.nunique()} patients, "
           f"{int(table.label.sum())} fractured ({table.label.mean():.1%}), crops {data.images.shape[1:]}")
 
 

@@ -107,14 +107,14 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     n_params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg.compile else model
 
-    train_ds = CropDataset(train.images, y_train, augment=cfg.augment, seed=cfg.seed)
+    train_ds = CropDataset(train.images, train.crop_indices, y_train, cfg.crop_size, augment=cfg.augment, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                               drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
-    val_loader = DataLoader(CropDataset(val.images, val.table["label"].to_numpy()),
+    val_loader = DataLoader(CropDataset(val.images, val.crop_indices, val.table["label"].to_numpy(), cfg.crop_size),
                             batch_size=cfg.eval_batch_size, **loader_kw)
-    test_loader = DataLoader(CropDataset(test.images, test.table["label"].to_numpy()),
+    test_loader = DataLoader(CropDataset(test.images, test.crop_indices, test.table["label"].to_numpy(), cfg.crop_size),
                              batch_size=cfg.eval_batch_size, **loader_kw)
 
     weights = torch.tensor(class_weights(y_train), dtype=torch.float32, device=device)

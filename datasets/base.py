@@ -12,12 +12,17 @@ from bench.errors import BenchError
 REQUIRED_COLUMNS = ("patient_id", "vertebra", "label")
 
 
+def crop_checksum(crop: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(crop).tobytes()).hexdigest()[:16]
+
+
 @dataclass
 class VertebraSet:
-    """Crops (N, X, Y, Z) in HU, RAS axis order, and one table row per crop.
+    """Crops (N, X, Y, Z) in HU, RAS axis order, usually a memory map, and a table of rows.
 
-    `table` has at least patient_id, vertebra, label (1 = fractured) and, once split, `split`
-    ("train" / "val" / "test"); grade, morphology and source when known.
+    Each row points at its crop through `crop_index`, so a subset is a filtered table over the same
+    array: nothing is copied until a batch is read. The table has at least patient_id, vertebra,
+    label (1 = fractured) and, once split, `split`; grade, morphology, source, checksum when known.
     """
 
     images: np.ndarray
@@ -28,20 +33,29 @@ class VertebraSet:
         missing = [c for c in REQUIRED_COLUMNS if c not in self.table.columns]
         if missing:
             raise BenchError(f"data set '{self.name}': table lacks column(s) {', '.join(missing)}")
-        if len(self.images) != len(self.table):
-            raise BenchError(
-                f"data set '{self.name}': {len(self.images)} crops but {len(self.table)} table rows"
-            )
-        self.table = self.table.reset_index(drop=True)
+        table = self.table.reset_index(drop=True)
+        if "crop_index" not in table:
+            if len(self.images) != len(table):
+                raise BenchError(f"data set '{self.name}': {len(self.images)} crops but {len(table)} table rows")
+            table["crop_index"] = np.arange(len(table))
+        self.table = table
+
+    @property
+    def crop_indices(self) -> np.ndarray:
+        return self.table["crop_index"].to_numpy()
+
+    def crops(self) -> np.ndarray:
+        """The crops of this set's rows, in order (a copy: for small sets and tests)."""
+        return np.asarray(self.images[self.crop_indices])
 
     def fingerprint(self) -> str:
-        """sha256 of the crops and the labelling, recorded with every run for provenance."""
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.images).tobytes())
-        cols = [c for c in ("patient_id", "vertebra", "label", "grade", "split") if c in self.table]
-        digest.update(self.table[cols].to_csv(index=False).encode())
-        return digest.hexdigest()
+        """sha256 over the rows and their crop checksums, recorded with every run for provenance."""
+        table = self.table
+        if "checksum" not in table:
+            table = table.assign(checksum=[crop_checksum(self.images[i]) for i in self.crop_indices])
+        cols = [c for c in ("patient_id", "vertebra", "label", "grade", "split", "checksum") if c in table]
+        return hashlib.sha256(table[cols].to_csv(index=False).encode()).hexdigest()
 
     def subset(self, split: str) -> "VertebraSet":
-        idx = np.flatnonzero(self.table["split"].to_numpy() == split)
-        return VertebraSet(self.images[idx], self.table.iloc[idx].reset_index(drop=True), f"{self.name}:{split}")
+        rows = self.table[self.table["split"].to_numpy() == split]
+        return VertebraSet(self.images, rows, f"{self.name}:{split}")

@@ -5,6 +5,8 @@ split by vertebra would leak; every patient goes to exactly one split.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
@@ -43,4 +45,57 @@ def check_no_leakage(table: pd.DataFrame) -> None:
     if len(leaked):
         raise BenchError(
             f"patient leakage: {len(leaked)} patient(s) in more than one split, e.g. '{leaked.index[0]}'"
+        )
+
+
+SPLITS = ("train", "val", "test")
+
+
+def read_splits(path: Path) -> pd.Series:
+    """A user's or a stored splits file: patient_id,split -> Series indexed by patient_id."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"splits '{path}': unreadable ({exc})") from None
+    if not {"patient_id", "split"} <= set(table.columns):
+        raise BenchError(f"splits '{path}': expected columns patient_id,split")
+    bad = table[~table["split"].isin(SPLITS)]
+    if len(bad):
+        raise BenchError(f"splits '{path}': patient {bad.patient_id.iloc[0]} has split '{bad.split.iloc[0]}'; valid: train, val, test")
+    dup = table[table.duplicated("patient_id", keep=False)]
+    if len(dup):
+        raise BenchError(f"patient leakage in splits '{path}': patient {dup.patient_id.iloc[0]} is listed twice")
+    return table.set_index("patient_id")["split"]
+
+
+def splits_for(labelled: pd.DataFrame, folder: Path, seed: int, user_file: str = "") -> pd.Series:
+    """The split of every labelled row: from the user's file, else from FOLDER/splits.csv, else
+    made once (patient-level, stratified, seeded) and written there for every later run."""
+    stored = folder / "splits.csv"
+    if user_file:
+        source = Path(user_file)
+        if not source.is_file():
+            raise BenchError(f"splits '{user_file}': no such file")
+        assignment = read_splits(source)
+    elif stored.is_file():
+        source, assignment = stored, read_splits(stored)
+    else:
+        split = patient_split(labelled, seed)
+        assignment = split.groupby(labelled["patient_id"]).first()
+        from bench.store import write_text_atomic
+
+        write_text_atomic(stored, assignment.rename_axis("patient_id").reset_index().to_csv(index=False))
+        source = stored
+    missing = sorted(set(labelled["patient_id"]) - set(assignment.index))
+    if missing:
+        raise BenchError(f"splits '{source}' has no split for {len(missing)} labelled patient(s), e.g. '{missing[0]}'")
+    return labelled["patient_id"].map(assignment).rename("split")
+
+
+def check_disjoint(labelled_patients, unlabelled_patients, what: str = "unlabelled pretraining data") -> None:
+    """Refuse pretraining on patients whose vertebrae are also labelled (finetuned or tested)."""
+    shared = sorted(set(labelled_patients) & set(unlabelled_patients))
+    if shared:
+        raise BenchError(
+            f"patient leakage: {len(shared)} patient(s) are in both the labelled data and the {what}, e.g. '{shared[0]}'"
         )

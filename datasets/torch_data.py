@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
@@ -12,25 +13,41 @@ def scale_hu(x: np.ndarray) -> np.ndarray:
     return (np.clip(x.astype(np.float32), HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
 
 
-class CropDataset(Dataset):
-    """(1, X, Y, Z) float tensors and integer labels; random left-right flips when `augment`.
+def resize_cube(x: np.ndarray, size: int) -> np.ndarray:
+    """Resample a cubic crop to `size`^3 over the same field of view (area average when shrinking)."""
+    if x.shape[-1] == size:
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x))[None, None]
+    mode = "area" if size < x.shape[-1] else "trilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(t, size=(size,) * 3, mode=mode, **kwargs)[0, 0].numpy()
 
-    The flip is drawn from a generator seeded per (epoch seed, index), so an epoch's augmentation
-    is reproducible whatever the DataLoader's worker layout.
+
+class CropDataset(Dataset):
+    """(1, S, S, S) float tensors in [0, 1] and integer labels; random left-right flips when `augment`.
+
+    `rows` index into `images` (usually a memory map), so only the crops of a batch are read. The
+    flip is drawn from a generator seeded per (seed, epoch, index), so an epoch's augmentation is
+    reproducible whatever the DataLoader's worker layout.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, seed: int = 0):
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int | None = None,
+                 augment: bool = False, seed: int = 0):
         self.images = images
+        self.rows = np.asarray(rows)
         self.labels = labels.astype(np.int64)
+        self.size = size
         self.augment = augment
         self.seed = seed
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = scale_hu(self.images[index])
+        x = scale_hu(self.images[self.rows[index]])
+        if self.size is not None:
+            x = resize_cube(x, self.size)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             if rng.random() < 0.5:
