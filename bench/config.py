@@ -39,6 +39,17 @@ class SyntheticConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """Slice views for methods with input_format "slices" (see bench.datasets.views)."""
+
+    axis: Literal["sagittal", "coronal", "axial"] = "sagittal"
+    frames: int = 16
+    frame_size: int = 0  # 0: the crop size; larger: zero-pad frames (the format ablation, 224 in the paper)
+    multi_view: bool = True  # evaluation averages the logits of every shift
+    channels: int = 3
+
+
+@dataclass
 class RunConfig:
     """One finetuning run: a method in a regime on a data set with a seed."""
 
@@ -77,6 +88,7 @@ class RunConfig:
     progress: bool = True
 
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     model: Any = field(default_factory=dict)  # replaced by the method's Params dataclass
 
 
@@ -156,7 +168,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 
 
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
-             "synthetic.min_vertebrae", "synthetic.fov_mm")
+             "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
                  "threads", "synthetic.noise_hu")
 _UNIT_OPEN = ("synthetic.fracture_rate", "threshold")
@@ -173,6 +185,8 @@ def validate(cfg: DictConfig) -> None:
     for key in _UNIT_OPEN:
         if not 0 < OmegaConf.select(cfg, key) < 1:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
+    if cfg.views.frames + 2 > cfg.crop_size:
+        raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 ({cfg.crop_size - 2})")
     if cfg.synthetic.max_vertebrae < cfg.synthetic.min_vertebrae:
         raise BenchError(
             f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "

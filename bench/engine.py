@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bench.datasets.base import VertebraSet
-from bench.datasets.torch_data import CropDataset
+from bench.datasets.torch_data import CropDataset, SliceViewDataset
 from bench.errors import BenchError
 from bench.metrics import binary_metrics, class_weights
 
@@ -71,6 +71,27 @@ class FinetuneResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def make_dataset(method: Any, cfg: DictConfig, part: VertebraSet, augment: bool = False) -> CropDataset:
+    """Cubic crops for 3D models, slice views (video clips) for methods whose input is "slices"."""
+    labels = part.table["label"].to_numpy()
+    if method.input_format == "slices":
+        v = cfg.views
+        return SliceViewDataset(part.images, part.crop_indices, labels, cfg.crop_size, augment, cfg.seed,
+                                axis=v.axis, frames=v.frames, frame_size=v.frame_size, channels=v.channels,
+                                multi_view=v.multi_view)
+    if method.input_format != "volume":
+        raise BenchError(f"method '{method.name}' declares unknown input_format '{method.input_format}'")
+    return CropDataset(part.images, part.crop_indices, labels, cfg.crop_size, augment, cfg.seed)
+
+
+def forward_views(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a batch; a (B, V, C, T, H, W) multi-view batch gives the mean logits over V."""
+    if x.dim() == 6:
+        b, v = x.shape[:2]
+        return model(x.flatten(0, 1)).view(b, v, -1).mean(dim=1)
+    return model(x)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
             loss_fn: nn.Module | None = None) -> tuple[np.ndarray, float]:
@@ -80,7 +101,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: t
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
+            logits = forward_views(model, x)
         logits = logits.float()
         if loss_fn is not None:
             total += float(loss_fn(logits, y)) * len(y)
@@ -107,15 +128,13 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     n_params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg.compile else model
 
-    train_ds = CropDataset(train.images, train.crop_indices, y_train, cfg.crop_size, augment=cfg.augment, seed=cfg.seed)
+    train_ds = make_dataset(method, cfg, train, augment=cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                               drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
-    val_loader = DataLoader(CropDataset(val.images, val.crop_indices, val.table["label"].to_numpy(), cfg.crop_size),
-                            batch_size=cfg.eval_batch_size, **loader_kw)
-    test_loader = DataLoader(CropDataset(test.images, test.crop_indices, test.table["label"].to_numpy(), cfg.crop_size),
-                             batch_size=cfg.eval_batch_size, **loader_kw)
+    val_loader = DataLoader(make_dataset(method, cfg, val), batch_size=cfg.eval_batch_size, **loader_kw)
+    test_loader = DataLoader(make_dataset(method, cfg, test), batch_size=cfg.eval_batch_size, **loader_kw)
 
     weights = torch.tensor(class_weights(y_train), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from bench.datasets import views
+
 HU_MIN, HU_MAX = -1000.0, 1000.0
 
 
@@ -53,3 +55,34 @@ class CropDataset(Dataset):
             if rng.random() < 0.5:
                 x = x[::-1]  # axis 0 is left-right in RAS order
         return torch.from_numpy(np.ascontiguousarray(x)[None]), int(self.labels[index])
+
+
+class SliceViewDataset(CropDataset):
+    """Video-format samples: (C, T, H, W) clips of `frames` slices along `axis`.
+
+    Training (`augment`): one random common shift per sample and epoch (plus the flip).
+    Evaluation with `multi_view`: every shift, stacked as (V, C, T, H, W); otherwise the centre view.
+    """
+
+    def __init__(self, images, rows, labels, size=None, augment=False, seed=0, axis="sagittal",
+                 frames=16, frame_size=0, channels=3, multi_view=True):
+        super().__init__(images, rows, labels, size, augment, seed)
+        self.axis, self.frames, self.frame_size = axis, frames, frame_size
+        self.channels, self.multi_view = channels, multi_view
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        volume, label = super().__getitem__(index)
+        volume = volume[0].numpy()
+        depth = volume.shape[views.AXES[self.axis]]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            options = views.shifts(depth, self.frames)
+            chosen = [options[int(rng.integers(len(options)))]]
+        elif self.multi_view:
+            chosen = views.shifts(depth, self.frames)
+        else:
+            chosen = [0]
+        clips = [views.to_clip(views.take_view(volume, self.axis, self.frames, s), self.frame_size, self.channels)
+                 for s in chosen]
+        out = np.stack(clips) if (not self.augment and self.multi_view) else clips[0]
+        return torch.from_numpy(out), label

@@ -44,3 +44,16 @@ class TinyTestCNN(Method):
                             nn.Conv3d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
                             nn.AdaptiveAvgPool3d(1), nn.Flatten())
         return net, 8
+
+
+@register_method("_test_tiny_video")
+class TinyTestVideo(Method):
+    """A tiny model on slice views (C, T, H, W): exercises the engine's video-format path."""
+
+    description = "test-only"
+    input_format = "slices"
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        net = nn.Sequential(nn.Conv3d(3, 4, (2, 4, 4), stride=(2, 4, 4)), nn.ReLU(),
+                            nn.AdaptiveAvgPool3d(1), nn.Flatten())
+        return net, 4
