@@ -64,15 +64,25 @@ def _data_synth(overrides: dict[str, str]) -> None:
     from pathlib import Path
 
     from bench.config import compose
-    from bench.datasets.loading import load_data, load_store, synthesize_store
+    from bench.datasets.loading import load_corpus, load_data, load_store, load_unlabelled, synthesize_store
 
     out = overrides.pop("out", "")
     overwrite = overrides.pop("overwrite", "false").lower() == "true"
     cfg = compose(overrides)
-    data = load_store(synthesize_store(cfg, Path(out), overwrite), cfg) if out else load_data(cfg)
+    if out:  # the labelled and unlabelled vertebrae as one store, readable with data=DIR
+        data = load_store(synthesize_store(cfg, Path(out), overwrite), cfg)
+    else:
+        data = load_data(cfg)
     table = data.table
-    print(f"{out or data.name}: {len(table)} vertebrae from {table.patient_id.nunique()} patients, "
-          f"{int(table.label.sum())} fractured ({table.label.mean():.1%}), crops {data.images.shape[1:]}")
+    grades = table.grade.value_counts().sort_index().to_dict()
+    print(f"{out or data.name}: {len(table)} labelled vertebrae from {table.patient_id.nunique()} patients, "
+          f"{int(table.label.sum())} fractured ({table.label.mean():.1%}; grades {grades}), crops {data.images.shape[1:]}")
+    if not out:
+        unlabelled = load_unlabelled(cfg)
+        print(f"unlabelled: {len(unlabelled.table)} vertebrae from {unlabelled.table.patient_id.nunique()} other patients")
+        for kind in ("body_ct", "video"):
+            corpus = load_corpus(cfg, kind)
+            print(f"{kind} corpus: {corpus.shape[0]} items of shape {corpus.shape[1:]} ({corpus.dtype})")
 
 
 def _data_ingest(overrides: dict[str, str]) -> None:

@@ -35,7 +35,12 @@ class SyntheticConfig:
     fracture_rate: float = 0.15  # fraction of fractured vertebrae, as in the paper (940 / 6245)
     fov_mm: float = 96.0  # physical edge of a crop; voxel spacing = fov_mm / crop_size
     noise_hu: float = 25.0  # typical CT noise sigma; each scan draws around it
+    difficulty: float = 0.5  # 0 easy .. 1 hard: subtler fractures, more fracture-like normal variation
     seed: int = 0  # the data seed, separate from the run seed so every run sees the same data
+    n_unlabelled_patients: int = 200  # unlabelled pretraining vertebrae, from disjoint patients
+    n_body_ct: int = 512  # out-of-domain body-CT patches (embedded `public` regime of CT methods)
+    n_videos: int = 512  # out-of-domain video clips (embedded `public` regime of video methods)
+    video_frames: int = 16
 
 
 @dataclass
@@ -170,7 +175,8 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
              "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
-                 "threads", "synthetic.noise_hu")
+                 "threads", "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
+                 "synthetic.n_videos")
 _UNIT_OPEN = ("synthetic.fracture_rate", "threshold")
 
 
@@ -185,6 +191,8 @@ def validate(cfg: DictConfig) -> None:
     for key in _UNIT_OPEN:
         if not 0 < OmegaConf.select(cfg, key) < 1:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
+    if not 0 <= cfg.synthetic.difficulty <= 1:
+        raise BenchError(f"bad value for 'synthetic.difficulty': {cfg.synthetic.difficulty}; expected in [0, 1]")
     if cfg.views.frames + 2 > cfg.crop_size:
         raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 ({cfg.crop_size - 2})")
     if cfg.synthetic.max_vertebrae < cfg.synthetic.min_vertebrae:

@@ -54,30 +54,41 @@ def load_store(path: Path, cfg: DictConfig) -> VertebraSet:
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{path.name}")
 
 
-def synthetic_spec(cfg: DictConfig) -> dict:
+_LABELLED_KEYS = ("n_patients", "min_vertebrae", "max_vertebrae", "fracture_rate", "fov_mm", "noise_hu",
+                  "difficulty", "seed")
+
+
+def synthetic_spec(cfg: DictConfig, labelled: bool = True) -> dict:
+    """What determines a synthetic vertebra set (and so its cache key)."""
     from bench.datasets import synthetic
 
-    return {**dict(cfg.synthetic), "crop_size": cfg.crop_size, "version": synthetic.GENERATOR_VERSION}
+    spec = {k: cfg.synthetic[k] for k in _LABELLED_KEYS}
+    if not labelled:
+        spec["n_patients"] = cfg.synthetic.n_unlabelled_patients
+    return {**spec, "labelled": labelled, "crop_size": cfg.crop_size, "version": synthetic.GENERATOR_VERSION}
 
 
-def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False) -> Path:
-    """Generate the labelled synthetic set of `cfg` into a crop store at `target`."""
+def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, labelled: bool = True) -> Path:
+    """Generate the labelled (or the unlabelled) synthetic set of `cfg` into a crop store at `target`."""
     from bench.datasets import synthetic
 
     writer = StoreWriter(target, overwrite=overwrite)
     try:
         images, table = synthetic.generate(
-            n_patients=cfg.synthetic.n_patients, min_vertebrae=cfg.synthetic.min_vertebrae,
+            n_patients=cfg.synthetic.n_patients if labelled else cfg.synthetic.n_unlabelled_patients,
+            min_vertebrae=cfg.synthetic.min_vertebrae,
             max_vertebrae=cfg.synthetic.max_vertebrae, fracture_rate=cfg.synthetic.fracture_rate,
             noise_hu=cfg.synthetic.noise_hu, fov_mm=cfg.synthetic.fov_mm,
             crop_size=cfg.crop_size, seed=cfg.synthetic.seed, progress=cfg.progress,
+            difficulty=cfg.synthetic.difficulty, labelled=labelled,
         )
         table["checksum"] = [crop_checksum(c) for c in images]
         table["split"] = ""
         table["spacing"] = cfg.synthetic.fov_mm / cfg.crop_size
         np.save(writer.chunk_path(0), images)
         meta = {"frame": "RAS", "size": cfg.crop_size, "spacing_mm": cfg.synthetic.fov_mm / cfg.crop_size,
-                "dtype": "int16", "source": "synthetic", "generator": synthetic_spec(cfg), "cases": int(table.patient_id.nunique()),
+                "dtype": "int16", "source": "synthetic", "generator": synthetic_spec(cfg, labelled),
+                "cases": int(table.patient_id.nunique()),
                 "crops": len(table), "skipped": 0, "created": now()}
         import pandas as pd
 
@@ -94,13 +105,64 @@ class SyntheticDataset:
     description = "synthetic vertebra phantoms with Genant-graded fractures (embedded default)"
 
     def load(self, cfg: DictConfig) -> VertebraSet:
-        folder = cache_root(cfg) / "synthetic" / config_hash(synthetic_spec(cfg))
-        if not is_store(folder):
-            try:
-                synthesize_store(cfg, folder)
-            except BenchError:
-                if not is_store(folder):  # another process won the race: its store is identical
-                    raise
+        folder = self.ensure(cfg, labelled=True)
         data = load_store(folder, cfg)
         data.name = f"synthetic-{folder.name}"
         return data
+
+    def ensure(self, cfg: DictConfig, labelled: bool) -> Path:
+        folder = cache_root(cfg) / "synthetic" / config_hash(synthetic_spec(cfg, labelled))
+        if not is_store(folder):
+            try:
+                synthesize_store(cfg, folder, labelled=labelled)
+            except BenchError:
+                if not is_store(folder):  # another process won the race: its store is identical
+                    raise
+        return folder
+
+    def load_unlabelled(self, cfg: DictConfig) -> VertebraSet:
+        """The unlabelled pretraining vertebrae (other patients than the labelled set's)."""
+        folder = self.ensure(cfg, labelled=True), self.ensure(cfg, labelled=False)
+        labelled, unlabelled = (open_store(f)[1] for f in folder)
+        check_disjoint(labelled["patient_id"], unlabelled["patient_id"])
+        crops = open_store(folder[1])[0]
+        table = unlabelled.assign(split="pretrain")
+        return VertebraSet(crops, table, name=f"synthetic-unlabelled-{folder[1].name}")
+
+
+def load_unlabelled(cfg: DictConfig) -> VertebraSet:
+    """Unlabelled vertebrae for self-supervised pretraining, disjoint from the labelled patients."""
+    if cfg.data in DATASETS.names():
+        source = DATASETS.get(cfg.data)()
+        if not hasattr(source, "load_unlabelled"):
+            raise BenchError(f"data set '{cfg.data}' has no unlabelled vertebrae for pretraining")
+        return source.load_unlabelled(cfg)
+    crops, manifest, _ = open_store(cfg.data)
+    unlabelled = manifest[manifest["label"] < 0]
+    if unlabelled.empty:
+        raise BenchError(f"crop store '{cfg.data}' has no unlabelled crops (label -1) to pretrain on")
+    check_disjoint(manifest.loc[manifest["label"] >= 0, "patient_id"], unlabelled["patient_id"])
+    table = unlabelled.assign(split="pretrain", crop_index=unlabelled.index.to_numpy())
+    return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{Path(cfg.data).name}:unlabelled")
+
+
+def load_corpus(cfg: DictConfig, kind: str) -> np.ndarray:
+    """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches or
+    "video" (N, T, S, S, 3) uint8 clips (S = crop size)."""
+    from bench.datasets import corpora
+
+    n = {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind]
+    spec = {"kind": kind, "n": n, "size": cfg.crop_size, "fov_mm": cfg.synthetic.fov_mm,
+            "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
+    path = cache_root(cfg) / "corpora" / kind / f"{config_hash(spec)}.npy"
+    if not path.exists():
+        if kind == "body_ct":
+            items = [corpora.body_ct_patch(i, cfg.crop_size, cfg.synthetic.fov_mm, cfg.synthetic.seed) for i in range(n)]
+        else:
+            items = [corpora.video_clip(i, cfg.synthetic.video_frames, cfg.crop_size, cfg.synthetic.seed) for i in range(n)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.stack(items))
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")

@@ -30,10 +30,11 @@ from scipy.ndimage import gaussian_filter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LEVELS = [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
 FIRST_LABELLED = LEVELS.index("T8")  # labelled sequences start at T8 or below
-GRADE_PROBS = (0.35, 0.40, 0.25)  # among fractures: mild, moderate, severe
+GRADE_PROBS_EASY = (0.35, 0.40, 0.25)  # among fractures: mild, moderate, severe (difficulty 0)
+GRADE_PROBS_HARD = (0.55, 0.33, 0.12)  # difficulty 1: mostly mild, subtle fractures
 GRADE_LOSS = {1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 0.60)}
 MORPHOLOGIES = ("wedge", "biconcave", "crush")
 MORPHOLOGY_PROBS = (0.5, 0.3, 0.2)
@@ -61,6 +62,7 @@ class Vertebra:
     tilt_deg: float  # sagittal tilt (lordosis / kyphosis)
     endplate_irregularity: float  # mm of bumpy endplate (degeneration or fracture)
     osteophyte_mm: float
+    sclerosis_hu: float  # dense band under a collapsed endplate (0: none)
     canal_radius: float
     transverse_reach: float  # lateral reach of transverse processes from the midline
 
@@ -79,12 +81,18 @@ def _level_dims(level: str, scale: float, rng: np.random.Generator) -> tuple[flo
 
 
 def _draw_vertebra(level: str, patient: dict, fracture_p: float, rng: np.random.Generator) -> Vertebra:
+    """One vertebra. `patient["difficulty"]` in [0, 1] makes fractures subtler (more grade 1, fewer and
+    fainter sclerotic bands) and normal variation more fracture-like (wedging, endplate dents)."""
+    d = patient["difficulty"]
     height, width, depth = _level_dims(level, patient["scale"], rng)
     lumbar = level.startswith("L")
     grade, morphology = 0, "none"
     la = lm = lp = 0.0
+    sclerosis = 0.0
+    irregular = 0.0
     if rng.random() < fracture_p:
-        grade = int(rng.choice([1, 2, 3], p=GRADE_PROBS))
+        probs = (1 - d) * np.array(GRADE_PROBS_EASY) + d * np.array(GRADE_PROBS_HARD)
+        grade = int(rng.choice([1, 2, 3], p=probs / probs.sum()))
         morphology = str(rng.choice(MORPHOLOGIES, p=MORPHOLOGY_PROBS))
         loss = rng.uniform(*GRADE_LOSS[grade])
         if morphology == "wedge":
@@ -93,15 +101,19 @@ def _draw_vertebra(level: str, patient: dict, fracture_p: float, rng: np.random.
             la, lm, lp = loss * rng.uniform(0.1, 0.4), loss, rng.uniform(0.0, 0.08)
         else:  # crush: every height, the largest loss anywhere sets the grade
             la, lm, lp = loss, loss * rng.uniform(0.85, 1.0), loss * rng.uniform(0.8, 1.0)
+        if rng.random() < 1 - 0.6 * d:
+            sclerosis = rng.uniform(150, 350) * (1 - 0.5 * d)
+        irregular = rng.uniform(0.8, 2.0) * (1 - 0.4 * d)
     else:
-        # Normal variation that is not a fracture: physiologic wedging near the thoracolumbar
-        # junction, slight irregularity elsewhere (all below the 20 % Genant threshold).
-        if level in ("T11", "T12", "L1"):
-            la = rng.uniform(0.0, 0.12)
-        else:
-            la = rng.uniform(0.0, 0.06)
-        lm = rng.uniform(0.0, 0.05)
+        # Normal variation that is not a fracture, all below the 20 % Genant threshold: physiologic
+        # wedging (most at the thoracolumbar junction), mild central dents, Schmorl's-node-like
+        # endplate irregularity.
+        junction = level in ("T11", "T12", "L1")
+        la = rng.uniform(0.0, (0.12 if junction else 0.06) + 0.06 * d)
+        lm = rng.uniform(0.0, 0.05 + 0.10 * d)
         lp = rng.uniform(0.0, 0.03)
+        if rng.random() < 0.3 * d:
+            irregular = rng.uniform(0.5, 1.5)
     degeneration = patient["degeneration"]
     return Vertebra(
         level=level, height=height, width=width, depth=depth,
@@ -112,25 +124,30 @@ def _draw_vertebra(level: str, patient: dict, fracture_p: float, rng: np.random.
         loss_anterior=la, loss_middle=lm, loss_posterior=lp,
         grade=grade, morphology=morphology,
         tilt_deg=rng.normal(0, 3),
-        endplate_irregularity=(rng.uniform(0.8, 2.0) if grade else 0.0) + degeneration * rng.uniform(0, 1.2),
+        endplate_irregularity=irregular + degeneration * rng.uniform(0, 1.2),
         osteophyte_mm=degeneration * rng.uniform(0, 4.0) if rng.random() < degeneration else 0.0,
+        sclerosis_hu=sclerosis,
         canal_radius=rng.uniform(7.5, 10.0),
         transverse_reach=(rng.uniform(42, 50) if lumbar else rng.uniform(28, 36)) * patient["scale"],
     )
 
 
-def draw_patient(index: int, n_vertebrae: int, fracture_rate: float, noise_hu: float, seed: int) -> dict:
+def draw_patient(index: int, n_vertebrae: int, fracture_rate: float, noise_hu: float, seed: int,
+                 difficulty: float = 0.5, prefix: str = "synth") -> dict:
     """A patient's traits and spine (labelled vertebrae plus 2 unlabelled neighbours per side)."""
     rng = np.random.default_rng([seed, index, 0])
     osteoporotic = bool(rng.random() < OSTEOPOROSIS_RATE)
     patient = {
-        "patient_id": f"synth{seed:03d}-{index:04d}",
+        "patient_id": f"{prefix}{seed:03d}-{index:05d}",
+        "index": index,
+        "difficulty": difficulty,
         "osteoporotic": osteoporotic,
         "scale": rng.uniform(0.85, 1.12),
         "trabecular_hu": rng.uniform(60, 110) if osteoporotic else rng.uniform(150, 280),
         "degeneration": rng.beta(1.5, 3.0),
-        "noise_hu": noise_hu * rng.uniform(0.5, 1.5),
+        "noise_hu": noise_hu * rng.uniform(0.5, 1.5) * (1 + 0.5 * difficulty),
         "blur_mm": rng.uniform(0.6, 1.0),
+        "slice_mm": rng.uniform(0.6, 1.0 + 2.0 * difficulty),  # reconstructed slice thickness (S-I blur)
         "aorta_hu": rng.choice([40.0, rng.uniform(150, 300)]),  # with or without contrast
         "fat_hu": rng.uniform(-120, -80),
     }
@@ -203,7 +220,7 @@ def _posterior_field(v: Vertebra, x, y, z):
 
 def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int) -> np.ndarray:
     """The int16 HU crop of `size`^3 voxels centred on vertebra `center` of the patient's spine."""
-    rng = np.random.default_rng([seed, int(patient["patient_id"][-4:]), center + 1])
+    rng = np.random.default_rng([seed, patient["index"], center + 1])
     spacing = fov_mm / size
     axis = ((np.arange(size) - (size - 1) / 2) * spacing).astype(np.float32)
     X, Y, Z = np.meshgrid(axis, axis, axis, indexing="ij")
@@ -252,9 +269,9 @@ def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int)
         disc = (rho < 0.97) & (zr < z_bot) & (zr > z_bot - v.disc_below - 1.0)
         hu[disc] = rng.uniform(70, 110)
         hu[inside] = v.trabecular_hu + trab_texture[inside]
-        if v.grade:  # sclerotic band under the collapsed endplate
+        if v.sclerosis_hu > 0:  # sclerotic band under the collapsed endplate
             band = inside & (dist_top < 3.0)
-            hu[band] += rng.uniform(150, 350)
+            hu[band] += v.sclerosis_hu
         fill = min(1.0, v.shell_mm / max(v.shell_mm, 0.75 * spacing))
         hu[shell] = v.trabecular_hu + fill * (v.cortical_hu - v.trabecular_hu)
         if v.osteophyte_mm > 0:
@@ -270,7 +287,8 @@ def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int)
 
     # Scanner PSF (blur_mm is its sigma) plus the voxel's own box average at the crop spacing.
     sigma = np.sqrt(patient["blur_mm"] ** 2 + spacing**2 / 12) / spacing
-    hu = gaussian_filter(hu, sigma=sigma)
+    sigma_z = np.sqrt(patient["blur_mm"] ** 2 + patient["slice_mm"] ** 2 / 12 + spacing**2 / 12) / spacing
+    hu = gaussian_filter(hu, sigma=(sigma, sigma, sigma_z))
     # correlated noise: the 0.6-voxel kernel divides sigma by ~2, so draw at twice the target
     hu += gaussian_filter(rng.normal(0, patient["noise_hu"] * 2.0, size=hu.shape), 0.6)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -284,25 +302,36 @@ def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
+UNLABELLED_OFFSET = 1 << 16  # unlabelled patients are drawn from disjoint indices (and ids)
+
+
 def generate(
     n_patients: int, min_vertebrae: int, max_vertebrae: int, fracture_rate: float,
     noise_hu: float, fov_mm: float, crop_size: int, seed: int, progress: bool = False,
+    difficulty: float = 0.5, labelled: bool = True,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """All labelled crops and their table (patient_id, vertebra, label, grade, morphology, ...)."""
+    """All crops and their table (patient_id, vertebra, label, grade, morphology, ...).
+
+    `labelled=False` draws the unlabelled pretraining set: other patients (disjoint ids) from the
+    same population, with label and grade -1 (their true values stay in `hidden_grade`).
+    """
     from tqdm.auto import tqdm
 
     rows, crops = [], []
-    rng = np.random.default_rng([seed, 1 << 20])
+    offset, prefix = (0, "synth") if labelled else (UNLABELLED_OFFSET, "synthU")
+    rng = np.random.default_rng([seed, 1 << 20, offset])
     counts = rng.integers(min_vertebrae, max_vertebrae + 1, size=n_patients)
-    for index in tqdm(range(n_patients), desc="synthetic phantoms", disable=not progress, leave=False):
-        patient = draw_patient(index, int(counts[index]), fracture_rate, noise_hu, seed)
+    desc = "synthetic phantoms" if labelled else "unlabelled phantoms"
+    for i in tqdm(range(n_patients), desc=desc, disable=not progress, leave=False):
+        patient = draw_patient(offset + i, int(counts[i]), fracture_rate, noise_hu, seed, difficulty, prefix)
         for pos, (vert, labelled) in enumerate(patient["spine"]):
             if not labelled:
                 continue
             crops.append(render_crop(patient, pos, crop_size, fov_mm, seed))
             rows.append({
                 "patient_id": patient["patient_id"], "vertebra": vert.level,
-                "label": int(vert.grade >= 1), "grade": vert.grade, "morphology": vert.morphology,
+                "label": int(vert.grade >= 1) if labelled else -1, "grade": vert.grade if labelled else -1,
+                "hidden_grade": vert.grade, "morphology": vert.morphology,
                 "height_loss": max(vert.loss_anterior, vert.loss_middle, vert.loss_posterior),
                 "trabecular_hu": vert.trabecular_hu, "osteoporotic": patient["osteoporotic"],
                 "source": "synthetic",
