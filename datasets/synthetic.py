@@ -324,8 +324,8 @@ def generate(
     desc = "synthetic phantoms" if labelled else "unlabelled phantoms"
     for i in tqdm(range(n_patients), desc=desc, disable=not progress, leave=False):
         patient = draw_patient(offset + i, int(counts[i]), fracture_rate, noise_hu, seed, difficulty, prefix)
-        for pos, (vert, labelled) in enumerate(patient["spine"]):
-            if not labelled:
+        for pos, (vert, in_labelled_range) in enumerate(patient["spine"]):
+            if not in_labelled_range:  # the neighbours at both ends only appear as context
                 continue
             crops.append(render_crop(patient, pos, crop_size, fov_mm, seed))
             rows.append({

@@ -100,3 +100,55 @@ def test_leakage_guard():
     table = pd.DataFrame({"patient_id": ["a", "a", "b"], "split": ["train", "test", "val"]})
     with pytest.raises(BenchError, match="patient leakage: 1 patient"):
         check_no_leakage(table)
+
+
+def _label_stats(difficulty, n=800):
+    rows = []
+    for i in range(n):
+        p = synthetic.draw_patient(i, 6, 0.15, 25, seed=0, difficulty=difficulty)
+        rows += [(v.grade, v.sclerosis_hu, max(v.loss_anterior, v.loss_middle, v.loss_posterior))
+                 for v, labelled in p["spine"] if labelled]
+    return pd.DataFrame(rows, columns=["grade", "sclerosis", "loss"])
+
+
+def test_difficulty_makes_fractures_subtler_and_normals_less_normal():
+    easy, hard = _label_stats(0.0), _label_stats(1.0)
+    frac_easy, frac_hard = easy[easy.grade > 0], hard[hard.grade > 0]
+    assert (frac_hard.grade == 1).mean() > (frac_easy.grade == 1).mean() + 0.1
+    assert (frac_hard.sclerosis > 0).mean() < (frac_easy.sclerosis > 0).mean() - 0.3
+    assert hard[hard.grade == 0].loss.mean() > easy[easy.grade == 0].loss.mean()
+    assert (hard[hard.grade == 0].loss < 0.2).all()  # still not a fracture by Genant's definition
+    assert abs((hard.grade > 0).mean() - (easy.grade > 0).mean()) < 0.03  # prevalence unchanged
+
+
+def test_unlabelled_set_is_disjoint_and_unlabelled():
+    _, labelled = synthetic.generate(6, 3, 3, 0.3, 20, 96, 16, seed=3)
+    images, unlabelled = synthetic.generate(4, 3, 3, 0.3, 20, 96, 16, seed=3, labelled=False)
+    assert not set(labelled.patient_id) & set(unlabelled.patient_id)
+    assert (unlabelled.label == -1).all() and (unlabelled.grade == -1).all()
+    assert images.shape == (12, 16, 16, 16)
+
+
+def test_corpora_are_deterministic_and_shaped():
+    from bench.datasets import corpora
+
+    ct = corpora.body_ct_patch(5, 24, 96, seed=1)
+    assert ct.dtype == np.int16 and ct.shape == (24, 24, 24)
+    np.testing.assert_array_equal(ct, corpora.body_ct_patch(5, 24, 96, seed=1))
+    assert ct.min() < 200 and ct.std() > 10  # tissue contrast, not a constant cube
+    clip = corpora.video_clip(2, 16, 32, seed=1)
+    assert clip.dtype == np.uint8 and clip.shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(clip, corpora.video_clip(2, 16, 32, seed=1))
+    motion = np.abs(clip[-1].astype(int) - clip[0].astype(int)).mean()
+    assert motion > 5  # objects and background move
+
+
+def test_bench_data_synth_makes_every_part(tmp_path):
+    from conftest import run_cli
+
+    out = run_cli("data", "synth", "preset=tiny", env={"BENCH_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "labelled vertebrae" in out.stdout and "unlabelled:" in out.stdout
+    assert "body_ct corpus: 32 items" in out.stdout and "video corpus: 32 items of shape (16, 32, 32, 3)" in out.stdout
+    again = run_cli("data", "synth", "preset=tiny", env={"BENCH_CACHE": str(tmp_path)})
+    assert again.stdout == out.stdout  # cached and deterministic
