@@ -60,8 +60,10 @@ class CropDataset(Dataset):
 class SliceViewDataset(CropDataset):
     """Video-format samples: (C, T, H, W) clips of `frames` slices along `axis`.
 
-    Training (`augment`): one random common shift per sample and epoch (plus the flip).
+    Training (`augment`): one random common shift per sample and epoch (plus the left-right flip).
     Evaluation with `multi_view`: every shift, stacked as (V, C, T, H, W); otherwise the centre view.
+    Only the sampled slices are read from the (memory-mapped) crop and scaled: a view touches
+    16 of 96 slices, not the whole cube.
     """
 
     def __init__(self, images, rows, labels, size=None, augment=False, seed=0, axis="sagittal",
@@ -71,18 +73,29 @@ class SliceViewDataset(CropDataset):
         self.channels, self.multi_view = channels, multi_view
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        volume, label = super().__getitem__(index)
-        volume = volume[0].numpy()
-        depth = volume.shape[views.AXES[self.axis]]
+        crop = self.images[self.rows[index]]  # a view of the memory map: nothing read yet
+        if self.size is not None and crop.shape[-1] != self.size:
+            crop = resize_cube(np.asarray(crop, dtype=np.float32), self.size)
+        a = views.AXES[self.axis]
+        depth = crop.shape[a]
+        flip = False
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            flip = rng.random() < 0.5  # the same draw as CropDataset's flip
             options = views.shifts(depth, self.frames)
             chosen = [options[int(rng.integers(len(options)))]]
         elif self.multi_view:
             chosen = views.shifts(depth, self.frames)
         else:
             chosen = [0]
-        clips = [views.to_clip(views.take_view(volume, self.axis, self.frames, s), self.frame_size, self.channels)
-                 for s in chosen]
+        clips = []
+        for shift in chosen:
+            pos = views.slice_positions(depth, self.frames) + shift
+            if flip and a == 0:  # mirroring left-right = taking the mirrored sagittal slices
+                pos = depth - 1 - pos
+            frames = scale_hu(np.moveaxis(np.take(crop, pos, axis=a), a, 0))
+            if flip and a != 0:
+                frames = frames[:, ::-1]  # axis 1 of a coronal or axial frame is left-right
+            clips.append(views.to_clip(frames, self.frame_size, self.channels))
         out = np.stack(clips) if (not self.augment and self.multi_view) else clips[0]
-        return torch.from_numpy(out), label
+        return torch.from_numpy(out), int(self.labels[index])

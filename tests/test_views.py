@@ -80,3 +80,23 @@ def test_slice_method_runs_end_to_end_with_multi_view(tmp_path):
     folder = tmp_path / "single" / "_test_tiny_video-scratch-s0"
     assert json.loads((folder / "metrics.json").read_text())["test"]["n"] > 0
     assert "axis: coronal" in (folder / "config.yaml").read_text()  # the axis is recorded
+
+
+@pytest.mark.parametrize("axis", ["sagittal", "coronal", "axial"])
+def test_views_of_a_flipped_crop_are_the_views_of_the_mirrored_crop(axis):
+    """Reading only the sampled slices must give what flipping the whole cube first would give."""
+    from bench.datasets.torch_data import scale_hu
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(-1000, 1000, size=(4, 48, 48, 48)).astype(np.int16)
+    ds = SliceViewDataset(images, np.arange(4), np.zeros(4), augment=True, frames=16, channels=1, axis=axis)
+    for index in range(4):
+        for epoch in range(3):
+            ds.epoch = epoch
+            clip = ds[index][0].numpy()[0]
+            draw = np.random.default_rng([0, epoch, index])
+            flip = draw.random() < 0.5
+            options = views.shifts(48, 16)
+            shift = options[int(draw.integers(len(options)))]
+            volume = scale_hu(images[index][::-1] if flip else images[index])
+            np.testing.assert_array_equal(clip, views.take_view(volume, axis, 16, shift))
