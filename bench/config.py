@@ -55,6 +55,26 @@ class ViewsConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """The self-supervised stage (see bench.pretrain); its artifact is shared across run seeds."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class WeightsConfig:
+    """Real public weights: a path or URL (http, https, file); "" uses the embedded stand-in."""
+
+    public: str = ""
+    sha256: str = ""  # expected sha256; "" uses the method's published one, if any
+
+
+@dataclass
 class RunConfig:
     """One finetuning run: a method in a regime on a data set with a seed."""
 
@@ -94,6 +114,8 @@ class RunConfig:
 
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
     model: Any = field(default_factory=dict)  # replaced by the method's Params dataclass
 
 
@@ -173,6 +195,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 
 
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
+             "pretrain.epochs", "pretrain.batch_size", "pretrain.lr",
              "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
                  "threads", "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",

@@ -124,7 +124,12 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     if len(np.unique(y_train)) < 2:
         raise BenchError(f"data '{cfg.data}': the training split holds only one class")
 
-    model = method.build_model(num_classes=2).to(device)
+    model = method.build_model(num_classes=2)
+    from bench.pretrain import encoder_init
+
+    init = encoder_init(method, cfg, model)  # may pretrain (once per artifact) before finetuning
+    seed_everything(cfg.seed, cfg.deterministic)  # finetuning draws do not depend on the pretraining
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg.compile else model
 
@@ -212,4 +217,4 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
         "device": str(device),
         "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
     }
-    return FinetuneResult(model, test_m, best[3], preds, history, cost)
+    return FinetuneResult(model, test_m, best[3], preds, history, cost, extra={"init": init})

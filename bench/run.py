@@ -52,7 +52,9 @@ def execute(cfg: DictConfig) -> Path:
         "test": result.test_metrics,
         "val": result.val_metrics,
         "epochs": result.epochs,
-        "cost": {**result.cost, "total_s": time.perf_counter() - t0},
+        "cost": {**result.cost, "total_s": time.perf_counter() - t0,
+                 "pretrain_s": result.extra["init"].get("pretrain_s")},
+        "pretraining": result.extra["init"],
         "data": {
             "name": data.name,
             "fingerprint": data.fingerprint(),

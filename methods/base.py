@@ -42,8 +42,8 @@ class Method:
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> config overrides
-    pretraining: ClassVar[Any] = None  # self-supervised stage (issue #4)
-    public_weights: ClassVar[Any] = None  # spec of the public checkpoint (issue #4)
+    pretext_input: ClassVar[str | None] = None  # "volume" or "video": what the pretext task consumes
+    public_weights: ClassVar[Any] = None  # bench.weights.WeightsSpec of the real public checkpoint
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -60,3 +60,15 @@ class Method:
     def build_model(self, num_classes: int = 2) -> Classifier:
         encoder, features = self.build_encoder()
         return Classifier(encoder, self.build_head(features, num_classes))
+
+    # Self-supervised pretraining (methods with a pretext task override these)
+    def build_pretext(self) -> nn.Module:
+        """A module whose forward(batch) returns {"loss": ..., other parts} and whose encoder (see
+        `pretext_encoder`) has the same state-dict layout as `finetune_encoder(build_model())`."""
+        raise NotImplementedError(f"method '{self.name}' has no pretext task")
+
+    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
+        return pretext.encoder
+
+    def finetune_encoder(self, model: Classifier) -> nn.Module:
+        return model.encoder

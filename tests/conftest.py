@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,6 @@ from torch import nn
 from bench import register_method
 from bench.methods.base import Method
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,15 +18,6 @@ def bench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("bench-cache")
     os.environ["BENCH_CACHE"] = str(cache)
     return cache
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`bench ARGS` in a fresh process, as a user would run it."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=full_env,
-        cwd=cwd, timeout=600,
-    )
 
 
 @register_method("_test_tiny_cnn")

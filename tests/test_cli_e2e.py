@@ -10,7 +10,7 @@ from bench.cli import main
 from bench.config import compose
 from bench.registry import create_method, get_method
 from bench.store import FILES
-from conftest import run_cli
+from tests_helpers import run_cli
 
 
 @pytest.mark.parametrize(

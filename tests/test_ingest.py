@@ -12,7 +12,7 @@ from bench.datasets.cropstore import open_store
 from bench.datasets.ingest import Case, IngestOptions, ingest_case, read_verse_centroids, sample_crop, vertebra_centroids
 from bench.datasets.ingest_many import ingest
 from bench.datasets.labelmaps import LABEL_MAPS
-from conftest import SHARED_DATA
+from tests_helpers import SHARED_DATA
 
 TS_CT = SHARED_DATA / "totalseg_example_ct.nii.gz"
 TS_VERT = SHARED_DATA / "totalseg_example_ct_vertebrae_seg.nii.gz"

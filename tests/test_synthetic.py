@@ -144,7 +144,7 @@ def test_corpora_are_deterministic_and_shaped():
 
 
 def test_bench_data_synth_makes_every_part(tmp_path):
-    from conftest import run_cli
+    from tests_helpers import run_cli
 
     out = run_cli("data", "synth", "preset=tiny", env={"BENCH_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr

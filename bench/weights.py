@@ -1,0 +1,191 @@
+"""Public checkpoints: fetch (path or URL, sha256-checked, cached), load safely, map, report.
+
+Checkpoints from outside are untrusted. They are read with `torch.load(weights_only=True)` (which
+refuses any pickled object other than tensors and plain containers, without executing it) or with
+safetensors, never with plain pickle. Each method maps its public key layout to its own modules in
+its own file (next to the model it serves); this module holds the shared pieces: unwrapping
+nested dicts and `module.` prefixes, q/k/v fusion, 3D position-embedding resizing, and the load
+report, which is an error when no encoder key matched.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.errors import BenchError
+
+
+@dataclass
+class WeightsSpec:
+    """Where a method's public weights come from and how their keys map onto its encoder."""
+
+    filename: str
+    url: str
+    sha256: str  # "" when the publisher gives none; then the file's hash is recorded, not checked
+    layout: str  # a short description, for reports
+    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+    require_all_encoder_keys: bool = False  # e.g. Swin: a partial load is a silent failure
+
+
+@dataclass
+class LoadReport:
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatched: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "matched": len(self.matched), "missing": self.missing,
+                "unexpected": self.unexpected, "shape_mismatched": self.shape_mismatched}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(path_or_url: str, sha256: str, cache: Path) -> Path:
+    """A local file for `path_or_url`; URLs are downloaded once into `cache`. A given sha256 must match."""
+    parsed = urllib.parse.urlparse(path_or_url)
+    if parsed.scheme in ("http", "https", "file", "ftp"):
+        name = Path(urllib.parse.unquote(parsed.path)).name or "weights"
+        target = cache / (sha256[:16] if sha256 else hashlib.sha256(path_or_url.encode()).hexdigest()[:16]) / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(path_or_url, timeout=60) as src:
+                    shutil.copyfileobj(src, out)
+                _check_sha(Path(tmp), sha256, path_or_url)
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise BenchError(f"weights '{path_or_url}': download failed ({exc})") from None
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        path = target
+    else:
+        path = Path(path_or_url)
+        if not path.is_file():
+            raise BenchError(f"weights '{path_or_url}': no such file")
+    _check_sha(path, sha256, path_or_url)
+    return path
+
+
+def _check_sha(path: Path, sha256: str, name: str) -> None:
+    if sha256:
+        actual = sha256_of(path)
+        if actual != sha256.lower():
+            raise BenchError(f"weights '{name}': sha256 {actual} does not match the expected {sha256}")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, safely: safetensors, or torch.load with weights_only=True."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise BenchError(f"weights '{path}': not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(
+            f"weights '{path}': refused, the checkpoint holds pickled objects other than tensors "
+            f"({first[:160]}); it was not executed"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise BenchError(f"weights '{path}': not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside common wrappers and drop `module.` (DataParallel) prefixes."""
+    for key in ("state_dict", "model_state", "model", "state_dict_ema", "module", "net"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BenchError("checkpoint holds no tensor dict (looked at the top level and under state_dict, "
+                         "model_state, model, state_dict_ema, module, net)")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
+
+def fuse_qkv(state: dict[str, torch.Tensor], prefix_pattern: str = ".attn.") -> dict[str, torch.Tensor]:
+    """Separate `...attn.q/k/v.{weight,bias}` -> fused `...attn.qkv.{weight,bias}` (timm layout)."""
+    out = dict(state)
+    for key in [k for k in state if f"{prefix_pattern}q.weight" in k or f"{prefix_pattern}q.bias" in k]:
+        kind = key.rsplit(".", 1)[1]
+        base = key[: -len(f"q.{kind}")]
+        parts = [state.get(f"{base}{n}.{kind}") for n in "qkv"]
+        if any(p is None for p in parts):
+            continue
+        out[f"{base}qkv.{kind}"] = torch.cat(parts, dim=0)
+        for n in "qkv":
+            del out[f"{base}{n}.{kind}"]
+    return out
+
+
+def resize_pos_embed_3d(pos: torch.Tensor, new_grid: tuple[int, int, int], prefix_tokens: int = 0) -> torch.Tensor:
+    """(1, P + g^3, C) position embeddings interpolated (trilinear) to a new 3D token grid."""
+    prefix, grid = pos[:, :prefix_tokens], pos[:, prefix_tokens:]
+    n, c = grid.shape[1], grid.shape[2]
+    side = round(n ** (1 / 3))
+    if side**3 != n:
+        raise BenchError(f"position embedding with {n} tokens is not a cubic grid")
+    if (side,) * 3 == tuple(new_grid):
+        return pos
+    volume = grid.reshape(1, side, side, side, c).permute(0, 4, 1, 2, 3)
+    volume = F.interpolate(volume.float(), size=new_grid, mode="trilinear", align_corners=False)
+    return torch.cat([prefix, volume.permute(0, 2, 3, 4, 1).reshape(1, -1, c).to(pos.dtype)], dim=1)
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+              require_all: bool = False, what: str = "encoder") -> LoadReport:
+    """Copy matching tensors into `module`; report the rest. No match at all is an error."""
+    own = module.state_dict()
+    report = LoadReport(source=source)
+    accepted = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif own[key].shape != value.shape:
+            report.shape_mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            accepted[key] = value
+            report.matched.append(key)
+    report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
+    if not report.matched:
+        sample = ", ".join(list(state)[:3])
+        raise BenchError(f"weights '{source}': no {what} key matched (checkpoint keys look like: {sample}); "
+                         f"wrong architecture or layout")
+    if require_all and (report.missing or report.shape_mismatched):
+        first = (report.missing + report.shape_mismatched)[0]
+        raise BenchError(f"weights '{source}': {len(report.missing)} {what} key(s) missing and "
+                         f"{len(report.shape_mismatched)} of another shape, e.g. {first}")
+    module.load_state_dict(accepted, strict=False)
+    return report
