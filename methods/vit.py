@@ -1,0 +1,183 @@
+"""3D Vision Transformers with cubic patches (`vit_b`, `vit_l`), from scratch: the paper's Table 4.
+
+The encoder is built from timm's `Block` (pre-norm, fused scaled-dot-product attention), with a
+Conv3d patch embedding, a cls token and learned position embeddings; the classifier reads the
+normalised cls token. `ViT3D` is also the encoder of the 3D MAE (methods/mae3d.py). Checkpoint
+key mapping for the two public ViT layouts lives here too: the MAE/timm layout (`patch_embed.proj`,
+`pos_embed` with a cls slot, fused `attn.qkv`, `mlp.fc1`) and MONAI's (`patch_embedding.*`,
+`attn.out_proj`, `mlp.linear1`, position embeddings without a cls slot, the final norm either as
+`norm.*` or, in MaskedAutoEncoderViT, as the last `blocks.N.*`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from bench.methods.base import Method
+from bench.registry import register_method
+from bench.weights import WeightsSpec, resize_pos_embed_3d
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C), token index = (d*H + h)*W + w
+
+
+class ViT3D(nn.Module):
+    """Cubic-patch 3D ViT. `forward` returns the normalised cls token; `forward_tokens` can take
+    only a subset of patch tokens (MAE: the encoder sees the visible tokens alone)."""
+
+    def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, in_chans: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid = (img_size // patch_size,) * 3
+        self.num_patches = self.grid[0] ** 3
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=r) for r in rates
+        )
+        self.norm = norm(embed_dim)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear)
+
+    def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + n, C) normalised tokens; `keep` (B, n) indexes the patch tokens to process."""
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(tokens), -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+
+
+def convert_mae_layout(state: dict[str, torch.Tensor], target: ViT3D) -> dict[str, torch.Tensor]:
+    """MAE / timm layout -> ViT3D: encoder keys kept, decoder keys dropped, pos_embed resized."""
+    out = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    if "pos_embed" in out:
+        out["pos_embed"] = resize_pos_embed_3d(out["pos_embed"], target.grid, prefix_tokens=1)
+    return out
+
+
+def convert_monai_layout(state: dict[str, torch.Tensor], target: ViT3D) -> dict[str, torch.Tensor]:
+    """MONAI ViT / ViTAutoEnc / MaskedAutoEncoderViT layout -> ViT3D."""
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()),
+                    default=-1)
+    if f"blocks.{depth - 1}.weight" in state and f"blocks.{depth - 1}.attn.qkv.weight" not in state:
+        depth -= 1  # MaskedAutoEncoderViT: blocks = Sequential(*transformer blocks, LayerNorm)
+    renames = {"attn.out_proj.": "attn.proj.", "mlp.linear1.": "mlp.fc1.", "mlp.linear2.": "mlp.fc2."}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".cross_attn." in key or ".norm_cross_attn." in key:
+            continue  # MONAI 1.4/1.5 cross-attention slots, unused by these models
+        if key == "patch_embedding.patch_embeddings.weight":
+            out["patch_embed.proj.weight"] = value
+        elif key == "patch_embedding.patch_embeddings.bias":
+            out["patch_embed.proj.bias"] = value
+        elif key == "patch_embedding.position_embeddings":
+            grid = resize_pos_embed_3d(value, target.grid, prefix_tokens=0)
+            out["pos_embed"] = torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)  # no cls slot in MONAI
+        elif key == "cls_token" or key.startswith("norm."):
+            out[key] = value
+        elif key.startswith(f"blocks.{depth}."):
+            out["norm." + key.split(".", 2)[2]] = value
+        elif key.startswith("blocks."):
+            for old, new in renames.items():
+                key = key.replace(old, new)
+            out[key] = value
+    return out
+
+
+def convert_vit_checkpoint(state: dict[str, torch.Tensor], target: ViT3D) -> dict[str, torch.Tensor]:
+    """Either public ViT layout, recognised by its patch-embedding key."""
+    if any(k.startswith("patch_embedding.") for k in state):
+        return convert_monai_layout(state, target)
+    return convert_mae_layout(state, target)
+
+
+@dataclass
+class ViTParams:
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+
+
+VIT_PRESETS = {
+    "tiny": {"lr": 1.0e-3, "model": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2, "drop_path": 0.0}},
+    "small": {"lr": 5.0e-4, "model": {"patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3}},
+}
+
+
+class ViTMethod(Method):
+    Params = ViTParams
+    presets = VIT_PRESETS
+    public_weights = WeightsSpec(
+        filename="(a 3D ViT checkpoint)", url="", sha256="",
+        layout="MAE/timm (patch_embed, pos_embed with cls, fused qkv) or MONAI (patch_embedding.*)",
+        convert=convert_vit_checkpoint,
+    )
+
+    def make_vit(self) -> ViT3D:
+        p = self.params
+        return ViT3D(self.cfg.crop_size, p.patch_size, p.embed_dim, p.depth, p.num_heads, p.mlp_ratio,
+                     drop_path=p.drop_path)
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        vit = self.make_vit()
+        return vit, vit.embed_dim
+
+
+@register_method("vit_b")
+class ViTB(ViTMethod):
+    description = "3D ViT-B, cubic 16^3 patches, cls-token head (Table 4)"
+    regimes = ("scratch",)
+
+
+@register_method("vit_l")
+class ViTL(ViTMethod):
+    description = "3D ViT-L, cubic 16^3 patches, cls-token head (Table 4)"
+    regimes = ("scratch",)
+
+    @dataclass
+    class Params(ViTParams):
+        embed_dim: int = 1024
+        depth: int = 24
+        num_heads: int = 16
+        drop_path: float = 0.2
