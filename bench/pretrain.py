@@ -279,7 +279,7 @@ def encoder_init(method: Any, cfg: DictConfig, model: nn.Module) -> dict[str, An
         raise BenchError(f"unknown regime '{regime}'")
     pretext = method.build_pretext()
     pretext.load_state_dict(load_file(str(folder / "pretext.safetensors")))
-    report = load_into(target, method.pretext_encoder(pretext).state_dict(), f"artifact {folder.name}")
+    report = load_into(target, method.pretext_encoder_state(pretext), f"artifact {folder.name}")
     record = json.loads((folder / "pretrain.json").read_text())
     return {"init": f"artifact {folder.name}", "artifact": str(folder), "load_report": report.summary(),
             "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],

@@ -68,7 +68,12 @@ class Method:
         raise NotImplementedError(f"method '{self.name}' has no pretext task")
 
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
+        """The part of the pretext model that public weights initialise."""
         return pretext.encoder
+
+    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a finetuning run takes from a pretrained pretext model."""
+        return self.pretext_encoder(pretext).state_dict()
 
     def finetune_encoder(self, model: Classifier) -> nn.Module:
         return model.encoder
