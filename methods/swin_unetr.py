@@ -1,0 +1,144 @@
+"""Swin UNETR self-supervised pretraining (Tang et al. 2022): `swin_unetr` (Table 3).
+
+Encoder: MONAI `SwinTransformer` (feature size 48, window 7, patch 2, depths 2-2-2-2, heads
+3-6-12-24 at the paper preset). Pretext on two augmented views of each volume (a random rotation
+by 0/90/180/270 degrees in the axial plane, then random cut-out boxes): rotation prediction (4
+classes), contrastive NT-Xent (temperature 0.5) between the two views' 512-d embeddings, and L1
+inpainting of the rotated original by a transposed-convolution decoder; each loss weighs 1.
+Finetuning: the encoder, global average pooling of its last stage, a linear head.
+
+The public `model_swinvit.pt` keeps its weights under `state_dict` with `module.` prefixes and
+names the MLP layers `mlp.fc1` / `mlp.fc2` where MONAI says `mlp.linear1` / `mlp.linear2`: a rename
+plus `strict=False` loads nothing silently, so every encoder key must be matched here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
+from monai.networks.nets.swin_unetr import SwinTransformer
+from torch import nn
+
+from bench.methods.base import Method
+from bench.registry import register_method
+from bench.weights import WeightsSpec
+
+
+def convert_swinvit(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.startswith("swinViT."):
+            key = key[len("swinViT."):]
+        key = key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        out[key] = value
+    return out
+
+
+SWINVIT_WEIGHTS = WeightsSpec(
+    filename="model_swinvit.pt",
+    url="https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
+    sha256="",
+    layout="{'state_dict': {'module.patch_embed.*', 'module.layers{1-4}.0.blocks.{0,1}.{norm1, "
+           "attn.relative_position_bias_table, attn.relative_position_index, attn.qkv, attn.proj, norm2, "
+           "mlp.fc1, mlp.fc2}', 'module.layers{k}.0.downsample.*'}}",
+    convert=convert_swinvit,
+    require_all_encoder_keys=True,
+)
+
+
+def make_swin(p) -> SwinTransformer:
+    return SwinTransformer(in_chans=1, embed_dim=p.feature_size, window_size=(p.window_size,) * 3,
+                           patch_size=(2, 2, 2), depths=tuple(p.depths), num_heads=tuple(p.num_heads),
+                           spatial_dims=3, use_v2=False)
+
+
+class SwinEncoder(nn.Module):
+    def __init__(self, swin: SwinTransformer) -> None:
+        super().__init__()
+        self.swin = swin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swin(x)[4].mean(dim=(2, 3, 4))
+
+
+def _rotate(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(1, 2))  # (C, X, Y, Z): rotation in the axial (X-Y) plane
+
+
+def _cutout(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    size = x.shape[-1]
+    for _ in range(int(torch.randint(1, 5, ()))):
+        edge = int(torch.randint(max(1, size // 8), max(2, size // 4), ()))
+        start = [int(torch.randint(0, size - edge + 1, ())) for _ in range(3)]
+        out[:, start[0]:start[0] + edge, start[1]:start[1] + edge, start[2]:start[2] + edge] = 0
+    return out
+
+
+class SwinSSL(nn.Module):
+    def __init__(self, swin: SwinTransformer, feature_size: int) -> None:
+        super().__init__()
+        self.encoder = swin
+        dim = 16 * feature_size
+        self.rotation_head = nn.Linear(dim, 4)
+        self.contrastive_head = nn.Linear(dim, 512)
+        chans = [dim, dim // 2, dim // 4, dim // 8, dim // 16, dim // 16]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose3d(cin, cout, 2, stride=2), nn.InstanceNorm3d(cout), nn.LeakyReLU()]
+        self.decoder = nn.Sequential(*layers, nn.Conv3d(chans[-1], 1, 1))
+        self.contrastive = ContrastiveLoss(temperature=0.5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        rot_loss = recon_loss = 0.0
+        embeddings = []
+        for _ in range(2):
+            ks = torch.randint(0, 4, (len(x),))
+            rotated = torch.stack([_rotate(s, int(k)) for s, k in zip(x, ks)])
+            corrupted = torch.stack([_cutout(s) for s in rotated])
+            deep = self.encoder(corrupted)[4]
+            pooled = deep.mean(dim=(2, 3, 4))
+            rot_loss = rot_loss + F.cross_entropy(self.rotation_head(pooled).float(), ks.to(x.device))
+            embeddings.append(self.contrastive_head(pooled).float())
+            recon_loss = recon_loss + F.l1_loss(self.decoder(deep).float(), rotated.float())
+        contrast = self.contrastive(embeddings[0], embeddings[1])
+        rot_loss, recon_loss = rot_loss / 2, recon_loss / 2
+        return {"loss": rot_loss + contrast + recon_loss, "rotation": rot_loss, "contrastive": contrast,
+                "inpainting": recon_loss}
+
+
+@dataclass
+class SwinParams:
+    feature_size: int = 48
+    window_size: int = 7
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+
+
+@register_method("swin_unetr")
+class SwinUNETR(Method):
+    description = "MONAI Swin encoder SSL (rotation + contrastive + inpainting) (Table 3)"
+    regimes = ("scratch", "public", "public_to_vertebrae")
+    pretext_input = "volume"
+    Params = SwinParams
+    public_weights = SWINVIT_WEIGHTS
+    # Swin needs crops divisible by 32: the CPU presets use 32^3 (3 mm voxels over 96 mm)
+    presets = {
+        "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1]}},
+        "small": {"crop_size": 32, "lr": 5.0e-4, "model": {"feature_size": 24, "window_size": 4}},
+    }
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        if self.cfg.crop_size % 32:
+            from bench.errors import BenchError
+
+            raise BenchError(f"swin_unetr needs crop_size divisible by 32, got {self.cfg.crop_size}")
+        return SwinEncoder(make_swin(self.params)), 16 * self.params.feature_size
+
+    def build_pretext(self) -> nn.Module:
+        return SwinSSL(make_swin(self.params), self.params.feature_size)
+
+    def finetune_encoder(self, model: nn.Module) -> nn.Module:
+        return model.encoder.swin
