@@ -175,6 +175,11 @@ class ViTL(ViTMethod):
     description = "3D ViT-L, cubic 16^3 patches, cls-token head (Table 4)"
     regimes = ("scratch",)
 
+    presets = {
+        "tiny": {"lr": 1.0e-3, "model": {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "drop_path": 0.0}},
+        "small": {"lr": 5.0e-4, "model": {"patch_size": 8, "embed_dim": 256, "depth": 8, "num_heads": 4}},
+    }
+
     @dataclass
     class Params(ViTParams):
         embed_dim: int = 1024

@@ -1,0 +1,73 @@
+"""The pretraining stage: artifacts made once and shared, loss curves recorded, pretext specifics."""
+import json
+
+import torch
+
+from bench.cli import main
+from bench.config import compose
+from bench.registry import create_method, get_method
+
+
+def test_each_artifact_is_computed_once(tmp_path, bench_cache):
+    # vit_unetr: public (out-of-domain corpus) -> public_to_vertebrae (unlabelled vertebrae, from it)
+    assert main(["run", "method=vit_unetr", "preset=tiny", "epochs=1", f"out={tmp_path}"]) == 0
+    folders = sorted((bench_cache / "pretrain" / "vit_unetr").glob("[!.]*[!k]"))
+    assert len(folders) == 2  # public, and vertebrae-from-public: shared by the three regimes
+    stamps = {f: (f / "pretext.safetensors").stat().st_mtime_ns for f in folders}
+    assert main(["run", "method=vit_unetr", "preset=tiny", "epochs=1", "seed=1", f"out={tmp_path}"]) == 0
+    assert {f: (f / "pretext.safetensors").stat().st_mtime_ns for f in folders} == stamps  # reused
+    records = [json.loads((f / "pretrain.json").read_text()) for f in folders]
+    by_source = {r["source"]: r for r in records}
+    assert by_source["public"]["init"] == {"init": "random"}
+    assert by_source["vertebrae"]["init"]["init"].startswith("artifact ")
+    assert by_source["public"]["spec"]["data"]["corpus"] == "body_ct"
+    metrics = json.loads((tmp_path / "single" / "vit_unetr-public_to_vertebrae-s1" / "metrics.json").read_text())
+    curve = metrics["pretraining"]["pretrain_curve"]
+    assert len(curve) == 2 and {"loss", "l1", "contrastive"} <= set(curve[0])  # the tiny preset's 2 epochs
+    assert metrics["pretraining"]["load_report"]["matched"] > 0
+
+
+def test_mae_encoder_sees_only_visible_tokens():
+    cfg = compose({"preset": "tiny", "method": "mae3d"}, get_method("mae3d"))
+    pretext = create_method("mae3d", cfg).build_pretext()
+    seen = []
+    pretext.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    out = pretext(torch.rand(2, 1, 32, 32, 32))
+    n = pretext.encoder.num_patches  # 4^3 = 64 with 8^3 patches
+    assert seen[0] == (2, 1 + round(n * 0.25), 48)  # cls + the 25 % visible patches
+    out["loss"].backward()
+    assert pretext.decoder_pred.weight.grad is not None
+
+
+def test_mae_loss_counts_masked_patches_only():
+    cfg = compose({"preset": "tiny", "method": "mae3d", "model.norm_pix_loss": "false"}, get_method("mae3d"))
+    pretext = create_method("mae3d", cfg).build_pretext()
+    from bench.methods import mae3d
+
+    x = torch.rand(1, 1, 32, 32, 32)
+    torch.manual_seed(0)
+    keep, restore, mask = mae3d.random_masking(1, 64, 0.75, x.device)
+    torch.manual_seed(0)
+    captured = {}
+    original = pretext.decoder_pred.forward
+    pretext.decoder_pred.forward = lambda t: captured.setdefault("pred", original(t))
+    loss = pretext(x)["loss"]
+    pred = captured["pred"][:, 1:]
+    per_patch = ((pred - mae3d.patchify(x, 8)) ** 2).mean(-1)
+    torch.testing.assert_close(loss, (per_patch * mask).sum() / mask.sum())
+    assert int(mask.sum()) == 48
+
+
+def test_genesis_transforms_restore_target():
+    from bench.methods.models_genesis import genesis_transform
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 16, 16, 16)
+    changed = 0
+    for _ in range(20):
+        inp, target = genesis_transform(x)
+        assert inp.shape == target.shape == x.shape and 0 <= float(inp.min()) and float(inp.max()) <= 1
+        # the target is the original up to flips: same voxels, same sum
+        torch.testing.assert_close(target.sum(), x.sum())
+        changed += not torch.equal(inp, target)
+    assert changed >= 15  # p(no transform) = 0.5 x 0.1 x 0.1 = 0.005
