@@ -181,9 +181,9 @@ def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict
     if not parent:
         return {"init": "random"}
     if "artifact" in parent:
-        state = load_file(str(Path(parent["artifact"]) / "pretext.safetensors"))
-        pretext.load_state_dict(state)
-        return {"init": f"artifact {Path(parent['artifact']).name}"}
+        state = method.transfer(load_file(str(Path(parent["artifact"]) / "pretext.safetensors")), pretext)
+        report = load_into(pretext, state, f"artifact {Path(parent['artifact']).name}", what="pretext")
+        return {"init": f"artifact {Path(parent['artifact']).name}", "load_report": report.summary()}
     state, source = public_encoder_state(method, cfg, method.pretext_encoder(pretext))
     report = load_into(method.pretext_encoder(pretext), state, source,
                        require_all=method.public_weights.require_all_encoder_keys)
@@ -199,8 +199,9 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     seed_everything(p.seed, cfg.deterministic)
     device = select_device(cfg)
     dtype = amp_dtype(cfg, device)
-    pretext = method.build_pretext().to(device)
-    init = _init_pretext(method, cfg, pretext, parent)
+    pretext = method.build_pretext_for(source).to(device)
+    init = _init_pretext(method, cfg, pretext.cpu(), parent)
+    pretext = pretext.to(device)
     loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(p.seed), num_workers=cfg.num_workers)
     if len(loader) == 0:
@@ -258,29 +259,30 @@ def encoder_init(method: Any, cfg: DictConfig, model: nn.Module) -> dict[str, An
     target = method.finetune_encoder(model)
     if regime == "scratch":
         return {"init": "random"}
-    if regime == "public" and cfg.weights.public:
+    plan = method.pretraining_plan(regime)
+    if not plan:
+        return {"init": "random", "plan": plan}
+    if plan == ["public"] and cfg.weights.public:
         state, source = public_encoder_state(method, cfg, target)
         report = load_into(target, state, source, require_all=method.public_weights.require_all_encoder_keys)
-        return {"init": source, "load_report": report.summary()}
+        return {"init": source, "load_report": report.summary(), "plan": plan}
     if method.pretext_input is None:
         raise BenchError(f"method '{method.name}' has no pretext task, so regime '{regime}' needs weights.public")
-    if regime == "public":
-        folder = ensure_artifact(method, cfg, "public", None)
-    elif regime == "vertebrae":
-        folder = ensure_artifact(method, cfg, "vertebrae", None)
-    elif regime == "public_to_vertebrae":
-        if cfg.weights.public:
+    parent: dict[str, Any] | None = None
+    folder = None
+    for stage in plan:
+        if stage == "public" and cfg.weights.public:
             path, digest = public_file(method, cfg)
             parent = {"public_file": digest}
-        else:
-            parent = {"artifact": ensure_artifact(method, cfg, "public", None)}
-        folder = ensure_artifact(method, cfg, "vertebrae", parent)
-    else:
-        raise BenchError(f"unknown regime '{regime}'")
-    pretext = method.build_pretext()
-    pretext.load_state_dict(load_file(str(folder / "pretext.safetensors")))
-    report = load_into(target, method.pretext_encoder_state(pretext), f"artifact {folder.name}")
+            continue
+        folder = ensure_artifact(method, cfg, stage, parent)
+        parent = {"artifact": folder}
+    assert folder is not None
     record = json.loads((folder / "pretrain.json").read_text())
-    return {"init": f"artifact {folder.name}", "artifact": str(folder), "load_report": report.summary(),
+    pretext = method.build_pretext_for(record["source"])
+    pretext.load_state_dict(load_file(str(folder / "pretext.safetensors")))
+    state = method.transfer(method.pretext_encoder_state(pretext), target)
+    report = load_into(target, state, f"artifact {folder.name}")
+    return {"init": f"artifact {folder.name}", "artifact": str(folder), "load_report": report.summary(), "plan": plan,
             "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],
             "pretrain_source": record["source"], "pretrain_init": record["init"]}

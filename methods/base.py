@@ -77,3 +77,17 @@ class Method:
 
     def finetune_encoder(self, model: Classifier) -> nn.Module:
         return model.encoder
+
+    def pretraining_plan(self, regime: str) -> list[str]:
+        """The pretraining stages a regime runs, in order ("public": the out-of-domain corpus,
+        "vertebrae": the unlabelled vertebrae). Methods with ablation switches override this."""
+        return {"scratch": [], "public": ["public"], "vertebrae": ["vertebrae"],
+                "public_to_vertebrae": ["public", "vertebrae"]}[regime]
+
+    def build_pretext_for(self, stage: str) -> nn.Module:
+        """The pretext model of a stage; video methods pretrain on videos at another frame size."""
+        return self.build_pretext()
+
+    def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+        """Adapt tensors from one stage's model to another's (e.g. position-embedding cropping)."""
+        return state
