@@ -41,6 +41,7 @@ class SyntheticConfig:
     n_body_ct: int = 512  # out-of-domain body-CT patches (embedded `public` regime of CT methods)
     n_videos: int = 512  # out-of-domain video clips (embedded `public` regime of video methods)
     video_frames: int = 16
+    video_size: int = 112  # frame edge of the video corpus (Kinetics clips are 224 at the paper preset)
 
 
 @dataclass
@@ -196,7 +197,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr",
-             "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels")
+             "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels", "synthetic.video_size")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
                  "threads", "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
                  "synthetic.n_videos")

@@ -76,9 +76,9 @@ def make_dataset(method: Any, cfg: DictConfig, part: VertebraSet, augment: bool 
     labels = part.table["label"].to_numpy()
     if method.input_format == "slices":
         v = cfg.views
+        options = {"frame_size": v.frame_size, "multi_view": v.multi_view, **method.view_options()}
         return SliceViewDataset(part.images, part.crop_indices, labels, cfg.crop_size, augment, cfg.seed,
-                                axis=v.axis, frames=v.frames, frame_size=v.frame_size, channels=v.channels,
-                                multi_view=v.multi_view)
+                                axis=v.axis, frames=v.frames, channels=v.channels, **options)
     if method.input_format != "volume":
         raise BenchError(f"method '{method.name}' declares unknown input_format '{method.input_format}'")
     return CropDataset(part.images, part.crop_indices, labels, cfg.crop_size, augment, cfg.seed)

@@ -77,12 +77,12 @@ class VideoCorpus(Dataset):
 class SliceCorpus(Dataset):
     """Unlabelled vertebrae as slice-view clips (3, T, H, W), for the video methods' pretraining."""
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, cfg: DictConfig, seed: int) -> None:
+    def __init__(self, images: np.ndarray, rows: np.ndarray, cfg: DictConfig, seed: int, frame_size: int) -> None:
         from bench.datasets.torch_data import SliceViewDataset
 
         v = cfg.views
         self.inner = SliceViewDataset(images, rows, np.zeros(len(rows)), cfg.crop_size, augment=True, seed=seed,
-                                      axis=v.axis, frames=v.frames, frame_size=v.frame_size, channels=v.channels)
+                                      axis=v.axis, frames=v.frames, frame_size=frame_size, channels=v.channels)
 
     @property
     def epoch(self) -> int:
@@ -117,7 +117,8 @@ def _corpus(method: Any, cfg: DictConfig, source: str, seed: int) -> tuple[Datas
             "crop_size": cfg.crop_size}
     if method.pretext_input == "video":
         spec["views"] = OmegaConf.to_container(cfg.views)
-        return SliceCorpus(data.images, data.crop_indices, cfg, seed), spec
+        frame_size = method.view_options().get("frame_size", cfg.views.frame_size)
+        return SliceCorpus(data.images, data.crop_indices, cfg, seed, frame_size), spec
     return VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed), spec
 
 
@@ -155,7 +156,8 @@ def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tup
     """The encoder tensors of the real public file, in the layout of `target`."""
     path, digest = public_file(method, cfg)
     raw = unwrap_state_dict(read_checkpoint(path))
-    return method.public_weights.convert(raw, target), f"{path} (sha256 {digest[:12]})"
+    state = method.transfer(method.public_weights.convert(raw, target), target)
+    return state, f"{path} (sha256 {digest[:12]})"
 
 
 def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str, Any] | None) -> Path:
@@ -163,13 +165,16 @@ def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str,
     (None: random init; {"artifact": path} or {"public_file": ...}); built only if missing."""
     seed = cfg.pretrain.seed
     dataset, data_spec = _corpus(method, cfg, source, seed)
+    if method.pretext_input == "video" and source == "vertebrae":
+        data_spec["view_options"] = method.view_options()
+    identity = method.artifact_key(source)
     spec = {
-        "version": ARTIFACT_VERSION, "method": method.name, "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "version": ARTIFACT_VERSION, **identity, "stage": source,
         "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True), "data": data_spec,
         "parent": {k: str(v) for k, v in (parent or {}).items()},
     }
     key = config_hash(spec, length=16)
-    folder = artifact_root(cfg) / method.name / key
+    folder = artifact_root(cfg) / identity["family"] / key
     with _locked(folder):
         if (folder / "pretext.safetensors").exists():
             return folder

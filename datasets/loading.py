@@ -148,18 +148,19 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
 
 def load_corpus(cfg: DictConfig, kind: str) -> np.ndarray:
     """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches or
-    "video" (N, T, S, S, 3) uint8 clips (S = crop size)."""
+    "video" (N, T, V, V, 3) uint8 clips (S = crop size, V = synthetic.video_size)."""
     from bench.datasets import corpora
 
     n = {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind]
-    spec = {"kind": kind, "n": n, "size": cfg.crop_size, "fov_mm": cfg.synthetic.fov_mm,
+    size = cfg.synthetic.video_size if kind == "video" else cfg.crop_size
+    spec = {"kind": kind, "n": n, "size": size, "fov_mm": cfg.synthetic.fov_mm,
             "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
     path = cache_root(cfg) / "corpora" / kind / f"{config_hash(spec)}.npy"
     if not path.exists():
         if kind == "body_ct":
             items = [corpora.body_ct_patch(i, cfg.crop_size, cfg.synthetic.fov_mm, cfg.synthetic.seed) for i in range(n)]
         else:
-            items = [corpora.video_clip(i, cfg.synthetic.video_frames, cfg.crop_size, cfg.synthetic.seed) for i in range(n)]
+            items = [corpora.video_clip(i, cfg.synthetic.video_frames, size, cfg.synthetic.seed) for i in range(n)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:

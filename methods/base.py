@@ -88,6 +88,17 @@ class Method:
         """The pretext model of a stage; video methods pretrain on videos at another frame size."""
         return self.build_pretext()
 
+    def artifact_key(self, stage: str) -> dict[str, Any]:
+        """What identifies this method's pretext model in a stage: artifacts with equal keys are
+        shared (e.g. by two methods that pretrain the same network on the same videos)."""
+        from omegaconf import OmegaConf
+
+        return {"family": self.name, "model": OmegaConf.to_container(self.params, resolve=True)}
+
+    def view_options(self) -> dict[str, Any]:
+        """Overrides of the slice-view options (frame_size, multi_view) for "slices" methods."""
+        return {}
+
     def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
         """Adapt tensors from one stage's model to another's (e.g. position-embedding cropping)."""
         return state

@@ -149,6 +149,6 @@ def test_bench_data_synth_makes_every_part(tmp_path):
     out = run_cli("data", "synth", "preset=tiny", env={"BENCH_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert "labelled vertebrae" in out.stdout and "unlabelled:" in out.stdout
-    assert "body_ct corpus: 32 items" in out.stdout and "video corpus: 32 items of shape (16, 32, 32, 3)" in out.stdout
+    assert "body_ct corpus: 32 items" in out.stdout and "video corpus: 32 items of shape (16, 64, 64, 3)" in out.stdout
     again = run_cli("data", "synth", "preset=tiny", env={"BENCH_CACHE": str(tmp_path)})
     assert again.stdout == out.stdout  # cached and deterministic
