@@ -117,6 +117,32 @@ def _data_info(path: str) -> None:
           f"fractured {int((manifest.label == 1).sum())}, skipped {meta['skipped']}")
 
 
+def _cmd_report(args: list[str]) -> None:
+    """bench report [RUN_DIR ...] [out=DIR] [name=NAME] [bootstrap=N]"""
+    from pathlib import Path
+
+    from bench.config import parse_overrides
+
+    dirs = [Path(a) for a in args if "=" not in a]
+    opts = parse_overrides([a for a in args if "=" in a])
+    unknown = set(opts) - {"out", "name", "bootstrap"}
+    if unknown:
+        from bench.errors import choices_hint
+
+        key = sorted(unknown)[0]
+        raise BenchError(f"unknown report key '{key}'; {choices_hint(key, ['out', 'name', 'bootstrap'])}")
+    try:
+        n_boot = int(opts.get("bootstrap", "300"))
+    except ValueError:
+        raise BenchError(f"bad value for 'bootstrap': '{opts['bootstrap']}'; expected a whole number") from None
+    dirs = dirs or [Path("runs")]
+    name = opts.get("name") or (dirs[0].name if len(dirs) == 1 else "report")
+    out = Path(opts.get("out") or Path("reports") / name)
+    from bench.reports.build import build_report
+
+    print(build_report(dirs, out, name, n_boot))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark pretraining methods for 3D CT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("what", nargs="?", default="methods", choices=LISTABLE)
     p_run = sub.add_parser("run", help="run method=NAME [regime=NAME] [key=value ...]")
     p_run.add_argument("overrides", nargs="*", metavar="key=value")
+    p_report = sub.add_parser("report", help="report [RUN_DIR ...] [out=DIR] [name=NAME] [bootstrap=N]")
+    p_report.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
     return parser
@@ -138,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_run(args.overrides)
         elif args.command == "data":
             _cmd_data(args.args)
+        elif args.command == "report":
+            _cmd_report(args.args)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,64 @@
+"""Read the results store into one table: a row per finetuning run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from bench.errors import BenchError
+
+TABLE2_SWITCHES = ("video_pretraining", "vertebra_pretraining", "multi_view", "pe_cropping", "format_adaptation")
+
+
+def find_runs(roots: list[Path]) -> list[Path]:
+    folders = []
+    for root in roots:
+        if not root.exists():
+            raise BenchError(f"run folder '{root}' does not exist")
+        if (root / "metrics.json").is_file():
+            folders.append(root)
+        else:
+            folders += sorted(p.parent for p in root.rglob("metrics.json") if not p.parent.name.startswith("."))
+    return folders
+
+
+def variant_of(config: dict[str, Any]) -> str:
+    """Table 2 variant name ("full", "no_pe_cropping", ...) from the switches a run turned off."""
+    model = config.get("model") or {}
+    if not all(k in model for k in TABLE2_SWITCHES) or config.get("method") != "video_ct_mae":
+        return ""
+    off = [k for k in TABLE2_SWITCHES if model.get(k) is False]
+    order = ["video_pretraining", "vertebra_pretraining", "multi_view", "pe_cropping", "format_adaptation"]
+    return "_".join(f"no_{k}" for k in sorted(off, key=order.index)) if off else "full"
+
+
+def load_runs(roots: list[Path]) -> pd.DataFrame:
+    rows = []
+    for folder in find_runs(roots):
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            env = json.loads((folder / "env.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"run '{folder}' is unreadable ({exc})") from None
+        test = metrics.get("test", {})
+        init = metrics.get("pretraining", {})
+        rows.append({
+            "folder": str(folder), "method": config["method"], "regime": config["regime"], "seed": config["seed"],
+            "suite": config.get("suite", ""), "preset": config.get("preset", ""), "variant": variant_of(config),
+            **{k: test.get(k) for k in ("f1", "acc", "auc", "ap", "sensitivity", "specificity", "balanced_acc")},
+            "n_test": test.get("n"), "s_per_epoch": metrics.get("cost", {}).get("s_per_epoch"),
+            "train_s": metrics.get("cost", {}).get("train_s"), "pretrain_s": init.get("pretrain_s"),
+            "n_params": metrics.get("cost", {}).get("n_params"), "epochs": metrics.get("epochs", []),
+            "pretrain_curve": init.get("pretrain_curve"), "artifact": init.get("artifact"),
+            "fingerprint": metrics.get("data", {}).get("fingerprint", ""), "data": metrics.get("data", {}).get("name", ""),
+            "commit": (env.get("git") or {}).get("commit"), "torch": env.get("versions", {}).get("torch"),
+            "cpu": env.get("hardware", {}).get("cpu"), "cuda": env.get("hardware", {}).get("cuda_devices"),
+            "started": env.get("started"), "config_text": (folder / "config.yaml").read_text(),
+        })
+    if not rows:
+        raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")
+    return pd.DataFrame(rows)

@@ -1,0 +1,117 @@
+"""Statistics of the report: cells over seeds, patient-level bootstrap CIs, DeLong, CD diagram.
+
+A cell is one (method, regime, variant) over its seeds: mean and sd of the seeds' test metrics,
+and a 95 % CI from a bootstrap over PATIENTS (all vertebrae of a drawn patient together, since
+they are correlated), the metric averaged over seeds inside each resample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bench.metrics import binary_metrics
+
+METRICS = ("f1", "acc", "auc", "ap")
+
+
+def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+    """95 % percentile CIs of the seed-averaged metrics, resampling patients."""
+    base = predictions[0]
+    patients = base["patient_id"].unique()
+    rng = np.random.default_rng(seed)
+    index = {p: np.flatnonzero(base["patient_id"].to_numpy() == p) for p in patients}
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
+    for _ in range(n_boot):
+        chosen = rng.choice(patients, size=len(patients), replace=True)
+        rows = np.concatenate([index[p] for p in chosen])
+        values = {m: [] for m in METRICS}
+        for pred in predictions:
+            sample = pred.iloc[rows]
+            m = binary_metrics(sample["label"].to_numpy(), sample["score"].to_numpy(), threshold)
+            for k in METRICS:
+                values[k].append(m[k])
+        for k in METRICS:
+            draws[k].append(float(np.nanmean(values[k])) if not all(np.isnan(values[k])) else np.nan)
+    out = {}
+    for k, v in draws.items():
+        arr = np.asarray(v, float)
+        arr = arr[~np.isnan(arr)]
+        out[k] = (float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))) if len(arr) else (np.nan, np.nan)
+    return out
+
+
+def cells(runs: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+    """One row per (method, regime, variant): n seeds, mean, sd and CI of every metric."""
+    rows = []
+    for (method, regime, variant), group in runs.groupby(["method", "regime", "variant"], sort=False):
+        preds = [pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]]
+        preds = _align(preds)
+        ci = bootstrap_ci(preds, n_boot) if n_boot and preds else {}
+        row = {"method": method, "regime": regime, "variant": variant, "seeds": len(group),
+               "s_per_epoch": group["s_per_epoch"].mean(), "pretrain_s": group["pretrain_s"].mean(),
+               "n_params": group["n_params"].mean()}
+        for m in METRICS:
+            values = group[m].astype(float)
+            row[m] = values.mean()
+            row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            row[f"{m}_lo"], row[f"{m}_hi"] = ci.get(m, (np.nan, np.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _align(preds: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """The seeds' predictions on the same test vertebrae, in the same order."""
+    key = ["patient_id", "vertebra"]
+    first = preds[0].sort_values(key).reset_index(drop=True)
+    out = [first]
+    for p in preds[1:]:
+        p = p.sort_values(key).reset_index(drop=True)
+        if not p[key].equals(first[key]):
+            continue  # another test set (other data): not pooled
+        out.append(p)
+    return out
+
+
+def seed_mean_scores(runs: pd.DataFrame) -> pd.DataFrame | None:
+    preds = _align([pd.read_parquet(f"{f}/predictions.parquet") for f in runs["folder"]])
+    out = preds[0][["patient_id", "vertebra", "label"]].copy()
+    out["score"] = np.mean([p["score"].to_numpy() for p in preds], axis=0)
+    return out
+
+
+def delong_vs_best(runs: pd.DataFrame, table: pd.DataFrame) -> dict[tuple, float]:
+    """Two-sided DeLong p-value of each cell's AUC against the table's best cell (seed-averaged scores)."""
+    from MLstatkit import Delong_test
+
+    if table.empty or table["auc"].isna().all():
+        return {}
+    best = table.loc[table["auc"].idxmax()]
+    key = lambda r: (r["method"], r["regime"], r["variant"])  # noqa: E731
+    members = lambda k: runs[(runs.method == k[0]) & (runs.regime == k[1]) & (runs.variant == k[2])]  # noqa: E731
+    ref = seed_mean_scores(members(key(best)))
+    out = {}
+    for _, row in table.iterrows():
+        if key(row) == key(best):
+            continue
+        other = seed_mean_scores(members(key(row)))
+        merged = ref.merge(other, on=["patient_id", "vertebra", "label"], suffixes=("_best", "_other"))
+        if len(merged) < 10 or merged["label"].nunique() < 2:
+            continue
+        result = Delong_test(merged["label"].to_numpy(), merged["score_best"].to_numpy(),
+                             merged["score_other"].to_numpy(), return_ci=False, return_auc=False)
+        out[key(row)] = float(result[1])
+    return out
+
+
+def critical_difference(runs: pd.DataFrame, metric: str = "auc"):
+    """Mean ranks and Nemenyi p-values over seeds (blocks) when >= 3 cells share >= 3 seeds."""
+    import scikit_posthocs as sp
+
+    runs = runs.assign(cell=runs["method"] + " / " + runs["regime"] + runs["variant"].map(lambda v: f" / {v}" if v else ""))
+    wide = runs.pivot_table(index="seed", columns="cell", values=metric, aggfunc="mean").dropna(axis=1)
+    if wide.shape[0] < 3 or wide.shape[1] < 3:
+        return None
+    ranks = wide.rank(axis=1, ascending=False).mean()
+    sig = sp.posthoc_nemenyi_friedman(wide.to_numpy())
+    sig.index = sig.columns = wide.columns
+    return ranks, sig
