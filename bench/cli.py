@@ -6,7 +6,7 @@ import sys
 
 from bench.errors import BenchError
 
-LISTABLE = ("methods", "regimes", "datasets", "presets")
+LISTABLE = ("methods", "regimes", "datasets", "presets", "suites")
 
 
 def _cmd_list(what: str) -> None:
@@ -26,13 +26,24 @@ def _cmd_list(what: str) -> None:
     elif what == "presets":
         for name in PRESETS:
             print(name)
+    elif what == "suites":
+        from bench.suites import list_suites, load_suite
+
+        for name in list_suites():
+            print(f"{name:16s} {load_suite(name).get('description', '')}")
 
 
 def _cmd_run(args: list[str]) -> None:
     from bench.config import parse_overrides
     from bench.run import execute, resolve_runs
 
-    runs = resolve_runs(parse_overrides(args))
+    overrides = parse_overrides(args)
+    if "suite" in overrides:
+        from bench.orchestrate import run_suite
+
+        print(run_suite(overrides))
+        return
+    runs = resolve_runs(overrides)
     for cfg in runs:
         folder = execute(cfg)
         import json

@@ -87,6 +87,7 @@ class RunConfig:
     splits: str = ""  # patient_id,split CSV; default: the data's own splits file, made once
     out: str = "runs"
     suite: str = "single"
+    variant: str = ""  # names a configuration inside a suite (e.g. a Table 2 ablation); part of the run folder
     cache_dir: str = ""  # "" -> $BENCH_CACHE or ~/.cache/vertebench
     crop_size: int = 48  # edge of the cubic crop the model sees, in voxels
 
@@ -136,9 +137,14 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
     """Merge `layer` into `base`, turning OmegaConf's errors into one BenchError line."""
     try:
+        empties: list[str] = []
         if isinstance(layer, dict) and layer and all(isinstance(v, str) for v in layer.values()):
-            layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in layer.items()])
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+            empties = [k for k, v in layer.items() if v == ""]  # `key=` means "", not None
+            layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in layer.items() if v != ""])
+        merged = OmegaConf.merge(base, layer)
+        for key in empties:
+            OmegaConf.update(merged, key, "", merge=True)
+        return merged  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise BenchError(_explain(exc, base, where)) from None
 

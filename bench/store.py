@@ -29,7 +29,8 @@ def normal_mode(folder: Path) -> None:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.out) / cfg.suite / f"{cfg.method}-{cfg.regime}-s{cfg.seed}"
+    variant = f"-{cfg.variant}" if cfg.variant else ""
+    return Path(cfg.out) / cfg.suite / f"{cfg.method}-{cfg.regime}{variant}-s{cfg.seed}"
 
 
 def _clean(obj: Any) -> Any:

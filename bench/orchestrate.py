@@ -1,0 +1,139 @@
+"""`bench run suite=NAME`: every run of a suite as a Ray Tune trial, locally or on a cluster.
+
+Each trial is one finetuning run (bench.run.execute). Its pretraining artifacts are built under a
+file lock, so concurrent trials that need the same artifact wait for one another instead of
+computing it twice. A trial whose run folder already holds a finished result with the same config
+reports that result and does no work, so `resume=true` (Tuner.restore) continues an interrupted
+suite without redoing finished runs, and the final store equals an uninterrupted one. Torch threads
+per trial equal the CPUs Ray gives the trial, so concurrent trials do not oversubscribe the cores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
+              "ray.max_concurrent")
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One finetuning run inside a Ray worker."""
+    import json
+
+    from omegaconf import OmegaConf
+    from ray import tune
+
+    from bench.run import execute, resolve_runs
+    from bench.store import run_dir
+
+    cfg = resolve_runs(dict(config["run"]))[0]
+    folder = run_dir(cfg)
+    done = folder / "metrics.json"
+    wanted = OmegaConf.to_yaml(cfg, resolve=True)
+    if done.exists() and (folder / "config.yaml").read_text() == wanted:
+        skipped = True
+    else:
+        folder = execute(cfg)
+        skipped = False
+    test = json.loads((folder / "metrics.json").read_text())["test"]
+    tune.report({"auc": test["auc"] if test["auc"] is not None else float("nan"), "f1": test["f1"],
+                 "folder": str(folder), "skipped": skipped})
+
+
+def _progress_callback(total: int):
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class Progress(tune.Callback):
+        """One line per finished run, and an overall bar."""
+
+        def __init__(self) -> None:
+            self.bar = tqdm(total=total, desc="suite", unit="run", file=sys.stderr, disable=None)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run = trial.config["run"]
+            tag = f"{run['method']} {run['regime']}{' ' + run['variant'] if run.get('variant') else ''} seed {run['seed']}"
+            note = " (already done)" if result.get("skipped") else ""
+            self.bar.write(f"{tag}: AUC {result['auc']:.3f} F1 {result['f1']:.3f}{note}")
+            self.bar.update()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.write(f"FAILED {trial.config['run']}: see {trial.local_path}")
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return Progress()
+
+
+def run_suite(overrides: dict[str, str]) -> Path:
+    from bench.run import resolve_runs
+    from bench.suites import expand, load_suite
+
+    suite = load_suite(overrides["suite"])
+    try:
+        seeds = int(overrides.get("seeds", suite.get("seeds", 1)))
+    except ValueError:
+        raise BenchError(f"bad value for 'seeds': '{overrides['seeds']}'; expected a whole number") from None
+    resume = overrides.get("resume", "false").lower() in ("true", "1", "yes")
+    out = Path(overrides.get("out", "runs")).resolve()
+    cpus = float(overrides.get("ray.cpus_per_trial", "1"))
+    gpus = float(overrides.get("ray.gpus_per_trial", "0"))
+    address = overrides.get("ray.address") or None
+    common = {k: v for k, v in overrides.items() if k not in SUITE_KEYS}
+    common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
+    if gpus == 0:
+        common.setdefault("device", "cpu")
+    runs = [{**common, **r} for r in expand(suite, seeds)]
+    for r in runs:  # every config is checked before any work starts
+        resolve_runs(dict(r))
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner: our callback reports progress
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import ray
+    from ray import tune
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=True, runtime_env={"env_vars": {"BENCH_CACHE": os.environ.get("BENCH_CACHE", "")}}
+                 if os.environ.get("BENCH_CACHE") else None)
+    storage = out / suite["name"] / "_ray"
+    trainable = tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus})
+    param_space = {"run": tune.grid_search(runs)}
+    t0 = time.perf_counter()
+    try:
+        experiment = storage / "suite"
+        if resume and tune.Tuner.can_restore(str(experiment)):
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space)
+        else:
+            max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_conc),
+                run_config=tune.RunConfig(name="suite", storage_path=str(storage), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=1),
+                                          callbacks=[_progress_callback(len(runs))]),
+            )
+        results = tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    errors = [r for r in results if r.error]
+    print(f"suite {suite['name']}: {len(runs) - len(errors)} of {len(runs)} runs finished in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if errors:
+        raise BenchError(f"suite {suite['name']}: {len(errors)} run(s) failed, e.g. {errors[0].error}; "
+                         f"fix and rerun with resume=true")
+    from bench.reports.build import build_report
+
+    return build_report([out / suite["name"]], out.parent / "reports" / suite["name"] if out.name == "runs"
+                        else out / "reports" / suite["name"], suite["name"])
