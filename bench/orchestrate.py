@@ -41,8 +41,10 @@ def _trial(config: dict[str, Any]) -> None:
         folder = execute(cfg)
         skipped = False
     test = json.loads((folder / "metrics.json").read_text())["test"]
+    import ray
+
     tune.report({"auc": test["auc"] if test["auc"] is not None else float("nan"), "f1": test["f1"],
-                 "folder": str(folder), "skipped": skipped})
+                 "folder": str(folder), "skipped": skipped, "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _progress_callback(total: int):

@@ -43,22 +43,13 @@ def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataF
         else:
             c = present.loc[(method, regime, variant)]
             row.update(missing=False, seeds=int(c["seeds"]))
-            row["values"] = {m: plots.fmt(c[m]) + (f" &plusmn; {plots.fmt(c[f'{m}_sd'])}" if not np.isnan(c[f"{m}_sd"]) else "") for m in METRICS}
+            row["cell"] = {m: plots.fmt(c[m]) + (f" ± {plots.fmt(c[f'{m}_sd'])}" if not np.isnan(c[f"{m}_sd"]) else "") for m in METRICS}
             row["cis"] = {m: (f"[{plots.fmt(c[f'{m}_lo'])}, {plots.fmt(c[f'{m}_hi'])}]" if not np.isnan(c[f"{m}_lo"]) else "") for m in METRICS}
             row["best"] = {m: bool(c[m] == best[m]) for m in METRICS}
             p = delong.get((method, regime, variant))
             row["delong"] = "best" if row["best"]["auc"] else ("" if p is None else f"{p:.3g}")
         out.append(row)
     return out
-
-
-def _mark_safe(rows: list[dict]) -> list[dict]:
-    from markupsafe import Markup, escape
-
-    for r in rows:
-        if not r.get("missing"):
-            r["values"] = {m: Markup(escape(v).replace("&amp;plusmn;", "&plusmn;")) for m, v in r["values"].items()}
-    return rows
 
 
 def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) -> Path:
@@ -73,7 +64,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
         if sub.empty:
             return
         delong = delong_vs_best(runs, sub)
-        rows = _mark_safe(_rows(keys, sub, paper, key_of, delong))
+        rows = _rows(keys, sub, paper, key_of, delong)
         tables.append({"title": title, "caption": caption, "key_label": key_label, "rows": rows})
 
     t3_keys = [(m, r, "full" if m == "video_ct_mae" else "") for m in TABLE3

@@ -1,0 +1,105 @@
+"""Suites on Ray Tune: a shared local Ray session, resume after kill -9, and two Ray nodes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+
+MINI = """description: a test suite
+seeds: 2
+runs:
+  - {method: resnet18, regimes: [scratch]}
+  - {method: densenet121, regimes: [scratch]}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("suite") / "mini.yaml"
+    path.write_text(MINI)
+    return path
+
+
+def _metrics(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())["test"] for p in sorted(root.glob("mini/*/metrics.json"))}
+
+
+def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}"]) == 0
+    assert sorted(_metrics(out)) == ["densenet121-scratch-s0", "densenet121-scratch-s1",
+                                     "resnet18-scratch-s0", "resnet18-scratch-s1"]
+    printed = capsys.readouterr()
+    assert printed.err.count(": AUC ") == 4  # one line per finished run
+    assert (tmp_path / "reports" / "mini" / "index.html").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")}
+    assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}", "resume=true"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")} == stamps
+
+
+def test_bad_suite_is_one_line(capsys):
+    assert main(["run", "suite=table5"]) == 2
+    assert "unknown suite 'table5'; valid:" in capsys.readouterr().err
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, suite_file, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    args = [sys.executable, "-m", "bench.cli", "run", f"suite={suite_file}", "preset=tiny", "epochs=1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, f"out={killed}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(killed.glob("mini/*/metrics.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in killed.glob("mini/*/metrics.json")}
+    assert 1 <= len(finished) < 4, "the suite must be interrupted after some but not all runs"
+    resumed = subprocess.run([*args, f"out={killed}", "resume=true"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished runs were not redone
+    assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={tmp_path / 'whole'}"]) == 0
+    assert _metrics(killed) == _metrics(tmp_path / "whole")
+    for name in _metrics(killed):
+        pd.testing.assert_frame_equal(pd.read_parquet(killed / "mini" / name / "predictions.parquet"),
+                                      pd.read_parquet(tmp_path / "whole" / "mini" / name / "predictions.parquet"))
+
+
+def test_two_ray_nodes_share_the_trials(suite_file, tmp_path):
+    import ray
+    from ray import tune
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "runs"
+        assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}",
+                     f"ray.address={cluster.address}"]) == 0
+        frame = tune.ExperimentAnalysis(str(out / "mini" / "_ray" / "suite")).dataframe()
+        assert frame["node_id"].nunique() == 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
