@@ -61,11 +61,11 @@ def _progress_callback(total: int):
             run = trial.config["run"]
             tag = f"{run['method']} {run['regime']}{' ' + run['variant'] if run.get('variant') else ''} seed {run['seed']}"
             note = " (already done)" if result.get("skipped") else ""
-            self.bar.write(f"{tag}: AUC {result['auc']:.3f} F1 {result['f1']:.3f}{note}")
+            self.bar.write(f"{tag}: AUC {result['auc']:.3f} F1 {result['f1']:.3f}{note}", file=sys.stderr)
             self.bar.update()
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.bar.write(f"FAILED {trial.config['run']}: see {trial.local_path}")
+            self.bar.write(f"FAILED {trial.config['run']}: see {trial.local_path}", file=sys.stderr)
 
         def on_experiment_end(self, trials, **info):
             self.bar.close()
@@ -130,6 +130,13 @@ def run_suite(overrides: dict[str, str]) -> Path:
         if started_here:
             ray.shutdown()
     errors = [r for r in results if r.error]
+    summary = [{"run": r.config["run"], "folder": r.metrics.get("folder"), "node_id": r.metrics.get("node_id"),
+                "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"), "error": str(r.error) if r.error else None}
+               for r in results]
+    from bench.store import dumps, write_text_atomic
+
+    write_text_atomic(out / suite["name"] / "suite.json", dumps({"suite": suite["name"], "seeds": seeds,
+                                                                 "wall_s": time.perf_counter() - t0, "runs": summary}))
     print(f"suite {suite['name']}: {len(runs) - len(errors)} of {len(runs)} runs finished in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if errors:

@@ -16,7 +16,7 @@ MINI = """description: a test suite
 seeds: 2
 runs:
   - {method: resnet18, regimes: [scratch]}
-  - {method: densenet121, regimes: [scratch]}
+  - {method: vit_b, regimes: [scratch]}
 """
 
 
@@ -44,8 +44,8 @@ def _metrics(root: Path) -> dict[str, dict]:
 def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}"]) == 0
-    assert sorted(_metrics(out)) == ["densenet121-scratch-s0", "densenet121-scratch-s1",
-                                     "resnet18-scratch-s0", "resnet18-scratch-s1"]
+    assert sorted(_metrics(out)) == ["resnet18-scratch-s0", "resnet18-scratch-s1",
+                                     "vit_b-scratch-s0", "vit_b-scratch-s1"]
     printed = capsys.readouterr()
     assert printed.err.count(": AUC ") == 4  # one line per finished run
     assert (tmp_path / "reports" / "mini" / "index.html").exists()
@@ -84,7 +84,6 @@ def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, suite_fil
 
 def test_two_ray_nodes_share_the_trials(suite_file, tmp_path):
     import ray
-    from ray import tune
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
@@ -97,8 +96,8 @@ def test_two_ray_nodes_share_the_trials(suite_file, tmp_path):
         out = tmp_path / "runs"
         assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}",
                      f"ray.address={cluster.address}"]) == 0
-        frame = tune.ExperimentAnalysis(str(out / "mini" / "_ray" / "suite")).dataframe()
-        assert frame["node_id"].nunique() == 2
+        summary = json.loads((out / "mini" / "suite.json").read_text())
+        assert len(summary["runs"]) == 4 and len({r["node_id"] for r in summary["runs"]}) == 2
     finally:
         if ray.is_initialized():
             ray.shutdown()
