@@ -120,7 +120,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
             max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(max_concurrent_trials=max_conc),
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
                 run_config=tune.RunConfig(name="suite", storage_path=str(storage), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=1),
                                           callbacks=[_progress_callback(len(runs))]),

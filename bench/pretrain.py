@@ -11,11 +11,9 @@ every finetuning run that needs it, whatever their seed. Its folder holds the wh
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 from bench.config import config_hash
 from bench.envinfo import environment, now
 from bench.errors import BenchError
+from bench.locks import locked
 from bench.store import dumps, write_text_atomic
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
@@ -122,18 +121,6 @@ def _corpus(method: Any, cfg: DictConfig, source: str, seed: int) -> tuple[Datas
     return VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed), spec
 
 
-@contextmanager
-def _locked(path: Path):
-    """An exclusive lock on `path` (a sibling .lock file): concurrent runs wait, then reuse."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def artifact_root(cfg: DictConfig) -> Path:
     from bench.datasets.loading import cache_root
 
@@ -175,7 +162,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str,
     }
     key = config_hash(spec, length=16)
     folder = artifact_root(cfg) / identity["family"] / key
-    with _locked(folder):
+    with locked(folder):
         if (folder / "pretext.safetensors").exists():
             return folder
         _pretrain(method, cfg, dataset, parent, folder, spec, source)

@@ -18,6 +18,7 @@ from bench.datasets.cropstore import StoreWriter, is_store, open_store
 from bench.datasets.splits import check_disjoint, check_no_leakage, splits_for
 from bench.envinfo import now
 from bench.errors import BenchError, choices_hint
+from bench.locks import locked
 from bench.registry import DATASETS, register_dataset
 
 
@@ -112,12 +113,9 @@ class SyntheticDataset:
 
     def ensure(self, cfg: DictConfig, labelled: bool) -> Path:
         folder = cache_root(cfg) / "synthetic" / config_hash(synthetic_spec(cfg, labelled))
-        if not is_store(folder):
-            try:
+        with locked(folder):  # concurrent trials wait for one generator instead of each generating
+            if not is_store(folder):
                 synthesize_store(cfg, folder, labelled=labelled)
-            except BenchError:
-                if not is_store(folder):  # another process won the race: its store is identical
-                    raise
         return folder
 
     def load_unlabelled(self, cfg: DictConfig) -> VertebraSet:
@@ -149,21 +147,26 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
 def load_corpus(cfg: DictConfig, kind: str) -> np.ndarray:
     """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches or
     "video" (N, T, V, V, 3) uint8 clips (S = crop size, V = synthetic.video_size)."""
-    from bench.datasets import corpora
-
     n = {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind]
     size = cfg.synthetic.video_size if kind == "video" else cfg.crop_size
     spec = {"kind": kind, "n": n, "size": size, "fov_mm": cfg.synthetic.fov_mm,
             "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
     path = cache_root(cfg) / "corpora" / kind / f"{config_hash(spec)}.npy"
-    if not path.exists():
-        if kind == "body_ct":
-            items = [corpora.body_ct_patch(i, cfg.crop_size, cfg.synthetic.fov_mm, cfg.synthetic.seed) for i in range(n)]
-        else:
-            items = [corpora.video_clip(i, cfg.synthetic.video_frames, size, cfg.synthetic.seed) for i in range(n)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.stack(items))
-        os.replace(tmp, path)
+    with locked(path):  # concurrent trials wait for one generator
+        if not path.exists():
+            _write_corpus(cfg, kind, n, size, path)
     return np.load(path, mmap_mode="r")
+
+
+def _write_corpus(cfg: DictConfig, kind: str, n: int, size: int, path: Path) -> None:
+    from bench.datasets import corpora
+
+    seed, frames = cfg.synthetic.seed, cfg.synthetic.video_frames
+    if kind == "body_ct":
+        items = [corpora.body_ct_patch(i, size, cfg.synthetic.fov_mm, seed) for i in range(n)]
+    else:
+        items = [corpora.video_clip(i, frames, size, seed) for i in range(n)]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.stack(items))
+    os.replace(tmp, path)
