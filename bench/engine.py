@@ -7,7 +7,6 @@ switches that work on CPU too, so the GPU paths are exercised by the CPU test su
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random

@@ -12,7 +12,6 @@ every finetuning run that needs it, whatever their seed. Its folder holds the wh
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any

@@ -15,7 +15,6 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from bench.methods.base import Method
 from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear
 from bench.registry import register_method
 

@@ -1,6 +1,5 @@
 """CT + mask -> crops, on the real fixtures in ../shared/data."""
 import gzip
-import json
 
 import nibabel as nib
 import numpy as np

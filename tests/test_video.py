@@ -1,7 +1,6 @@
 """Video MAE / Video-CT MAE: the mae_st layout, position-embedding cropping, Table 2 configs."""
 import json
 
-import pytest
 import torch
 
 from bench.cli import main

@@ -21,7 +21,7 @@ def make_big_ct(folder: Path) -> tuple[Path, Path]:
     ct[body] = 40
     ct += rng.integers(-20, 20, size=SHAPE[:2], dtype=np.int16)[..., None]
     mask = np.zeros(SHAPE, np.uint8)
-    bodyx, bodyy = (x - 256) ** 2 / 30.0**2 + (y - 300) ** 2 / 25.0**2 < 1, None
+    bodyx = (x - 256) ** 2 / 30.0**2 + (y - 300) ** 2 / 25.0**2 < 1  # vertebral body cross-section
     for i, label in enumerate(TS_V2_IDS[:17]):
         z0 = 10 + i * 22
         mask[..., z0 : z0 + 18][bodyx] = label
