@@ -21,11 +21,12 @@ from bench.config import to_yaml
 FILES = ("config.yaml", "metrics.json", "predictions.parquet", "env.json")
 
 
-def normal_mode(folder: Path) -> None:
-    """mkdtemp makes 0700 folders; give the final folder the mode a plain mkdir would."""
+def normal_mode(path: Path, mode: int = 0o777) -> None:
+    """mkdtemp/mkstemp make 0700 folders and 0600 files; give `path` the mode a plain mkdir or
+    open would (`mode` less the umask): 0o777 for folders, 0o666 for files."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -56,9 +57,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
+        normal_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -44,10 +44,6 @@ class VertebraSet:
     def crop_indices(self) -> np.ndarray:
         return self.table["crop_index"].to_numpy()
 
-    def crops(self) -> np.ndarray:
-        """The crops of this set's rows, in order (a copy: for small sets and tests)."""
-        return np.asarray(self.images[self.crop_indices])
-
     def fingerprint(self) -> str:
         """sha256 over the rows and their crop checksums, recorded with every run for provenance."""
         table = self.table

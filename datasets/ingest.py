@@ -7,7 +7,6 @@ CT voxels under the crop is read and interpolated, never the whole volume.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bench.datasets.base import crop_checksum
 from bench.datasets.labelmaps import VERTEBRAE, get_label_map
 from bench.datasets.nifti import load_volume, same_grid
 from bench.errors import BenchError
@@ -182,7 +182,7 @@ def ingest_case(case: Case, opts: IngestOptions) -> tuple[np.ndarray, list[dict[
             "centroid_x": float(centre[0]), "centroid_y": float(centre[1]), "centroid_z": float(centre[2]),
             "centroid_source": "json" if v.name in given else "mask",
             "source_spacing": ",".join(f"{z:.3g}" for z in zooms),
-            "checksum": hashlib.sha256(stored.tobytes()).hexdigest()[:16],
+            "checksum": crop_checksum(stored),
         })
     empty = np.empty((0,) + (opts.size,) * 3, np.int16 if opts.dtype == "int16" else np.float16)
     return (np.stack(crops) if crops else empty), rows, skipped

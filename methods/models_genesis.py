@@ -267,7 +267,7 @@ class ModelsGenesis(Method):
         return GenesisEncoderPooled(enc), enc.out_channels
 
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
-        hidden = max(8, int(round(self.params.head_hidden * self.params.width))) if self.params.width < 1 else self.params.head_hidden
+        hidden = self.params.head_hidden  # the CPU presets shrink it together with the width
         return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
     def build_pretext(self) -> nn.Module:
