@@ -59,15 +59,26 @@ def test_bad_suite_is_one_line(capsys):
     assert "unknown suite 'table5'; valid:" in capsys.readouterr().err
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, suite_file, tmp_path):
+# The vit_b runs take ~5 s (60 tiny epochs) against ~2 s for resnet18, so the kill below lands
+# after a resnet18 run has finished and before the vit_b runs have: no race with the poll interval.
+SLOW_TAIL = """seeds: 2
+runs:
+  - {method: resnet18, regimes: [scratch]}
+  - {method: vit_b, regimes: [scratch], overrides: [epochs=60]}
+"""
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    suite_file = tmp_path / "mini.yaml"
+    suite_file.write_text(SLOW_TAIL)
     args = [sys.executable, "-m", "bench.cli", "run", f"suite={suite_file}", "preset=tiny", "epochs=1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*args, f"out={killed}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(killed.glob("mini/*/metrics.json")):
-        time.sleep(0.5)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p: p.stat().st_mtime_ns for p in killed.glob("mini/*/metrics.json")}
