@@ -49,8 +49,8 @@ def _cmd_run(args: list[str]) -> None:
         import json
 
         test = json.loads((folder / "metrics.json").read_text())["test"]
-        shown = " ".join(f"{k}={test[k]:.3f}" if test[k] is not None else f"{k}=n/a"
-                         for k in ("f1", "acc", "auc", "ap"))
+        keys = ("macro_f1", "qwk", "sensitivity", "specificity", "auc") if cfg.task == "grade" else ("f1", "acc", "auc", "ap")
+        shown = " ".join(f"{k}={test[k]:.3f}" if test[k] is not None else f"{k}=n/a" for k in keys)
         print(f"{cfg.method} {cfg.regime} seed {cfg.seed}: {shown} -> {folder}")
 
 

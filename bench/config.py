@@ -90,6 +90,8 @@ class RunConfig:
     variant: str = ""  # names a configuration inside a suite (e.g. a Table 2 ablation); part of the run folder
     cache_dir: str = ""  # "" -> $BENCH_CACHE or ~/.cache/vertebench
     crop_size: int = 48  # edge of the cubic crop the model sees, in voxels
+    task: Literal["fracture", "grade"] = "fracture"  # binary fracture, or Genant grade 0-3 (4 classes)
+    train_fraction: float = 1.0  # share of the training PATIENTS used (nested subsets per seed)
 
     # optimisation
     epochs: int = 20
@@ -221,6 +223,8 @@ def validate(cfg: DictConfig) -> None:
     for key in _UNIT_OPEN:
         if not 0 < OmegaConf.select(cfg, key) < 1:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
+    if not 0 < cfg.train_fraction <= 1:
+        raise BenchError(f"bad value for 'train_fraction': {cfg.train_fraction}; expected in (0, 1]")
     if not 0 <= cfg.synthetic.difficulty <= 1:
         raise BenchError(f"bad value for 'synthetic.difficulty': {cfg.synthetic.difficulty}; expected in [0, 1]")
     if cfg.views.frames + 2 > cfg.crop_size:

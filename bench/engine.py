@@ -2,7 +2,9 @@
 
 Optimiser and cosine-with-warmup schedule from timm, class-weighted cross entropy
 (w_c = 1 - n_c / n), the checkpoint with the best validation F1 (ties: higher validation AUC, then
-the earlier epoch), evaluation of that checkpoint on the test split. AMP and `torch.compile` are
+the earlier epoch; for `task=grade` macro-F1, then quadratic kappa), evaluation of that checkpoint
+on the test split. A method may replace the loss of a training batch (`Method.training_loss`, e.g.
+SupCon's two views) and the batch composition (`Method.train_batch_sampler`, e.g. grade-balanced). AMP and `torch.compile` are
 switches that work on CPU too, so the GPU paths are exercised by the CPU test suite.
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from tqdm.auto import tqdm
 from bench.datasets.base import VertebraSet
 from bench.datasets.torch_data import CropDataset, SliceViewDataset
 from bench.errors import BenchError
-from bench.metrics import binary_metrics, class_weights
+from bench.metrics import binary_metrics, class_weights, grade_metrics
+
+NUM_CLASSES = {"fracture": 2, "grade": 4}
 
 
 def select_device(cfg: DictConfig) -> torch.device:
@@ -70,9 +74,32 @@ class FinetuneResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def targets(part: VertebraSet, cfg: DictConfig) -> np.ndarray:
+    """The class of every row: fracture 0/1, or the Genant grade 0-3 for `task=grade`."""
+    if cfg.task == "grade":
+        grades = part.table["grade"] if "grade" in part.table else None
+        if grades is None or grades.isna().any():
+            raise BenchError(f"task=grade needs a Genant grade (0-3) for every vertebra; data '{cfg.data}' "
+                             f"has {'none' if grades is None else f'{int(grades.isna().sum())} missing'} in {part.name}")
+        return grades.astype(int).to_numpy()
+    return part.table["label"].astype(int).to_numpy()
+
+
+def task_metrics(cfg: DictConfig, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    if cfg.task == "grade":
+        return grade_metrics(y, probs)
+    return binary_metrics(y, probs[:, 1], cfg.threshold)
+
+
+def selection_key(cfg: DictConfig, m: dict[str, float]) -> tuple[float, float]:
+    """What the best checkpoint maximises on validation; NaN (one class present) ranks lowest."""
+    first, second = ("macro_f1", "qwk") if cfg.task == "grade" else ("f1", "auc")
+    return tuple(-1.0 if math.isnan(m[k]) else m[k] for k in (first, second))  # type: ignore[return-value]
+
+
 def make_dataset(method: Any, cfg: DictConfig, part: VertebraSet, augment: bool = False) -> CropDataset:
     """Cubic crops for 3D models, slice views (video clips) for methods whose input is "slices"."""
-    labels = part.table["label"].to_numpy()
+    labels = targets(part, cfg)
     if method.input_format == "slices":
         v = cfg.views
         options = {"frame_size": v.frame_size, "multi_view": v.multi_view, **method.view_options()}
@@ -94,7 +121,7 @@ def forward_views(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
             loss_fn: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Fracture probabilities (softmax of class 1) and the mean loss."""
+    """Class probabilities (N, C) (softmax of the view-averaged logits) and the mean loss."""
     model.eval()
     scores, total, count = [], 0.0, 0
     for x, y in loader:
@@ -105,7 +132,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: t
         if loss_fn is not None:
             total += float(loss_fn(logits, y)) * len(y)
             count += len(y)
-        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().double().numpy())
+        scores.append(torch.softmax(logits, dim=1).cpu().double().numpy())
     return np.concatenate(scores), (total / count if count else math.nan)
 
 
@@ -116,14 +143,19 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     device = select_device(cfg)
     dtype = amp_dtype(cfg, device)
     train, val, test = (data.subset(s) for s in ("train", "val", "test"))
+    if cfg.train_fraction < 1:  # label efficiency: fewer training patients; val and test untouched
+        from bench.datasets.splits import patient_fraction
+
+        train = VertebraSet(train.images, patient_fraction(train.table, cfg.train_fraction, cfg.seed), train.name)
     for part in (train, val, test):
         if len(part.table) == 0:
             raise BenchError(f"data '{cfg.data}': split '{part.name}' is empty")
-    y_train = train.table["label"].to_numpy()
+    y_train = targets(train, cfg)
     if len(np.unique(y_train)) < 2:
         raise BenchError(f"data '{cfg.data}': the training split holds only one class")
+    num_classes = NUM_CLASSES[cfg.task]
 
-    model = method.build_model(num_classes=2)
+    model = method.build_model(num_classes=num_classes)
     from bench.pretrain import encoder_init
 
     init = encoder_init(method, cfg, model)  # may pretrain (once per artifact) before finetuning
@@ -135,12 +167,16 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     train_ds = make_dataset(method, cfg, train, augment=cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                              drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
+    sampler = method.train_batch_sampler(y_train, cfg.batch_size, cfg.seed)
+    if sampler is not None:
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, **loader_kw)
+    else:
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                  drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
     val_loader = DataLoader(make_dataset(method, cfg, val), batch_size=cfg.eval_batch_size, **loader_kw)
     test_loader = DataLoader(make_dataset(method, cfg, test), batch_size=cfg.eval_batch_size, **loader_kw)
 
-    weights = torch.tensor(class_weights(y_train), dtype=torch.float32, device=device)
+    weights = torch.tensor(class_weights(y_train, num_classes), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
@@ -160,13 +196,14 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     for epoch in bar:
         t_epoch = time.perf_counter()
         train_ds.epoch = epoch
+        if sampler is not None:
+            sampler.epoch = epoch
         step_model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = step_model(x)
-            loss = loss_fn(logits.float(), y)
+                loss = method.training_loss(step_model, x, y, loss_fn)
             if not torch.isfinite(loss):
                 raise BenchError(f"training diverged at epoch {epoch} (loss {float(loss.detach())}); lower lr={cfg.lr}")
             optimizer.zero_grad(set_to_none=True)
@@ -181,14 +218,15 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
             loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
         train_s = time.perf_counter() - t_epoch
-        val_scores, val_loss = predict(step_model, val_loader, device, dtype, loss_fn)
-        val_m = binary_metrics(val.table["label"].to_numpy(), val_scores, cfg.threshold)
+        val_probs, val_loss = predict(step_model, val_loader, device, dtype, loss_fn)
+        val_m = task_metrics(cfg, targets(val, cfg), val_probs)
         history.append({
             "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val_loss,
             "val_f1": val_m["f1"], "val_auc": val_m["auc"], "val_ap": val_m["ap"],
+            **({"val_macro_f1": val_m["macro_f1"], "val_qwk": val_m["qwk"]} if cfg.task == "grade" else {}),
             "lr": optimizer.param_groups[0]["lr"], "train_s": train_s,
         })
-        key = (val_m["f1"], -1.0 if math.isnan(val_m["auc"]) else val_m["auc"])
+        key = selection_key(cfg, val_m)
         if best is None or key > best[0]:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = (key, epoch, state, val_m)
@@ -198,14 +236,20 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
     assert best is not None
     model.load_state_dict(best[2])
     t_eval = time.perf_counter()
-    test_scores, _ = predict(model, test_loader, device, dtype)
+    test_probs, _ = predict(model, test_loader, device, dtype)
     eval_s = time.perf_counter() - t_eval
-    y_test = test.table["label"].to_numpy()
-    test_m = binary_metrics(y_test, test_scores, cfg.threshold)
+    test_m = task_metrics(cfg, targets(test, cfg), test_probs)
     columns = [c for c in ("patient_id", "vertebra", "label", "grade") if c in test.table]
     preds = test.table[columns].copy()
-    preds["score"] = test_scores
-    preds["prediction"] = (test_scores >= cfg.threshold).astype(int)
+    if cfg.task == "grade":  # score: P(grade >= 1), the screening probability; plus every grade's
+        preds["score"] = 1.0 - test_probs[:, 0]
+        preds["prediction"] = (test_probs.argmax(axis=1) >= 1).astype(int)
+        preds["predicted_grade"] = test_probs.argmax(axis=1)
+        for g in range(num_classes):
+            preds[f"p_grade{g}"] = test_probs[:, g]
+    else:
+        preds["score"] = test_probs[:, 1]
+        preds["prediction"] = (test_probs[:, 1] >= cfg.threshold).astype(int)
     cost = {
         "train_s": train_total,
         "s_per_epoch": train_total / cfg.epochs,
@@ -216,4 +260,6 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
         "device": str(device),
         "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
     }
-    return FinetuneResult(model, test_m, best[3], preds, history, cost, extra={"init": init})
+    used = {"fraction": cfg.train_fraction, "patients": int(train.table["patient_id"].nunique()),
+            "vertebrae": len(train.table), "classes": np.bincount(y_train, minlength=num_classes).tolist()}
+    return FinetuneResult(model, test_m, best[3], preds, history, cost, extra={"init": init, "train_used": used})

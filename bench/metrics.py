@@ -1,4 +1,5 @@
-"""Metrics on the fracture class (positive = fractured), scikit-learn underneath."""
+"""Metrics, scikit-learn underneath: on the fracture class (positive = fractured) for the binary
+task, and per Genant grade for the 4-class grading task."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,14 @@ from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
     balanced_accuracy_score,
+    cohen_kappa_score,
     confusion_matrix,
     f1_score,
+    recall_score,
     roc_auc_score,
 )
+
+GRADES = (0, 1, 2, 3)
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -36,6 +41,38 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.
         "threshold": float(threshold),
         "n": int(len(labels)),
         "n_positive": int(labels.sum()),
+    }
+
+
+def grade_metrics(grades: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Genant grading from (N, 4) class probabilities: macro-F1, per-grade recall, quadratic-weighted
+    kappa, and the binary screening metrics at grade >= 1, whose score is P(grade >= 1) = 1 - p0.
+
+    The predicted grade is the arg-max; the binary prediction is "predicted grade >= 1", so that
+    screening sensitivity/specificity describe the same decisions as the grading metrics.
+    """
+    grades = np.asarray(grades).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    pred = probs.argmax(axis=1)
+    recalls = recall_score(grades, pred, labels=list(GRADES), average=None, zero_division=np.nan)
+    present = set(np.unique(grades))
+    fractured = (grades >= 1).astype(int)
+    screening = binary_metrics(fractured, 1.0 - probs[:, 0], threshold=0.5)
+    called = (pred >= 1).astype(int)
+    tn, fp, fn, tp = confusion_matrix(fractured, called, labels=[0, 1]).ravel()
+    screening.update(sensitivity=float(tp / (tp + fn)) if tp + fn else math.nan,
+                     specificity=float(tn / (tn + fp)) if tn + fp else math.nan,
+                     f1=float(f1_score(fractured, called, zero_division=0.0)),
+                     acc=float(accuracy_score(fractured, called)),
+                     balanced_acc=float(balanced_accuracy_score(fractured, called))
+                     if len(np.unique(fractured)) == 2 else math.nan)
+    return {
+        **screening,
+        "macro_f1": float(f1_score(grades, pred, labels=sorted(present), average="macro", zero_division=0.0)),
+        "qwk": float(cohen_kappa_score(grades, pred, labels=list(GRADES), weights="quadratic"))
+        if len(present | set(np.unique(pred))) > 1 else math.nan,
+        "grade_acc": float(accuracy_score(grades, pred)),
+        **{f"recall_g{g}": (float(r) if g in present else math.nan) for g, r in zip(GRADES, recalls)},
     }
 
 

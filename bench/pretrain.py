@@ -100,11 +100,12 @@ class SliceCorpus(Dataset):
 def _corpus(method: Any, cfg: DictConfig, source: str, seed: int) -> tuple[Dataset, dict[str, Any]]:
     from bench.datasets.loading import load_corpus, load_unlabelled, synthetic_spec
 
+    kind = method.pretext_data(source)
     if source == "public":
         if cfg.data != "synthetic" and not cfg.weights.public:
             raise BenchError(f"regime public on data '{cfg.data}' needs weights.public=PATH_OR_URL "
                              "(the embedded public corpus belongs to data=synthetic)")
-        kind = "video" if method.pretext_input == "video" else "body_ct"
+        kind = "video" if kind == "video" else "body_ct"
         items = load_corpus(cfg, kind)
         spec = {"corpus": kind, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size}
         if kind == "video":
@@ -113,7 +114,7 @@ def _corpus(method: Any, cfg: DictConfig, source: str, seed: int) -> tuple[Datas
     data = load_unlabelled(cfg)
     spec = {"corpus": "unlabelled_vertebrae", "name": data.name, "fingerprint": data.fingerprint(),
             "crop_size": cfg.crop_size}
-    if method.pretext_input == "video":
+    if kind == "slices":
         spec["views"] = OmegaConf.to_container(cfg.views)
         frame_size = method.view_options().get("frame_size", cfg.views.frame_size)
         return SliceCorpus(data.images, data.crop_indices, cfg, seed, frame_size), spec
@@ -151,7 +152,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str,
     (None: random init; {"artifact": path} or {"public_file": ...}); built only if missing."""
     seed = cfg.pretrain.seed
     dataset, data_spec = _corpus(method, cfg, source, seed)
-    if method.pretext_input == "video" and source == "vertebrae":
+    if method.pretext_data(source) == "slices":
         data_spec["view_options"] = method.view_options()
     identity = method.artifact_key(source)
     spec = {

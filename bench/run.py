@@ -49,6 +49,7 @@ def execute(cfg: DictConfig) -> Path:
     result = finetune(method, data, cfg)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
     metrics = {
+        "task": cfg.task,
         "test": result.test_metrics,
         "val": result.val_metrics,
         "epochs": result.epochs,
@@ -59,6 +60,7 @@ def execute(cfg: DictConfig) -> Path:
             "name": data.name,
             "fingerprint": data.fingerprint(),
             "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
+            "train_used": result.extra["train_used"],
         },
     }
     env = {**environment(), "started": started, "finished": now()}

@@ -30,8 +30,16 @@ def normal_mode(path: Path, mode: int = 0o777) -> None:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    variant = f"-{cfg.variant}" if cfg.variant else ""
-    return Path(cfg.out) / cfg.suite / f"{cfg.method}-{cfg.regime}{variant}-s{cfg.seed}"
+    """<out>/<suite>/<method>-<regime>[-<variant>][-grade][-frac<f>]-s<seed>: the default task on all
+    training patients keeps the plain name; other tasks and fractions never overwrite it."""
+    parts = [cfg.method, cfg.regime]
+    if cfg.variant:
+        parts.append(cfg.variant)
+    if cfg.task != "fracture":
+        parts.append(cfg.task)
+    if cfg.train_fraction < 1:
+        parts.append(f"frac{cfg.train_fraction:g}")
+    return Path(cfg.out) / cfg.suite / f"{'-'.join(parts)}-s{cfg.seed}"
 
 
 def _clean(obj: Any) -> Any:

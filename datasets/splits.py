@@ -99,3 +99,26 @@ def check_disjoint(labelled_patients, unlabelled_patients, what: str = "unlabell
         raise BenchError(
             f"patient leakage: {len(shared)} patient(s) are in both the labelled data and the {what}, e.g. '{shared[0]}'"
         )
+
+
+def patient_fraction(table: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The rows of the first `fraction` of the patients in a seeded order (at least one patient).
+
+    The order is one permutation per seed, so the subsets are nested: the 0.1 subset is inside the
+    0.25 subset of the same seed. Patients with and without a fracture are interleaved by their
+    quantile rank in their own group, so every prefix keeps the full set's share of fractured
+    patients (label-efficiency sweeps compare sizes, not class balances).
+    """
+    if not 0 < fraction <= 1:
+        raise BenchError(f"bad value for 'train_fraction': {fraction}; expected in (0, 1]")
+    if fraction == 1:
+        return table
+    patients = table.groupby("patient_id", sort=True)["label"].max()
+    rng = np.random.default_rng([seed, 1009])
+    rank = pd.Series(0.0, index=patients.index)
+    for _, group in patients.groupby(patients):
+        order = rng.permutation(len(group))
+        rank[group.index] = (order + rng.random(len(group))) / len(group)
+    ordered = rank.sort_values(kind="stable").index
+    keep = set(ordered[: max(1, int(round(fraction * len(ordered))))])
+    return table[table["patient_id"].isin(keep).to_numpy()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from bench.datasets import views
 
@@ -99,3 +99,34 @@ class SliceViewDataset(CropDataset):
             clips.append(views.to_clip(frames, self.frame_size, self.channels))
         out = np.stack(clips) if (not self.augment and self.multi_view) else clips[0]
         return torch.from_numpy(out), int(self.labels[index])
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Batches with the same number of rows of every class (Wei et al.: 3 per Genant grade).
+
+    Each class is walked in a fresh seeded permutation per epoch and reshuffled when used up, so
+    rare classes repeat within an epoch while common ones are not all seen; an epoch has as many
+    batches as shuffled batches of `batch_size` would. Set `epoch` before iterating.
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, seed: int) -> None:
+        labels = np.asarray(labels, dtype=int)
+        self.by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self.per_class = max(1, batch_size // len(self.by_class))
+        self.n_batches = max(1, len(labels) // (self.per_class * len(self.by_class)))
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 17])
+        queues = [list(rng.permutation(rows)) for rows in self.by_class]
+        for _ in range(self.n_batches):
+            batch = []
+            for c, rows in enumerate(self.by_class):
+                for _ in range(self.per_class):
+                    if not queues[c]:
+                        queues[c] = list(rng.permutation(rows))
+                    batch.append(int(queues[c].pop()))
+            yield [batch[i] for i in rng.permutation(len(batch))]

@@ -95,6 +95,22 @@ class Method:
 
         return {"family": self.name, "model": OmegaConf.to_container(self.params, resolve=True)}
 
+    def pretext_data(self, stage: str) -> str:
+        """What the pretext task of a stage reads: "volume" (body-CT patches, unlabelled vertebra
+        crops), "video" (the video corpus) or "slices" (unlabelled vertebrae as slice-view clips)."""
+        if self.pretext_input == "video":
+            return "video" if stage == "public" else "slices"
+        return "volume"
+
+    # Finetuning hooks (the engine's defaults suit most methods)
+    def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+        """The loss of one training batch (called under autocast); class-weighted CE by default."""
+        return loss_fn(model(x).float(), y)
+
+    def train_batch_sampler(self, labels: Any, batch_size: int, seed: int) -> Any:
+        """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""
+        return None
+
     def view_options(self) -> dict[str, Any]:
         """Overrides of the slice-view options (frame_size, multi_view) for "slices" methods."""
         return {}
