@@ -18,7 +18,7 @@ from typing import Any
 from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
-              "ray.max_concurrent")
+              "ray.max_concurrent", "methods", "train_fractions")
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -59,7 +59,9 @@ def _progress_callback(total: int):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             run = trial.config["run"]
-            tag = f"{run['method']} {run['regime']}{' ' + run['variant'] if run.get('variant') else ''} seed {run['seed']}"
+            extras = [run.get("variant"), run.get("task") if run.get("task", "fracture") != "fracture" else "",
+                      f"fraction {run['train_fraction']}" if run.get("train_fraction") else ""]
+            tag = " ".join([run["method"], run["regime"], *filter(None, extras), f"seed {run['seed']}"])
             note = " (already done)" if result.get("skipped") else ""
             self.bar.write(f"{tag}: AUC {result['auc']:.3f} F1 {result['f1']:.3f}{note}", file=sys.stderr)
             self.bar.update()
@@ -91,7 +93,8 @@ def run_suite(overrides: dict[str, str]) -> Path:
     common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
     if gpus == 0:
         common.setdefault("device", "cpu")
-    runs = [{**common, **r} for r in expand(suite, seeds)]
+    runs = [{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
+                                            overrides.get("train_fractions", ""))]
     for r in runs:  # every config is checked before any work starts
         resolve_runs(dict(r))
 

@@ -5,6 +5,10 @@
     runs: all                     # every registered method x every regime it supports
     runs:                         # or explicit entries
       - {method: NAME, regimes: [..], variant: NAME, overrides: [key=value, ...]}
+    train_fractions: [0.1, 1.0]   # optional: every run at each share of the training patients
+
+On the command line, `seeds=N`, `train_fractions=0.1,0.5,1` and `methods=a,b` (keep only these
+methods' entries) override the file.
 """
 from __future__ import annotations
 
@@ -42,8 +46,20 @@ def load_suite(name: str) -> dict[str, Any]:
     return suite
 
 
-def expand(suite: dict[str, Any], seeds: int) -> list[dict[str, str]]:
-    """The override dicts of every run of the suite, seeds included."""
+def _number_list(value: Any, key: str) -> list[float]:
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise BenchError(f"bad value for '{key}': {value!r}; expected numbers such as 0.1,0.5,1") from None
+    bad = [v for v in numbers if not 0 < v <= 1]
+    if bad or not numbers:
+        raise BenchError(f"bad value for '{key}': {value!r}; expected fractions in (0, 1]")
+    return numbers
+
+
+def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions: str = "") -> list[dict[str, str]]:
+    """The override dicts of every run of the suite, seeds (and training fractions) included."""
     from bench.registry import get_method, list_methods
 
     if suite["runs"] == "all":
@@ -51,6 +67,15 @@ def expand(suite: dict[str, Any], seeds: int) -> list[dict[str, str]]:
                    if not m.startswith("_")]
     else:
         entries = suite["runs"]
+    if methods:
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        known = {e.get("method") for e in entries if isinstance(e, dict)}
+        for m in wanted:
+            if m not in known:
+                raise BenchError(f"methods: '{m}' is not in suite '{suite['name']}'; {choices_hint(m, sorted(known))}")
+        entries = [e for e in entries if isinstance(e, dict) and e.get("method") in wanted]
+    fractions = _number_list(train_fractions or suite.get("train_fractions", [1.0]),
+                             "train_fractions")
     runs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "method" not in entry:
@@ -64,7 +89,11 @@ def expand(suite: dict[str, Any], seeds: int) -> list[dict[str, str]]:
             for item in entry.get("overrides", []):
                 key, _, value = str(item).partition("=")
                 extra[key] = value
-            for seed in range(seeds):
-                runs.append({"method": entry["method"], "regime": regime, "seed": str(seed),
-                             "variant": entry.get("variant", ""), **extra})
+            for fraction in fractions:
+                for seed in range(seeds):
+                    run = {"method": entry["method"], "regime": regime, "seed": str(seed),
+                           "variant": entry.get("variant", ""), **extra}
+                    if fraction != 1.0:
+                        run["train_fraction"] = f"{fraction:g}"
+                    runs.append(run)
     return runs

@@ -12,7 +12,7 @@ from jinja2 import Environment, select_autoescape
 
 from bench.reports import plots
 from bench.reports.collect import load_runs
-from bench.reports.stats import METRICS, cells, critical_difference, delong_vs_best
+from bench.reports.stats import GRADE_COLUMNS, METRICS, cells, critical_difference, delong_vs_best, grade_cells
 from bench.store import write_text_atomic
 
 TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "video_ct_mae")
@@ -52,9 +52,31 @@ def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataF
     return out
 
 
+def _grade_section(runs: pd.DataFrame, n_boot: int) -> dict[str, Any] | None:
+    """The Genant grading table (task=grade runs on all training patients)."""
+    grade = runs[(runs.task == "grade") & (runs.train_fraction == 1.0)]
+    if grade.empty:
+        return None
+    table = grade_cells(grade, n_boot)
+    best = {m: table[m].max() for m in GRADE_COLUMNS}
+    rows = []
+    for _, c in table.sort_values("macro_f1", ascending=False).iterrows():
+        rows.append({
+            "method": c["method"], "key": c["regime"] + (f" / {c['variant']}" if c["variant"] else ""), "seeds": int(c["seeds"]),
+            "cell": {m: plots.fmt(c[m]) + (f" ± {plots.fmt(c[f'{m}_sd'])}" if not np.isnan(c[f"{m}_sd"]) else "") for m in GRADE_COLUMNS},
+            "cis": {m: (f"[{plots.fmt(c[f'{m}_lo'])}, {plots.fmt(c[f'{m}_hi'])}]" if f"{m}_lo" in c and not np.isnan(c[f"{m}_lo"]) else "")
+                    for m in GRADE_COLUMNS},
+            "best": {m: bool(c[m] == best[m]) for m in GRADE_COLUMNS},
+        })
+    return {"columns": GRADE_COLUMNS, "rows": rows}
+
+
 def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) -> Path:
-    runs = load_runs(run_dirs)
-    table = cells(runs, n_boot)
+    everything = load_runs(run_dirs)
+    # The paper's tables hold the binary task on all training patients; grading and label-efficiency
+    # runs get their own sections, so a cell never mixes tasks or training-set sizes.
+    runs = everything[(everything.task == "fracture") & (everything.train_fraction == 1.0)]
+    table = cells(runs, n_boot) if not runs.empty else pd.DataFrame(columns=["method", "regime", "variant", "seeds"])
     paper = paper_results()
     tables = []
     sort_regime = lambda r: REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER)  # noqa: E731
@@ -85,17 +107,35 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
             sorted(other, key=lambda k: (k[0], sort_regime(k[1]), k[2])), "pretraining",
             lambda r, v: r + (f" / {v}" if v else ""), set(other))
 
-    figures = [("Test AUC per method and regime", plots.metric_plot(table, "auc")),
-               ("Test F1 per method and regime", plots.metric_plot(table, "f1")),
-               ("ROC and precision-recall curves", plots.roc_pr_plot(runs)),
-               ("Finetuning learning curves", plots.learning_curves(runs))]
-    pre = plots.pretraining_curves(runs)
+    figures = []
+    if not runs.empty:
+        figures += [("Test AUC per method and regime", plots.metric_plot(table, "auc")),
+                    ("Test F1 per method and regime", plots.metric_plot(table, "f1")),
+                    ("ROC and precision-recall curves", plots.roc_pr_plot(runs)),
+                    ("Finetuning learning curves", plots.learning_curves(runs))]
+    pre = plots.pretraining_curves(everything)
     if pre:
         figures.append(("Pretraining loss curves", pre))
-    figures.append(("Cost per run", plots.cost_plot(table)))
-    cd = critical_difference(runs)
-    if cd is not None:
-        figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
+    if not runs.empty:
+        figures.append(("Cost per run", plots.cost_plot(table)))
+        cd = critical_difference(runs)
+        if cd is not None:
+            figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
+    fractions = everything[everything.task == "fracture"]
+    label_efficiency = None
+    if fractions["train_fraction"].nunique() > 1:
+        points = cells(fractions, n_boot, by=("train_fraction",))
+        label_efficiency = {
+            "plot": plots.label_efficiency_plot(points),
+            "rows": [{"cell": f"{r.method} / {r.regime}" + (f" / {r.variant}" if r.variant else ""),
+                      "fraction": f"{r.train_fraction:g}", "seeds": int(r.seeds),
+                      "auc": plots.fmt(r.auc) + (f" ± {plots.fmt(r.auc_sd)}" if not np.isnan(r.auc_sd) else ""),
+                      "ci": f"[{plots.fmt(r.auc_lo)}, {plots.fmt(r.auc_hi)}]" if not np.isnan(r.auc_lo) else "",
+                      "f1": plots.fmt(r.f1)}
+                     for r in points.sort_values(["method", "regime", "variant", "train_fraction"]).itertuples()],
+        }
+    grading = _grade_section(everything, n_boot)
+    runs = everything
 
     provenance = [{"run": Path(r.folder).name, "seed": r.seed, "preset": r.preset, "fingerprint": r.fingerprint[:12],
                    "commit": (r.commit or "")[:10], "torch": r.torch, "hardware": f"{r.cpu}; GPUs: {r.cuda or 'none'}",
@@ -106,6 +146,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
 
     html = template.render(
         name=name, n_runs=len(runs), n_cells=len(table), seeds=sorted(set(table.seeds)),
+        grading=grading, label_efficiency=label_efficiency,
         data=", ".join(sorted(set(runs.data))), tables=tables, metrics=METRICS, plots=figures,
         provenance=provenance, version=__version__, generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -10,6 +10,7 @@ import yaml
 
 from bench.errors import BenchError
 
+GRADE_METRICS = ("macro_f1", "qwk", "grade_acc", "recall_g0", "recall_g1", "recall_g2", "recall_g3")
 TABLE2_SWITCHES = ("video_pretraining", "vertebra_pretraining", "multi_view", "pe_cropping", "format_adaptation")
 
 
@@ -49,7 +50,9 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
         rows.append({
             "folder": str(folder), "method": config["method"], "regime": config["regime"], "seed": config["seed"],
             "suite": config.get("suite", ""), "preset": config.get("preset", ""), "variant": variant_of(config),
+            "task": config.get("task", "fracture"), "train_fraction": float(config.get("train_fraction", 1.0)),
             **{k: test.get(k) for k in ("f1", "acc", "auc", "ap", "sensitivity", "specificity", "balanced_acc")},
+            **{k: test.get(k) for k in GRADE_METRICS},
             "n_test": test.get("n"), "s_per_epoch": metrics.get("cost", {}).get("s_per_epoch"),
             "train_s": metrics.get("cost", {}).get("train_s"), "pretrain_s": init.get("pretrain_s"),
             "n_params": metrics.get("cost", {}).get("n_params"), "epochs": metrics.get("epochs", []),

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -33,6 +34,7 @@ def metric_plot(cells: pd.DataFrame, metric: str) -> str:
                 fmt="none", ecolor="grey", capsize=3)
     ax.set_xlabel(f"test {metric.upper()} (95 % patient-bootstrap CI)")
     ax.set_ylabel("")
+    ax.legend(fontsize=7, title="regime", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -49,7 +51,7 @@ def roc_pr_plot(runs: pd.DataFrame) -> str:
     ax1.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax1.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (first seed)")
     ax2.set(xlabel="recall", ylabel="precision", title="precision-recall (first seed)")
-    ax2.legend(fontsize=6, loc="lower left", ncol=1)
+    ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -60,7 +62,7 @@ def learning_curves(runs: pd.DataFrame) -> str:
     if not df.empty:
         sns.lineplot(data=df, x="epoch", y="train_loss", hue="cell", ax=ax1, legend=False, lw=1)
         sns.lineplot(data=df, x="epoch", y="val_auc", hue="cell", ax=ax2, lw=1)
-        ax2.legend(fontsize=6, loc="lower right")
+        ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax1.set_title("finetuning: training loss")
     ax2.set_title("finetuning: validation AUC")
     return _png(fig)
@@ -80,7 +82,7 @@ def pretraining_curves(runs: pd.DataFrame) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=df, x="epoch", y="loss", hue="run", ax=ax, lw=1.2)
     ax.set(title="self-supervised pretraining loss (as the paper's Figure 4)", yscale="log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -91,6 +93,23 @@ def cost_plot(cells: pd.DataFrame) -> str:
                               ("finetuning s / epoch", "pretraining s (shared artifacts)", "parameters")):
         sns.barplot(data=df, x=df[col].fillna(0), y="cell", ax=ax, color="steelblue")
         ax.set(title=title, xlabel="", ylabel="")
+    return _png(fig)
+
+
+def label_efficiency_plot(points: pd.DataFrame, metric: str = "auc") -> str:
+    """Metric against the share of training patients, one line per method / regime, with the
+    95 % patient-bootstrap CI of each point (the figure Ke et al. argue from)."""
+    df = points.assign(cell=_label(points)).sort_values(["cell", "train_fraction"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    palette = dict(zip(sorted(df["cell"].unique()), sns.color_palette("tab10", df["cell"].nunique())))
+    for cell, g in df.groupby("cell"):
+        ax.errorbar(g["train_fraction"], g[metric], yerr=[g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]],
+                    marker="o", capsize=3, lw=1.2, color=palette[cell], label=cell)
+    ax.set(xscale="log", xlabel="share of training patients (log scale)", ylabel=f"test {metric.upper()}",
+           title=f"label efficiency: test {metric.upper()} with 95 % patient-bootstrap CI")
+    ax.set_xticks(sorted(df["train_fraction"].unique()), [f"{f:g}" for f in sorted(df["train_fraction"].unique())])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.metrics import binary_metrics
+from bench.metrics import binary_metrics, grade_metrics
 
 METRICS = ("f1", "acc", "auc", "ap")
+GRADE_COLUMNS = ("macro_f1", "qwk", "recall_g0", "recall_g1", "recall_g2", "recall_g3", "sensitivity", "specificity")
 
 
 def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
@@ -40,14 +41,15 @@ def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0, th
     return out
 
 
-def cells(runs: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    """One row per (method, regime, variant): n seeds, mean, sd and CI of every metric."""
+def cells(runs: pd.DataFrame, n_boot: int, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (method, regime, variant, *by): n seeds, mean, sd and CI of every metric."""
     rows = []
-    for (method, regime, variant), group in runs.groupby(["method", "regime", "variant"], sort=False):
+    keys = ["method", "regime", "variant", *by]
+    for key_values, group in runs.groupby(keys, sort=False):
         preds = [pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]]
         preds = _align(preds)
         ci = bootstrap_ci(preds, n_boot) if n_boot and preds else {}
-        row = {"method": method, "regime": regime, "variant": variant, "seeds": len(group),
+        row = {**dict(zip(keys, key_values)), "seeds": len(group),
                "s_per_epoch": group["s_per_epoch"].mean(), "pretrain_s": group["pretrain_s"].mean(),
                "n_params": group["n_params"].mean()}
         for m in METRICS:
@@ -55,6 +57,35 @@ def cells(runs: pd.DataFrame, n_boot: int) -> pd.DataFrame:
             row[m] = values.mean()
             row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{m}_lo"], row[f"{m}_hi"] = ci.get(m, (np.nan, np.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grade_cells(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
+    """Genant grading cells: mean and sd over seeds of the grading metrics, and a 95 % patient-
+    bootstrap CI of the seed-averaged macro-F1 and quadratic kappa."""
+    rows = []
+    for (method, regime, variant), group in runs.groupby(["method", "regime", "variant"], sort=False):
+        row = {"method": method, "regime": regime, "variant": variant, "seeds": len(group)}
+        for m in GRADE_COLUMNS:
+            values = group[m].astype(float)
+            row[m] = values.mean()
+            row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        preds = _align([pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]])
+        probs = [p[[f"p_grade{g}" for g in range(4)]].to_numpy() for p in preds]
+        base, rng = preds[0], np.random.default_rng(seed)
+        index = {p: np.flatnonzero(base["patient_id"].to_numpy() == p) for p in base["patient_id"].unique()}
+        draws: dict[str, list[float]] = {"macro_f1": [], "qwk": []}
+        for _ in range(n_boot):
+            rows_ = np.concatenate([index[p] for p in rng.choice(list(index), size=len(index), replace=True)])
+            ms = [grade_metrics(base["grade"].to_numpy()[rows_], pr[rows_]) for pr in probs]
+            for k in draws:
+                values = [m[k] for m in ms if not np.isnan(m[k])]
+                draws[k].append(float(np.mean(values)) if values else np.nan)
+        for k, v in draws.items():
+            arr = np.asarray(v, float)
+            arr = arr[~np.isnan(arr)]
+            row[f"{k}_lo"], row[f"{k}_hi"] = (np.percentile(arr, 2.5), np.percentile(arr, 97.5)) if len(arr) else (np.nan, np.nan)
         rows.append(row)
     return pd.DataFrame(rows)
 
