@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("what", nargs="?", default="methods", choices=LISTABLE)
     p_run = sub.add_parser("run", help="run method=NAME [regime=NAME] [key=value ...]")
     p_run.add_argument("overrides", nargs="*", metavar="key=value")
+    p_tune = sub.add_parser("tune", help="tune method=NAME regime=NAME [samples=N] [metric=val_auc] [key=value ...]")
+    p_tune.add_argument("overrides", nargs="*", metavar="key=value")
     p_report = sub.add_parser("report", help="report [RUN_DIR ...] [out=DIR] [name=NAME] [bootstrap=N]")
     p_report.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
@@ -175,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_list(args.what)
         elif args.command == "run":
             _cmd_run(args.overrides)
+        elif args.command == "tune":
+            from bench.config import parse_overrides
+            from bench.tune import run_tune
+
+            print(run_tune(parse_overrides(args.overrides)))
         elif args.command == "data":
             _cmd_data(args.args)
         elif args.command == "report":

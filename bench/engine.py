@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +137,16 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: t
     return np.concatenate(scores), (total / count if count else math.nan)
 
 
-def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
+def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
+             on_epoch: Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
+             evaluate_test: bool = True, resume: dict[str, Any] | None = None) -> FinetuneResult:
+    """Train, keep the best validation checkpoint, evaluate it on test.
+
+    `on_epoch(record, state)` is called after every epoch with the epoch's record and a function
+    that returns the whole training state (model, optimiser, scheduler step, scaler, RNG states,
+    history, best checkpoint so far); `resume=state` continues from such a state and ends exactly
+    where the uninterrupted run ends (Ray Tune retries a failed trial from it). `evaluate_test=False`
+    never touches the test split (`bench tune` selects on validation only)."""
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -190,9 +200,33 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
 
     history: list[dict[str, Any]] = []
     best: tuple[tuple[float, float], int, dict[str, torch.Tensor], dict[str, float]] | None = None
-    step = 0
+    step, first_epoch = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        step, first_epoch, history = resume["step"], resume["epoch"] + 1, list(resume["history"])
+        best = (tuple(resume["best"]["key"]), resume["best"]["epoch"], resume["best"]["state"], resume["best"]["val"])
+        scheduler.step_update(step)
+        torch.set_rng_state(resume["rng"]["torch"])
+        gen.set_state(resume["rng"]["loader"])
+        random.setstate((resume["rng"]["python"][0], tuple(resume["rng"]["python"][1]), resume["rng"]["python"][2]))
+        np.random.set_state(("MT19937", resume["rng"]["numpy"].numpy().astype(np.uint32), *resume["rng"]["numpy_pos"]))
+
+    def training_state() -> dict[str, Any]:
+        """Everything `resume` needs, in types that torch.load(weights_only=True) accepts."""
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        assert best is not None
+        return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                "history": history, "best": {"key": list(best[0]), "epoch": best[1], "state": best[2], "val": best[3]},
+                "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state(),
+                        "python": [py_state[0], list(py_state[1]), py_state[2]],
+                        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:])}}
+
     t_train = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"{method.name}", disable=not cfg.progress, leave=False)
+    bar = tqdm(range(first_epoch, cfg.epochs), desc=f"{method.name}", disable=not cfg.progress, leave=False)
     for epoch in bar:
         t_epoch = time.perf_counter()
         train_ds.epoch = epoch
@@ -231,10 +265,14 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = (key, epoch, state, val_m)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_f1=f"{val_m['f1']:.3f}")
+        if on_epoch is not None:
+            on_epoch(history[-1], training_state)
     train_total = time.perf_counter() - t_train
 
     assert best is not None
     model.load_state_dict(best[2])
+    if not evaluate_test:
+        return FinetuneResult(model, {}, best[3], pd.DataFrame(), history, {"train_s": train_total, "best_epoch": best[1]})
     t_eval = time.perf_counter()
     test_probs, _ = predict(model, test_loader, device, dtype)
     eval_s = time.perf_counter() - t_eval
@@ -252,7 +290,8 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig) -> FinetuneResult:
         preds["prediction"] = (test_probs[:, 1] >= cfg.threshold).astype(int)
     cost = {
         "train_s": train_total,
-        "s_per_epoch": train_total / cfg.epochs,
+        "s_per_epoch": train_total / max(1, cfg.epochs - first_epoch),
+        "resumed_at_epoch": first_epoch if resume is not None else None,
         "eval_s": eval_s,
         "n_params": n_params,
         "best_epoch": best[1],

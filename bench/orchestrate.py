@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,34 @@ from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
               "ray.max_concurrent", "methods", "train_fractions")
+
+
+def quiet_ray_env() -> None:
+    """Before Ray is imported: no auth token file, no experiment banner (our callback reports
+    progress), no log dedup, no default CSV/JSON/TensorBoard loggers."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for one command: a local instance started and stopped here, or the cluster at `address`;
+    an already initialised Ray (tests, notebooks) is used as it is."""
+    quiet_ray_env()
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        cache = os.environ.get("BENCH_CACHE")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=True, runtime_env={"env_vars": {"BENCH_CACHE": cache}} if cache else None)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -38,13 +68,41 @@ def _trial(config: dict[str, Any]) -> None:
     if done.exists() and (folder / "config.yaml").read_text() == wanted:
         skipped = True
     else:
-        folder = execute(cfg)
+        folder = execute(cfg, on_epoch=_checkpoint_epoch, resume=_last_state())
         skipped = False
     test = json.loads((folder / "metrics.json").read_text())["test"]
     import ray
 
     tune.report({"auc": test["auc"] if test["auc"] is not None else float("nan"), "f1": test["f1"],
                  "folder": str(folder), "skipped": skipped, "node_id": ray.get_runtime_context().get_node_id()})
+
+
+STATE_FILE = "training_state.pt"
+
+
+def _checkpoint_epoch(record: dict[str, Any], state: Any) -> None:
+    """Report an epoch to Tune with the whole training state, so a retry continues from here."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as folder:
+        torch.save(state(), Path(folder) / STATE_FILE)
+        tune.report({"epoch": record["epoch"], "val_auc": record["val_auc"], "val_f1": record["val_f1"]},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _last_state() -> dict[str, Any] | None:
+    """The training state of this trial's last checkpoint (after a failure), or None."""
+    import torch
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
 
 def _progress_callback(total: int):
@@ -58,6 +116,8 @@ def _progress_callback(total: int):
             self.bar = tqdm(total=total, desc="suite", unit="run", file=sys.stderr, disable=None)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "folder" not in result:  # a per-epoch checkpoint report, not the end of the run
+                return
             run = trial.config["run"]
             extras = [run.get("variant"), run.get("task") if run.get("task", "fracture") != "fracture" else "",
                       f"fraction {run['train_fraction']}" if run.get("train_fraction") else ""]
@@ -98,23 +158,14 @@ def run_suite(overrides: dict[str, str]) -> Path:
     for r in runs:  # every config is checked before any work starts
         resolve_runs(dict(r))
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment banner: our callback reports progress
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    import ray
+    quiet_ray_env()
     from ray import tune
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True, runtime_env={"env_vars": {"BENCH_CACHE": os.environ.get("BENCH_CACHE", "")}}
-                 if os.environ.get("BENCH_CACHE") else None)
     storage = out / suite["name"] / "_ray"
     trainable = tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus})
     param_space = {"run": tune.grid_search(runs)}
     t0 = time.perf_counter()
-    try:
+    with ray_session(address):
         experiment = storage / "suite"
         if resume and tune.Tuner.can_restore(str(experiment)):
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
@@ -126,12 +177,10 @@ def run_suite(overrides: dict[str, str]) -> Path:
                 tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
                 run_config=tune.RunConfig(name="suite", storage_path=str(storage), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=1),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           callbacks=[_progress_callback(len(runs))]),
             )
         results = tuner.fit()
-    finally:
-        if started_here:
-            ray.shutdown()
     errors = [r for r in results if r.error]
     summary = [{"run": r.config["run"], "folder": r.metrics.get("folder"), "node_id": r.metrics.get("node_id"),
                 "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"), "error": str(r.error) if r.error else None}

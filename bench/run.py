@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,8 +37,9 @@ def resolve_runs(overrides: dict[str, str]) -> list[DictConfig]:
     return runs
 
 
-def execute(cfg: DictConfig) -> Path:
-    """Train, select, evaluate and store one run; returns its folder."""
+def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None) -> Path:
+    """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
+    through to `bench.engine.finetune` (per-epoch checkpoints of suite trials)."""
     from bench.datasets.loading import load_data
     from bench.engine import finetune
     from bench.registry import create_method
@@ -46,7 +48,7 @@ def execute(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     method = create_method(cfg.method, cfg)
     data = load_data(cfg)
-    result = finetune(method, data, cfg)
+    result = finetune(method, data, cfg, on_epoch=on_epoch, resume=resume)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
     metrics = {
         "task": cfg.task,

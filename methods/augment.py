@@ -3,7 +3,8 @@
 A view is a random resized crop of the three spatial (or time + space) axes, each kept between
 `min_scale` and all of its extent, resized to `out_size`, a random flip of the last axis, and a
 random intensity scale and shift. Two independent draws of the same sample are the positive pair.
-The transforms carry their own random state, seeded once, so a seeded run draws the same views.
+Each batch reseeds the transforms from torch's global generator, so the views follow the run's
+seed and a run resumed from a checkpoint (which restores that generator) draws the same views.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from monai.transforms import Compose, RandFlip, RandScaleIntensity, RandShiftIntensity, RandSpatialCrop, Resize
 
 
-def view_transform(in_size: Sequence[int], out_size: Sequence[int], min_scale: float, seed: int) -> Compose:
+def view_transform(in_size: Sequence[int], out_size: Sequence[int], min_scale: float) -> Compose:
     """One random view of a (C, D, H, W) tensor of spatial size `in_size`, resized to `out_size`."""
     smallest = [max(1, int(round(s * min_scale))) for s in in_size]
     transform = Compose([
@@ -23,25 +24,25 @@ def view_transform(in_size: Sequence[int], out_size: Sequence[int], min_scale: f
         RandScaleIntensity(factors=0.2, prob=1.0),
         RandShiftIntensity(offsets=0.1, prob=1.0),
     ])
-    transform.set_random_state(seed=seed)
     return transform
 
 
 class TwoViews:
     """Draws two views of every sample of a batch; `out_size` None keeps the input size."""
 
-    def __init__(self, min_scale: float, seed: int, out_size: Sequence[int] | None = None) -> None:
-        self.min_scale, self.seed, self.out_size = min_scale, seed, out_size
+    def __init__(self, min_scale: float, out_size: Sequence[int] | None = None) -> None:
+        self.min_scale, self.out_size = min_scale, out_size
         self._transforms: dict[tuple[int, ...], Compose] = {}
 
     def _transform(self, in_size: tuple[int, ...]) -> Compose:
-        if in_size not in self._transforms:  # one random stream per input size, seeded once
+        if in_size not in self._transforms:
             out = tuple(self.out_size) if self.out_size else in_size
-            self._transforms[in_size] = view_transform(in_size, out, self.min_scale, self.seed + len(self._transforms))
+            self._transforms[in_size] = view_transform(in_size, out, self.min_scale)
         return self._transforms[in_size]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         transform = self._transform(tuple(x.shape[2:]))
+        transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,))))
         views = [torch.stack([torch.as_tensor(transform(sample.float())) for sample in x]) for _ in range(2)]
         return views[0].to(x.dtype), views[1].to(x.dtype)

@@ -111,6 +111,11 @@ class Method:
         """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""
         return None
 
+    def search_space(self) -> dict[str, tuple]:
+        """What `bench tune` searches: config key -> ("loguniform"|"uniform", lo, hi) or
+        ("choice", [values]). Plain data, so a plugin declares it without importing Ray."""
+        return {"lr": ("loguniform", 1e-5, 3e-3), "weight_decay": ("loguniform", 1e-4, 0.3)}
+
     def view_options(self) -> dict[str, Any]:
         """Overrides of the slice-view options (frame_size, multi_view) for "slices" methods."""
         return {}

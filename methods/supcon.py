@@ -87,7 +87,7 @@ class SupCon(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.supcon = SupConLoss(temperature=self.params.temperature)
-        self.views = TwoViews(self.params.min_crop, cfg.seed)
+        self.views = TwoViews(self.params.min_crop)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         p = self.params

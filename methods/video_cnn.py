@@ -113,13 +113,13 @@ class ContrastivePretext(nn.Module):
     """encoder -> MLP projector; NT-Xent between two random resized crops of each clip."""
 
     def __init__(self, encoder: VideoResNetEncoder, projection_dim: int, temperature: float,
-                 min_scale: float, out_size: tuple[int, int, int] | None, seed: int) -> None:
+                 min_scale: float, out_size: tuple[int, int, int] | None) -> None:
         super().__init__()
         f = encoder.features
         self.encoder = encoder
         self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
         self.loss = ContrastiveLoss(temperature=temperature)
-        self.views = TwoViews(min_scale, seed, out_size)
+        self.views = TwoViews(min_scale, out_size)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         a, b = self.views(x)
@@ -160,7 +160,7 @@ class _VideoCNN(Method):
         encoder, _ = self.build_encoder()
         p, size = self.params, self.cfg.crop_size
         out = (p.pretext_frames, size, size) if stage == "public" else None  # clips resized to the CT scale
-        return ContrastivePretext(encoder, p.projection_dim, p.temperature, p.min_crop, out, self.cfg.pretrain.seed)
+        return ContrastivePretext(encoder, p.projection_dim, p.temperature, p.min_crop, out)
 
 
 @register_method("r3d_18")

@@ -54,6 +54,26 @@ def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys
     assert {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")} == stamps
 
 
+def test_tune_searches_the_methods_space_with_asha_on_validation_only(ray_session, tmp_path, capsys):
+    assert main(["tune", "method=resnet18", "regime=scratch", "preset=tiny", "epochs=4", "samples=4",
+                 "ray.max_concurrent=2", f"out={tmp_path}"]) == 0
+    record = json.loads((tmp_path / "tune" / "resnet18-scratch" / "tune.json").read_text())
+    assert len(record["trials"]) == 4 and record["metric"] == "val_auc"
+    values = [t["values"] for t in record["trials"]]
+    assert all(1e-5 <= v["lr"] <= 3e-3 and 1e-4 <= v["weight_decay"] <= 0.3 for v in values)
+    assert len({v["lr"] for v in values}) == 4  # sampled, not fixed
+    assert all(1 <= t["epochs"] <= 4 for t in record["trials"])
+    assert record["best"]["val_auc"] == max(t["val_auc"] for t in record["trials"] if t.get("val_auc") is not None)
+    assert record["command"].startswith("bench run method=resnet18 regime=scratch") and "lr=" in record["command"]
+    assert not list(tmp_path.rglob("predictions.parquet"))  # the test split is never evaluated
+    assert "stopped early by ASHA" in capsys.readouterr().err
+
+
+def test_tune_rejects_a_searched_key_on_the_command_line(capsys):
+    assert main(["tune", "method=resnet18", "regime=scratch", "preset=tiny", "lr=0.1"]) == 2
+    assert "'lr' is searched by bench tune" in capsys.readouterr().err
+
+
 def test_bad_suite_is_one_line(capsys):
     assert main(["run", "suite=table5"]) == 2
     assert "unknown suite 'table5'; valid:" in capsys.readouterr().err
