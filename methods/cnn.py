@@ -26,7 +26,7 @@ class _DenseNet(Method):
     Params = DenseNetParams
     presets = {
         "tiny": {"model": {"init_features": 16, "growth_rate": 8}},
-        "small": {"model": {"init_features": 32, "growth_rate": 12}},
+        "small": {"model": {"init_features": 16, "growth_rate": 8}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
@@ -69,7 +69,7 @@ class _ResNet(Method):
     layers: tuple[int, ...] = (2, 2, 2, 2)
     presets = {
         "tiny": {"model": {"widen_factor": 0.25, "conv1_t_stride": 2}},
-        "small": {"model": {"widen_factor": 0.5, "conv1_t_stride": 2}},
+        "small": {"model": {"widen_factor": 0.25, "conv1_t_stride": 2}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:

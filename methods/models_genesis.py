@@ -259,7 +259,7 @@ class ModelsGenesis(Method):
     public_weights = GENESIS_WEIGHTS
     presets = {
         "tiny": {"model": {"width": 0.125, "head_hidden": 64}},
-        "small": {"model": {"width": 0.25, "head_hidden": 256}},
+        "small": {"model": {"width": 0.125, "head_hidden": 128}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
@@ -324,7 +324,7 @@ class Engstler(Method):
     description = "Engstler et al. 2022: Genesis encoder + conv/MLP head on a 64^3 centre crop (Table 4)"
     regimes = ("scratch",)
     Params = EngstlerParams
-    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"model": {"width": 0.25}}}
+    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"model": {"width": 0.125}}}
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         crop = max(8, int(round(self.cfg.crop_size * 2 / 3 / 8)) * 8)

@@ -127,7 +127,7 @@ class SwinUNETR(Method):
     # Swin needs crops divisible by 32: the CPU presets use 32^3 (3 mm voxels over 96 mm)
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1]}},
-        "small": {"crop_size": 32, "lr": 5.0e-4, "model": {"feature_size": 24, "window_size": 4}},
+        "small": {"crop_size": 32, "lr": 5.0e-4, "model": {"feature_size": 12, "window_size": 4}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:

@@ -141,7 +141,7 @@ class ViTParams:
 
 VIT_PRESETS = {
     "tiny": {"lr": 1.0e-3, "model": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2, "drop_path": 0.0}},
-    "small": {"lr": 5.0e-4, "model": {"patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3}},
+    "small": {"lr": 5.0e-4, "model": {"patch_size": 12, "embed_dim": 192, "depth": 6, "num_heads": 3}},
 }
 
 
@@ -177,7 +177,7 @@ class ViTL(ViTMethod):
 
     presets = {
         "tiny": {"lr": 1.0e-3, "model": {"patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2, "drop_path": 0.0}},
-        "small": {"lr": 5.0e-4, "model": {"patch_size": 8, "embed_dim": 256, "depth": 8, "num_heads": 4}},
+        "small": {"lr": 5.0e-4, "model": {"patch_size": 12, "embed_dim": 256, "depth": 8, "num_heads": 4}},
     }
 
     @dataclass
