@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,16 +150,19 @@ def _bezier_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _local_shuffle(x: torch.Tensor) -> torch.Tensor:
-    out = x.clone()
-    d, h, w = x.shape[-3:]
-    n_blocks = max(10, int(1000 * x[0].numel() / (64 * 64 * 32)))
-    for _ in range(n_blocks):
-        bd, bh, bw = (int(torch.randint(1, max(2, s // 10) + 1, ())) for s in (d, h, w))
-        z, y, xx = int(torch.randint(0, d - bd + 1, ())), int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
+    """Shuffle the voxels inside many small random boxes (up to a tenth of each edge), one after the
+    other as the original does (1000 boxes per 64x64x32 voxels). The loop runs in numpy, about
+    tenfold faster than the same loop of small torch ops, on a generator seeded from torch's."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+    out = x.detach().cpu().numpy().copy()
+    d, h, w = out.shape[-3:]
+    n_blocks = max(10, int(1000 * out[0].size / (64 * 64 * 32)))
+    sizes = np.stack([rng.integers(1, max(2, s // 10) + 1, n_blocks) for s in (d, h, w)], axis=1)
+    starts = np.stack([rng.integers(0, s - sizes[:, i] + 1) for i, s in enumerate((d, h, w))], axis=1)
+    for (bd, bh, bw), (z, y, xx) in zip(sizes, starts):
         block = out[:, z:z + bd, y:y + bh, xx:xx + bw]
-        perm = torch.randperm(block.numel(), device=x.device)
-        out[:, z:z + bd, y:y + bh, xx:xx + bw] = block.reshape(-1)[perm].reshape(block.shape)
-    return out
+        out[:, z:z + bd, y:y + bh, xx:xx + bw] = rng.permutation(block.reshape(-1)).reshape(block.shape)
+    return torch.from_numpy(out).to(x.device)
 
 
 def _paint(x: torch.Tensor) -> torch.Tensor:
