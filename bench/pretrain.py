@@ -33,7 +33,7 @@ from bench.locks import locked
 from bench.store import dumps, write_text_atomic
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling)
 
 
 class VolumeCorpus(Dataset):
