@@ -133,7 +133,8 @@ class VideoCNNParams:
     projection_dim: int = 128
     temperature: float = 0.1
     min_crop: float = 0.6  # smallest kept share of each axis in a pretext view
-    pretext_frames: int = 16  # pretext clips: this many frames at the crop size (CVRL-style resize)
+    pretext_frames: int = 16  # pretext clips: this many frames (CVRL-style resize)
+    pretext_size: int = 0  # edge of pretext views (clips and vertebra volumes); 0: the crop size
 
 
 class _VideoCNN(Method):
@@ -143,7 +144,7 @@ class _VideoCNN(Method):
     arch: ClassVar[str] = ""
     presets = {
         "tiny": {"model": {"width": 8, "projection_dim": 32}},
-        "small": {"model": {"width": 16, "projection_dim": 64}},
+        "small": {"model": {"width": 16, "projection_dim": 64, "pretext_size": 24}},
     }
 
     def pretext_data(self, stage: str) -> str:
@@ -158,8 +159,9 @@ class _VideoCNN(Method):
 
     def build_pretext_for(self, stage: str) -> nn.Module:
         encoder, _ = self.build_encoder()
-        p, size = self.params, self.cfg.crop_size
-        out = (p.pretext_frames, size, size) if stage == "public" else None  # clips resized to the CT scale
+        p = self.params
+        size = p.pretext_size or self.cfg.crop_size
+        out = (p.pretext_frames, size, size) if stage == "public" else (size, size, size)
         return ContrastivePretext(encoder, p.projection_dim, p.temperature, p.min_crop, out)
 
 
