@@ -4,8 +4,9 @@ Optimiser and cosine-with-warmup schedule from timm, class-weighted cross entrop
 (w_c = 1 - n_c / n), the checkpoint with the best validation F1 (ties: higher validation AUC, then
 the earlier epoch; for `task=grade` macro-F1, then quadratic kappa), evaluation of that checkpoint
 on the test split. A method may replace the loss of a training batch (`Method.training_loss`, e.g.
-SupCon's two views) and the batch composition (`Method.train_batch_sampler`, e.g. grade-balanced). AMP and `torch.compile` are
-switches that work on CPU too, so the GPU paths are exercised by the CPU test suite.
+SupCon's two views) and the batch composition (`Method.train_batch_sampler`, e.g. grade-balanced;
+the loss is then unweighted). AMP and `torch.compile` are switches that work on CPU too, so the GPU
+paths are exercised by the CPU test suite.
 """
 from __future__ import annotations
 
@@ -186,7 +187,11 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
     val_loader = DataLoader(make_dataset(method, cfg, val), batch_size=cfg.eval_batch_size, **loader_kw)
     test_loader = DataLoader(make_dataset(method, cfg, test), batch_size=cfg.eval_batch_size, **loader_kw)
 
-    weights = torch.tensor(class_weights(y_train, num_classes), dtype=torch.float32, device=device)
+    # w_c = 1 - n_c / n corrects for the class frequencies the batches carry; batches that are
+    # already class-balanced (a balanced sampler) need no correction, or rare classes win twice.
+    balanced = sampler is not None and getattr(sampler, "balanced", False)
+    weights = torch.tensor(np.ones(num_classes) if balanced else class_weights(y_train, num_classes),
+                           dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))

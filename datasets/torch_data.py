@@ -106,8 +106,11 @@ class BalancedBatchSampler(Sampler[list[int]]):
 
     Each class is walked in a fresh seeded permutation per epoch and reshuffled when used up, so
     rare classes repeat within an epoch while common ones are not all seen; an epoch has as many
-    batches as shuffled batches of `batch_size` would. Set `epoch` before iterating.
+    batches as shuffled batches of `batch_size` would. Set `epoch` before iterating. `balanced`
+    tells the engine to use an unweighted loss: the batches already carry every class equally.
     """
+
+    balanced = True
 
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int) -> None:
         labels = np.asarray(labels, dtype=int)

@@ -168,3 +168,26 @@ def test_label_efficiency_suite_expands_fractions_and_filters_methods():
         expand(suite, seeds=1, methods="vit_q")
     with pytest.raises(BenchError, match="train_fractions"):
         expand(suite, seeds=1, train_fractions="0,1")
+
+
+def test_balanced_batches_train_with_an_unweighted_loss(monkeypatch):
+    """Class weights on top of class-balanced batches would favour the rare grades twice."""
+    import bench.engine as engine
+    from bench.datasets.loading import load_data
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    seen = []
+    real = torch.nn.CrossEntropyLoss
+
+    def spy(*args, weight=None, **kwargs):
+        seen.append(None if weight is None else weight.tolist())
+        return real(*args, weight=weight, **kwargs)
+
+    monkeypatch.setattr(engine.nn, "CrossEntropyLoss", spy)
+    for balanced in ("true", "false"):
+        cfg = resolve_runs({"method": "supcon", "regime": "scratch", "preset": "tiny", "task": "grade", "epochs": "1",
+                            "model.balanced_batches": balanced, "progress": "false"})[0]
+        engine.finetune(create_method("supcon", cfg), load_data(cfg), cfg)
+    assert seen[0] == [1.0, 1.0, 1.0, 1.0]
+    assert seen[1] != [1.0, 1.0, 1.0, 1.0] and seen[1][0] < min(seen[1][1:])
