@@ -60,6 +60,8 @@ def run_tune(overrides: dict[str, str]) -> Path:
     from bench.run import resolve_runs
     from bench.store import dumps, write_text_atomic
 
+    if "method" not in overrides or "regime" not in overrides:
+        raise BenchError("bench tune needs method=NAME and regime=NAME (see `bench list methods`)")
     metric = overrides.get("metric", "val_auc")
     if metric not in METRICS:
         raise BenchError(f"bad value for 'metric': '{metric}'; {choices_hint(metric, METRICS)}")
@@ -74,8 +76,6 @@ def run_tune(overrides: dict[str, str]) -> Path:
     base.update(threads=str(max(1, int(cpus))), progress="false")
     base.setdefault("device", "cpu")
     runs = resolve_runs(dict(base))
-    if len(runs) != 1:
-        raise BenchError("bench tune needs regime=NAME (one regime per search)")
     cfg = runs[0]
     method = create_method(cfg.method, cfg)
     space_spec = method.search_space()

@@ -72,6 +72,8 @@ def test_tune_searches_the_methods_space_with_asha_on_validation_only(ray_sessio
 def test_tune_rejects_a_searched_key_on_the_command_line(capsys):
     assert main(["tune", "method=resnet18", "regime=scratch", "preset=tiny", "lr=0.1"]) == 2
     assert "'lr' is searched by bench tune" in capsys.readouterr().err
+    assert main(["tune", "method=resnet18", "preset=tiny"]) == 2
+    assert "bench tune needs method=NAME and regime=NAME" in capsys.readouterr().err
 
 
 def test_bad_suite_is_one_line(capsys):
