@@ -55,7 +55,7 @@ def _trial(config: dict[str, Any]) -> None:
 
 
 def run_tune(overrides: dict[str, str]) -> Path:
-    from bench.orchestrate import quiet_ray_env, ray_session
+    from bench.orchestrate import ray_session
     from bench.registry import create_method
     from bench.run import resolve_runs
     from bench.store import dumps, write_text_atomic
@@ -87,7 +87,6 @@ def run_tune(overrides: dict[str, str]) -> Path:
     out = Path(overrides.get("out", "runs")).resolve() / "tune" / f"{cfg.method}-{cfg.regime}"
     mode = "min" if metric == "val_loss" else "max"
 
-    quiet_ray_env()
     with ray_session(overrides.get("ray.address") or None):
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
