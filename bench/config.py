@@ -111,6 +111,7 @@ class RunConfig:
     amp: bool = False
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     compile: bool = False
+    channels_last: bool = True  # channels_last_3d memory format for the conv nets that declare it
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     deterministic: bool = True

@@ -120,14 +120,30 @@ def forward_views(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def memory_format(method: Any, cfg: DictConfig) -> torch.memory_format:
+    """channels_last_3d for the conv nets that ask for it: oneDNN's 3D convolutions with few channels
+    run 1.1-2x faster in it on CPU (Models Genesis 1.42 -> 0.72 s per step at `small`), and so do
+    cuDNN's under AMP. `channels_last=false` turns it off."""
+    use = cfg.channels_last and getattr(method, "channels_last", False)
+    return torch.channels_last_3d if use else torch.contiguous_format
+
+
+def to_device(x: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
+    """A batch on the device, 5-D batches in the model's memory format."""
+    if x.dim() == 5 and fmt != torch.contiguous_format:
+        return x.to(device, non_blocking=True, memory_format=fmt)
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
-            loss_fn: nn.Module | None = None) -> tuple[np.ndarray, float]:
+            loss_fn: nn.Module | None = None,
+            fmt: torch.memory_format = torch.contiguous_format) -> tuple[np.ndarray, float]:
     """Class probabilities (N, C) (softmax of the view-averaged logits) and the mean loss."""
     model.eval()
     scores, total, count = [], 0.0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device)
+        x, y = to_device(x, device, fmt), y.to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = forward_views(model, x)
         logits = logits.float()
@@ -171,7 +187,8 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
 
     init = encoder_init(method, cfg, model)  # may pretrain (once per artifact) before finetuning
     seed_everything(cfg.seed, cfg.deterministic)  # finetuning draws do not depend on the pretraining
-    model = model.to(device)
+    fmt = memory_format(method, cfg)
+    model = model.to(device, memory_format=fmt) if fmt != torch.contiguous_format else model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg.compile else model
 
@@ -240,7 +257,7 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
         step_model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device)
+            x, y = to_device(x, device, fmt), y.to(device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = method.training_loss(step_model, x, y, loss_fn)
             if not torch.isfinite(loss):
@@ -257,7 +274,7 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
             loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
         train_s = time.perf_counter() - t_epoch
-        val_probs, val_loss = predict(step_model, val_loader, device, dtype, loss_fn)
+        val_probs, val_loss = predict(step_model, val_loader, device, dtype, loss_fn, fmt)
         val_m = task_metrics(cfg, targets(val, cfg), val_probs)
         history.append({
             "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val_loss,
@@ -279,7 +296,7 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
     if not evaluate_test:
         return FinetuneResult(model, {}, best[3], pd.DataFrame(), history, {"train_s": train_total, "best_epoch": best[1]})
     t_eval = time.perf_counter()
-    test_probs, _ = predict(model, test_loader, device, dtype)
+    test_probs, _ = predict(model, test_loader, device, dtype, fmt=fmt)
     eval_s = time.perf_counter() - t_eval
     test_m = task_metrics(cfg, targets(test, cfg), test_probs)
     columns = [c for c in ("patient_id", "vertebra", "label", "grade") if c in test.table]

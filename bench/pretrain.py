@@ -185,7 +185,7 @@ def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict
 
 def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | None, folder: Path,
               spec: dict, source: str) -> None:
-    from bench.engine import amp_dtype, seed_everything, select_device
+    from bench.engine import amp_dtype, memory_format, seed_everything, select_device, to_device
 
     p = cfg.pretrain
     seed_everything(p.seed, cfg.deterministic)
@@ -193,7 +193,8 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     dtype = amp_dtype(cfg, device)
     pretext = method.build_pretext_for(source).to(device)
     init = _init_pretext(method, cfg, pretext.cpu(), parent)
-    pretext = pretext.to(device)
+    fmt = memory_format(method, cfg)
+    pretext = pretext.to(device, memory_format=fmt) if fmt != torch.contiguous_format else pretext.to(device)
     loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(p.seed), num_workers=cfg.num_workers)
     if len(loader) == 0:
@@ -211,7 +212,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
         sums: dict[str, float] = {}
         batches = 0
         for x in loader:
-            x = x.to(device, non_blocking=True)
+            x = to_device(x, device, fmt)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 parts = pretext(x)
             loss = parts["loss"].float()

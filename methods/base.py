@@ -44,6 +44,7 @@ class Method:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> config overrides
     pretext_input: ClassVar[str | None] = None  # "volume" or "video": what the pretext task consumes
     public_weights: ClassVar[Any] = None  # bench.weights.WeightsSpec of the real public checkpoint
+    channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.engine)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

@@ -23,6 +23,7 @@ class DenseNetParams:
 
 
 class _DenseNet(Method):
+    channels_last = True
     Params = DenseNetParams
     presets = {
         "tiny": {"model": {"init_features": 16, "growth_rate": 8}},
@@ -64,6 +65,7 @@ class ResNetParams:
 
 
 class _ResNet(Method):
+    channels_last = True
     Params = ResNetParams
     block: str = "basic"
     layers: tuple[int, ...] = (2, 2, 2, 2)

@@ -76,6 +76,7 @@ class SupConParams:
 
 @register_method("supcon")
 class SupCon(Method):
+    channels_last = True
     description = "Wei et al. 2022: 3D SE-ResNet-50, SupCon (t=0.07) + CE on detached features, balanced batches"
     Params = SupConParams
     presets = {
