@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -204,13 +205,25 @@ def genesis_transform(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y, target
 
 
+def random_cube(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A random size^3 sub-volume of one sample (C, D, H, W); the whole sample when size is 0."""
+    if not size or all(s <= size for s in x.shape[-3:]):
+        return x
+    starts = [int(torch.randint(0, s - size + 1, ())) for s in x.shape[-3:]]
+    return x[:, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+
+
 class GenesisPretext(nn.Module):
-    def __init__(self, unet: UNet3D) -> None:
+    """Restoration of transformed sub-volumes (the original cuts 64x64x32 cubes out of its CTs;
+    `size` does the same to the corpus crops, 0 keeps them whole)."""
+
+    def __init__(self, unet: UNet3D, size: int = 0) -> None:
         super().__init__()
         self.unet = unet
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        pairs = [genesis_transform(s) for s in x.float()]
+        pairs = [genesis_transform(random_cube(s, self.size)) for s in x.float()]
         inputs = torch.stack([p[0] for p in pairs]).to(x.dtype)
         targets = torch.stack([p[1] for p in pairs])
         restored = self.unet(inputs)
@@ -241,6 +254,7 @@ class GenesisParams:
     width: float = 1.0
     bn_batch_stats: bool = False
     head_hidden: int = 1024
+    pretext_size: int = 0  # pretext on random cubes of this edge (a multiple of 8); 0: whole crops
 
 
 class GenesisEncoderPooled(nn.Module):
@@ -256,6 +270,7 @@ class GenesisEncoderPooled(nn.Module):
 
 @register_method("models_genesis")
 class ModelsGenesis(Method):
+    channels_last = True
     description = "Models Genesis UNet3D encoder, restoration pretext (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
     pretext_input = "volume"
@@ -263,7 +278,7 @@ class ModelsGenesis(Method):
     public_weights = GENESIS_WEIGHTS
     presets = {
         "tiny": {"model": {"width": 0.125, "head_hidden": 64}},
-        "small": {"model": {"width": 0.125, "head_hidden": 128}},
+        "small": {"model": {"width": 0.125, "head_hidden": 128, "pretext_size": 32}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
@@ -275,7 +290,10 @@ class ModelsGenesis(Method):
         return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
     def build_pretext(self) -> nn.Module:
-        return GenesisPretext(UNet3D(self.params.width, self.params.bn_batch_stats))
+        size = self.params.pretext_size
+        if size % 8 or size < 0:
+            raise BenchError(f"model.pretext_size={size}: expected 0 or a positive multiple of 8 (three poolings)")
+        return GenesisPretext(UNet3D(self.params.width, self.params.bn_batch_stats), size)
 
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
         return pretext.unet  # public weights fill the whole UNet, decoder included
@@ -330,6 +348,7 @@ class EngstlerParams:
 
 @register_method("engstler")
 class Engstler(Method):
+    channels_last = True
     description = "Engstler et al. 2022: Genesis encoder + conv/MLP head on a 64^3 centre crop (Table 4)"
     regimes = ("scratch",)
     Params = EngstlerParams

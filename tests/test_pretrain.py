@@ -1,10 +1,12 @@
 """The pretraining stage: artifacts made once and shared, loss curves recorded, pretext specifics."""
 import json
 
+import pytest
 import torch
 
 from bench.cli import main
 from bench.config import compose
+from bench.errors import BenchError
 from bench.registry import create_method, get_method
 
 
@@ -71,3 +73,24 @@ def test_genesis_transforms_restore_target():
         torch.testing.assert_close(target.sum(), x.sum())
         changed += not torch.equal(inp, target)
     assert changed >= 15  # p(no transform) = 0.5 x 0.1 x 0.1 = 0.005
+
+
+def test_genesis_pretext_restores_random_cubes_of_pretext_size():
+    from bench.methods.models_genesis import random_cube
+
+    torch.manual_seed(0)
+    x = torch.arange(24 ** 3, dtype=torch.float32).view(1, 24, 24, 24)
+    cube = random_cube(x, 16)
+    assert cube.shape == (1, 16, 16, 16)
+    z, y, w = (int(v) for v in torch.nonzero(x[0] == cube[0, 0, 0, 0])[0])  # a contiguous block of x
+    torch.testing.assert_close(cube, x[:, z:z + 16, y:y + 16, w:w + 16])
+    assert random_cube(x, 0) is x
+    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "12"}, get_method("models_genesis"))
+    with pytest.raises(BenchError, match="model.pretext_size=12"):
+        create_method("models_genesis", cfg).build_pretext()
+    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "16"}, get_method("models_genesis"))
+    pretext = create_method("models_genesis", cfg).build_pretext()
+    seen = []
+    pretext.unet.register_forward_hook(lambda module, args, out: seen.append((args[0].shape, out.shape)))
+    assert pretext(torch.rand(2, 1, 32, 32, 32))["loss"].ndim == 0
+    assert seen == [((2, 1, 16, 16, 16), (2, 1, 16, 16, 16))]
