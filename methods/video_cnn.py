@@ -22,7 +22,7 @@ from monai.losses import ContrastiveLoss
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DNoTemporal, Conv3DSimple, VideoResNet
 
-from bench.datasets.views import AXES
+from bench.datasets.views import AXES, slice_positions
 from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.registry import register_method
@@ -60,10 +60,11 @@ class VideoResNetEncoder(VideoResNet):
     """torchvision's VideoResNet at a given base width, without the classifier: (B, 8 * width).
 
     Accepts RGB clips (B, 3, T, H, W) in [0, 1] and grey CT crops (B, 1, X, Y, Z) in [0, 1]; the
-    latter are turned into clips with `time_axis` (0, 1, 2 of the crop) as time.
+    latter are turned into clips with `time_axis` (0, 1, 2 of the crop) as time, every slice a frame
+    or, with `frames`, that many equidistant slices (the slice-view rule of the video methods).
     """
 
-    def __init__(self, arch: str, width: int = 64, time_axis: int = 0) -> None:
+    def __init__(self, arch: str, width: int = 64, time_axis: int = 0, frames: int = 0) -> None:
         nn.Module.__init__(self)  # VideoResNet.__init__ fixes the width at 64; the layout is rebuilt here
         stem, conv_makers, layers = ARCHS[arch]
         self.inplanes = width
@@ -76,6 +77,7 @@ class VideoResNetEncoder(VideoResNet):
         self.fc = nn.Identity()
         self.features = 8 * width
         self.time_axis = time_axis
+        self.frames = frames
         self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
         for m in self.modules():  # torchvision's initialisation
@@ -88,7 +90,10 @@ class VideoResNetEncoder(VideoResNet):
     def as_clip(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             order = [self.time_axis] + [a for a in range(3) if a != self.time_axis]
-            x = x.permute(0, 1, *(2 + a for a in order)).expand(-1, 3, -1, -1, -1)
+            x = x.permute(0, 1, *(2 + a for a in order))
+            if self.frames and x.shape[2] > self.frames:
+                x = x[:, :, torch.from_numpy(slice_positions(x.shape[2], self.frames)).to(x.device)]
+            x = x.expand(-1, 3, -1, -1, -1)
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +135,7 @@ class ContrastivePretext(nn.Module):
 @dataclass
 class VideoCNNParams:
     width: int = 64  # torchvision's; the public Kinetics weights need 64
+    frames: int = 0  # CT crops as clips of this many equidistant slices; 0: every slice is a frame
     projection_dim: int = 128
     temperature: float = 0.1
     min_crop: float = 0.6  # smallest kept share of each axis in a pretext view
@@ -138,20 +144,21 @@ class VideoCNNParams:
 
 
 class _VideoCNN(Method):
+    channels_last = True
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = VideoCNNParams
     pretext_input = "video"
     arch: ClassVar[str] = ""
     presets = {
         "tiny": {"model": {"width": 8, "projection_dim": 32}},
-        "small": {"model": {"width": 16, "projection_dim": 64, "pretext_size": 24}},
+        "small": {"model": {"width": 16, "frames": 16, "projection_dim": 64, "pretext_size": 24}},
     }
 
     def pretext_data(self, stage: str) -> str:
         return "video" if stage == "public" else "volume"  # adaptation on whole vertebra crops
 
     def build_encoder(self) -> tuple[nn.Module, int]:
-        enc = VideoResNetEncoder(self.arch, self.params.width, AXES[self.cfg.views.axis])
+        enc = VideoResNetEncoder(self.arch, self.params.width, AXES[self.cfg.views.axis], self.params.frames)
         return enc, enc.features
 
     def build_pretext(self) -> nn.Module:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchvision.models import video as tv
 
+from bench.datasets.views import slice_positions
 from bench.config import compose
 from bench.errors import BenchError
 from bench.methods.video_cnn import VideoResNetEncoder
@@ -69,6 +70,17 @@ def test_grey_ct_becomes_a_three_channel_clip_along_the_views_axis():
     restored = clip * enc.std + enc.mean
     for c in range(3):
         torch.testing.assert_close(restored[0, c], x[0, 0].permute(2, 0, 1))
+
+
+def test_frames_takes_equidistant_slices_along_the_views_axis():
+    enc = VideoResNetEncoder("r3d_18", 8, time_axis=0, frames=4)
+    x = torch.rand(2, 1, 12, 5, 6)
+    clip = enc.as_clip(x) * enc.std + enc.mean
+    assert clip.shape == (2, 3, 4, 5, 6)
+    for t, position in enumerate(slice_positions(12, 4)):  # the slice-view rule: outermost dropped
+        torch.testing.assert_close(clip[:, 0, t], x[:, 0, position])
+    video = torch.rand(1, 3, 8, 5, 6)  # corpus clips keep their frames
+    assert enc.as_clip(video).shape == video.shape
 
 
 def test_a_narrow_network_refuses_the_kinetics_file(tmp_path):
