@@ -135,6 +135,22 @@ def _progress_callback(total: int):
     return Progress()
 
 
+# Trials start in this order of regimes: first those that build a pretraining artifact from the
+# corpus, then those with none, last those that continue from another run's artifact.
+STAGE_ORDER = {"public": 0, "vertebrae": 0, "scratch": 1, "public_to_vertebrae": 2}
+
+
+def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The trial order. Concurrent trials that need the same artifact wait on its lock with their
+    cores idle, so runs that share one are kept apart: `public_to_vertebrae` runs start after the
+    `public` runs whose artifact they continue, and the seeds and training fractions of one method
+    (which share its artifacts) are far apart: the first seed of every method comes first."""
+    def key(run: dict[str, str]) -> tuple[int, int, float]:
+        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), STAGE_ORDER.get(run["regime"], 1))
+
+    return sorted(runs, key=key)
+
+
 def run_suite(overrides: dict[str, str]) -> Path:
     from bench.run import resolve_runs
     from bench.suites import expand, load_suite
@@ -153,8 +169,8 @@ def run_suite(overrides: dict[str, str]) -> Path:
     common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
     if gpus == 0:
         common.setdefault("device", "cpu")
-    runs = [{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
-                                            overrides.get("train_fractions", ""))]
+    runs = schedule([{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
+                                                     overrides.get("train_fractions", ""))])
     for r in runs:  # every config is checked before any work starts
         resolve_runs(dict(r))
 

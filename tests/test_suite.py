@@ -135,3 +135,15 @@ def test_two_ray_nodes_share_the_trials(suite_file, tmp_path):
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
+
+
+def test_schedule_starts_artifact_builders_first_and_keeps_sharers_apart():
+    from bench.orchestrate import schedule
+    from bench.suites import expand
+
+    suite = {"name": "t", "runs": [{"method": "vit_unetr"}, {"method": "resnet18"}]}
+    order = [(r["method"], r["regime"], r["seed"]) for r in schedule(expand(suite, seeds=2))]
+    assert order == [("vit_unetr", "public", "0"), ("vit_unetr", "scratch", "0"), ("resnet18", "scratch", "0"),
+                     ("vit_unetr", "public_to_vertebrae", "0"),
+                     ("vit_unetr", "public", "1"), ("vit_unetr", "scratch", "1"), ("resnet18", "scratch", "1"),
+                     ("vit_unetr", "public_to_vertebrae", "1")]
