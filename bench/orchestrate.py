@@ -68,13 +68,28 @@ def _trial(config: dict[str, Any]) -> None:
     if done.exists() and (folder / "config.yaml").read_text() == wanted:
         skipped = True
     else:
-        folder = execute(cfg, on_epoch=_checkpoint_epoch, resume=_last_state())
+        try:
+            folder = execute(cfg, on_epoch=_checkpoint_epoch, resume=_last_state())
+        finally:
+            _release_memory()
         skipped = False
     test = json.loads((folder / "metrics.json").read_text())["test"]
     import ray
 
     tune.report({"auc": test["auc"] if test["auc"] is not None else float("nan"), "f1": test["f1"],
                  "folder": str(folder), "skipped": skipped, "node_id": ray.get_runtime_context().get_node_id()})
+
+
+def _release_memory() -> None:
+    """Hand a finished run's memory back to the OS before the reused worker takes the next trial."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 STATE_FILE = "training_state.pt"
@@ -171,8 +186,12 @@ def run_suite(overrides: dict[str, str]) -> Path:
         common.setdefault("device", "cpu")
     runs = schedule([{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
                                                      overrides.get("train_fractions", ""))])
-    for r in runs:  # every config is checked before any work starts
-        resolve_runs(dict(r))
+    configs = [cfg for r in runs for cfg in resolve_runs(dict(r))]  # every config is checked before any work
+    from bench.prepare import prepare_data
+
+    kinds, seconds = prepare_data(configs)
+    if kinds:
+        print(f"data ready ({', '.join(kinds)}) in {seconds:.0f} s", file=sys.stderr)
 
     quiet_ray_env()
     from ray import tune
