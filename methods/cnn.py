@@ -27,7 +27,7 @@ class _DenseNet(Method):
     Params = DenseNetParams
     presets = {
         "tiny": {"model": {"init_features": 16, "growth_rate": 8}},
-        "small": {"model": {"init_features": 16, "growth_rate": 8}},
+        "small": {"amp": True, "model": {"init_features": 16, "growth_rate": 8}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
@@ -71,7 +71,7 @@ class _ResNet(Method):
     layers: tuple[int, ...] = (2, 2, 2, 2)
     presets = {
         "tiny": {"model": {"widen_factor": 0.25, "conv1_t_stride": 2}},
-        "small": {"model": {"widen_factor": 0.25, "conv1_t_stride": 2}},
+        "small": {"amp": True, "model": {"widen_factor": 0.25, "conv1_t_stride": 2}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:

@@ -278,7 +278,7 @@ class ModelsGenesis(Method):
     public_weights = GENESIS_WEIGHTS
     presets = {
         "tiny": {"model": {"width": 0.125, "head_hidden": 64}},
-        "small": {"model": {"width": 0.125, "head_hidden": 128, "pretext_size": 32}},
+        "small": {"amp": True, "model": {"width": 0.125, "head_hidden": 128, "pretext_size": 32}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
@@ -352,7 +352,7 @@ class Engstler(Method):
     description = "Engstler et al. 2022: Genesis encoder + conv/MLP head on a 64^3 centre crop (Table 4)"
     regimes = ("scratch",)
     Params = EngstlerParams
-    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"model": {"width": 0.125}}}
+    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"amp": True, "model": {"width": 0.125}}}
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         crop = max(8, int(round(self.cfg.crop_size * 2 / 3 / 8)) * 8)

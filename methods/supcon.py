@@ -81,7 +81,7 @@ class SupCon(Method):
     Params = SupConParams
     presets = {
         "tiny": {"model": {"width": 0.125, "layers": [1, 1, 1, 1], "projection_dim": 32}},
-        "small": {"model": {"width": 0.25, "layers": [2, 2, 2, 2]}},
+        "small": {"amp": True, "model": {"width": 0.25, "layers": [2, 2, 2, 2]}},
         "paper": {"batch_size": 12},  # 3 vertebrae per grade x 4 grades
     }
 

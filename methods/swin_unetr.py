@@ -129,7 +129,7 @@ class SwinUNETR(Method):
     # of a step in attention products and softmax, 2.4x the time of these heads.
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
-        "small": {"crop_size": 32, "lr": 5.0e-4,
+        "small": {"crop_size": 32, "lr": 5.0e-4, "amp": True,
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
 

@@ -151,7 +151,7 @@ class _VideoCNN(Method):
     arch: ClassVar[str] = ""
     presets = {
         "tiny": {"model": {"width": 8, "projection_dim": 32}},
-        "small": {"model": {"width": 16, "frames": 16, "projection_dim": 64, "pretext_size": 24}},
+        "small": {"amp": True, "model": {"width": 16, "frames": 16, "projection_dim": 64, "pretext_size": 24}},
     }
 
     def pretext_data(self, stage: str) -> str:
