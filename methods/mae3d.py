@@ -15,15 +15,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear
+from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear, patchify
 from bench.registry import register_method
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, N, p^3 C) in the token order of PatchEmbed3D."""
-    b, c, d, h, w = x.shape
-    x = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (d // p) * (h // p) * (w // p), p**3 * c)
 
 
 def random_masking(batch: int, tokens: int, ratio: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

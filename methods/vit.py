@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -23,6 +24,13 @@ from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, N, p^3 C) in the token order of PatchEmbed3D."""
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (d // p) * (h // p) * (w // p), p**3 * c)
+
+
 class PatchEmbed3D(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -30,6 +38,12 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C), token index = (d*H + h)*W + w
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The same embedding of patches already cut out, (B, k, p^3 C) in `patchify` order: an MAE
+        encoder then embeds its visible patches alone (a fifth of the conv's work at mask 0.8)."""
+        w = self.proj.weight  # (E, C, p, p, p) -> (E, p^3 C), the voxel order of patchify
+        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
 
 
 class ViT3D(nn.Module):
@@ -59,9 +73,13 @@ class ViT3D(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1 + n, C) normalised tokens; `keep` (B, n) indexes the patch tokens to process."""
-        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
-        if keep is not None:
-            tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        if keep is None:
+            tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
+        else:  # embed the kept patches only
+            patches = patchify(x, self.patch_size)
+            patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            pos = self.pos_embed[:, 1:].expand(len(x), -1, -1)
+            tokens = self.patch_embed.embed_patches(patches) + torch.gather(pos, 1, keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(tokens), -1, -1)
         tokens = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:

@@ -94,3 +94,20 @@ def test_genesis_pretext_restores_random_cubes_of_pretext_size():
     pretext.unet.register_forward_hook(lambda module, args, out: seen.append((args[0].shape, out.shape)))
     assert pretext(torch.rand(2, 1, 32, 32, 32))["loss"].ndim == 0
     assert seen == [((2, 1, 16, 16, 16), (2, 1, 16, 16, 16))]
+
+
+def test_mae_encoder_embeds_the_visible_patches_alone_as_the_conv_would():
+    from bench.methods.vit import ViT3D, patchify
+
+    torch.manual_seed(0)
+    vit = ViT3D(16, 4, embed_dim=24, depth=1, num_heads=2)
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.testing.assert_close(vit.patch_embed.embed_patches(patchify(x, 4)), vit.patch_embed(x), rtol=1e-5, atol=1e-5)
+    keep = torch.stack([torch.randperm(64)[:13] for _ in range(2)])
+    seen = []
+    vit.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    vit.forward_tokens(x, keep)
+    full = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+    expected = torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, 24))
+    assert seen[0].shape == (2, 14, 24)  # cls + the 13 kept patches
+    torch.testing.assert_close(seen[0][:, 1:], expected, rtol=1e-5, atol=1e-5)
