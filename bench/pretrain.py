@@ -33,7 +33,8 @@ from bench.locks import locked
 from bench.store import dumps, write_text_atomic
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
-ARTIFACT_VERSION = 2  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling)
+ARTIFACT_VERSION = 3  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling;
+# 3: Genesis sub-cubes, MAE visible-patch embedding, channels_last and bf16 in the conv pretexts)
 
 
 class VolumeCorpus(Dataset):
@@ -158,6 +159,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str,
     spec = {
         "version": ARTIFACT_VERSION, **identity, "stage": source,
         "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True), "data": data_spec,
+        "amp": [cfg.amp, cfg.amp_dtype],  # bf16 and fp32 pretexts are different artifacts
         "parent": {k: str(v) for k, v in (parent or {}).items()},
     }
     key = config_hash(spec, length=16)
