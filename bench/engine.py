@@ -130,7 +130,7 @@ def memory_format(method: Any, cfg: DictConfig) -> torch.memory_format:
 
 def to_device(x: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
     """A batch on the device, 5-D batches in the model's memory format."""
-    if x.dim() == 5 and fmt != torch.contiguous_format:
+    if x.dim() == 5:
         return x.to(device, non_blocking=True, memory_format=fmt)
     return x.to(device, non_blocking=True)
 
@@ -188,7 +188,7 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig,
     init = encoder_init(method, cfg, model)  # may pretrain (once per artifact) before finetuning
     seed_everything(cfg.seed, cfg.deterministic)  # finetuning draws do not depend on the pretraining
     fmt = memory_format(method, cfg)
-    model = model.to(device, memory_format=fmt) if fmt != torch.contiguous_format else model.to(device)
+    model = model.to(device, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg.compile else model
 

@@ -196,7 +196,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     pretext = method.build_pretext_for(source).to(device)
     init = _init_pretext(method, cfg, pretext.cpu(), parent)
     fmt = memory_format(method, cfg)
-    pretext = pretext.to(device, memory_format=fmt) if fmt != torch.contiguous_format else pretext.to(device)
+    pretext = pretext.to(device, memory_format=fmt)
     loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(p.seed), num_workers=cfg.num_workers)
     if len(loader) == 0:
