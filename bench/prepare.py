@@ -23,7 +23,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
     """What the runs read from the synthetic data set: name -> (kind, config), one per distinct item.
     Kinds: "labelled", "unlabelled" (vertebrae pretraining), "body_ct" and "video" (the corpora
     of the embedded `public` regime)."""
-    from bench.datasets.loading import synthetic_spec
+    from bench.datasets.loading import corpus_path, synthetic_spec
     from bench.registry import create_method
 
     jobs: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -41,7 +41,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
                 add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
                 kind = "video" if method.pretext_data("public") == "video" else "body_ct"
-                add(kind, cfg, {"kind": kind, "synthetic": synthetic_spec(cfg, True), "crop": cfg.crop_size})
+                add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus
     return jobs
 
 

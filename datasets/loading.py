@@ -144,17 +144,25 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{Path(cfg.data).name}:unlabelled")
 
 
+def corpus_spec(cfg: DictConfig, kind: str) -> dict:
+    """Everything that makes a corpus (its cache file is named by the hash of it)."""
+    return {"kind": kind, "n": {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind],
+            "size": cfg.synthetic.video_size if kind == "video" else cfg.crop_size, "fov_mm": cfg.synthetic.fov_mm,
+            "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
+
+
+def corpus_path(cfg: DictConfig, kind: str) -> Path:
+    return cache_root(cfg) / "corpora" / kind / f"{config_hash(corpus_spec(cfg, kind))}.npy"
+
+
 def load_corpus(cfg: DictConfig, kind: str) -> np.ndarray:
     """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches or
     "video" (N, T, V, V, 3) uint8 clips (S = crop size, V = synthetic.video_size)."""
-    n = {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind]
-    size = cfg.synthetic.video_size if kind == "video" else cfg.crop_size
-    spec = {"kind": kind, "n": n, "size": size, "fov_mm": cfg.synthetic.fov_mm,
-            "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
-    path = cache_root(cfg) / "corpora" / kind / f"{config_hash(spec)}.npy"
+    path = corpus_path(cfg, kind)
     with locked(path):  # concurrent trials wait for one generator
         if not path.exists():
-            _write_corpus(cfg, kind, n, size, path)
+            spec = corpus_spec(cfg, kind)
+            _write_corpus(cfg, kind, spec["n"], spec["size"], path)
     return np.load(path, mmap_mode="r")
 
 

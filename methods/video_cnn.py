@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DNoTemporal, Conv3DSimple, VideoResNet
 
 from bench.datasets.views import AXES, slice_positions
+from bench.errors import BenchError
 from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.registry import register_method
@@ -91,7 +92,7 @@ class VideoResNetEncoder(VideoResNet):
         if x.shape[1] == 1:
             order = [self.time_axis] + [a for a in range(3) if a != self.time_axis]
             x = x.permute(0, 1, *(2 + a for a in order))
-            if self.frames and x.shape[2] > self.frames:
+            if self.frames and x.shape[2] >= self.frames + 2:  # the outermost slices are never taken
                 x = x[:, :, torch.from_numpy(slice_positions(x.shape[2], self.frames)).to(x.device)]
             x = x.expand(-1, 3, -1, -1, -1)
         return (x - self.mean) / self.std
@@ -135,7 +136,7 @@ class ContrastivePretext(nn.Module):
 @dataclass
 class VideoCNNParams:
     width: int = 64  # torchvision's; the public Kinetics weights need 64
-    frames: int = 0  # CT crops as clips of this many equidistant slices; 0: every slice is a frame
+    frames: int = 0  # CT crops as clips of this many equidistant slices; 0 (or too few slices): every slice
     projection_dim: int = 128
     temperature: float = 0.1
     min_crop: float = 0.6  # smallest kept share of each axis in a pretext view
@@ -158,6 +159,8 @@ class _VideoCNN(Method):
         return "video" if stage == "public" else "volume"  # adaptation on whole vertebra crops
 
     def build_encoder(self) -> tuple[nn.Module, int]:
+        if self.params.frames < 0:
+            raise BenchError(f"model.frames={self.params.frames}: expected 0 (every slice) or a number of frames")
         enc = VideoResNetEncoder(self.arch, self.params.width, AXES[self.cfg.views.axis], self.params.frames)
         return enc, enc.features
 

@@ -81,6 +81,14 @@ def test_frames_takes_equidistant_slices_along_the_views_axis():
         torch.testing.assert_close(clip[:, 0, t], x[:, 0, position])
     video = torch.rand(1, 3, 8, 5, 6)  # corpus clips keep their frames
     assert enc.as_clip(video).shape == video.shape
+    few = VideoResNetEncoder("r3d_18", 8, time_axis=0, frames=11)  # 12 slices hold no 11 interior ones
+    assert few.as_clip(x).shape == (2, 3, 12, 5, 6)
+
+
+def test_negative_frames_is_one_error_line():
+    out = run_cli("run", "method=r3d_18", "regime=scratch", "preset=tiny", "model.frames=-1", "epochs=1")
+    assert out.returncode == 2
+    assert "model.frames=-1" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_narrow_network_refuses_the_kinetics_file(tmp_path):
