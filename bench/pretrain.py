@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,8 +32,9 @@ from bench.locks import locked
 from bench.store import dumps, write_text_atomic
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
-ARTIFACT_VERSION = 3  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling;
-# 3: Genesis sub-cubes, MAE visible-patch embedding, channels_last and bf16 in the conv pretexts)
+ARTIFACT_VERSION = 4  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling;
+# 3: Genesis sub-cubes, MAE visible-patch embedding, channels_last and bf16 in the conv pretexts;
+# 4: fused optimiser steps, ViT patch embedding as a matrix product, MAE predicts hidden patches only)
 
 
 class VolumeCorpus(Dataset):
@@ -187,7 +187,7 @@ def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict
 
 def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | None, folder: Path,
               spec: dict, source: str) -> None:
-    from bench.engine import amp_dtype, memory_format, seed_everything, select_device, to_device
+    from bench.engine import amp_dtype, make_optimizer, memory_format, seed_everything, select_device, to_device
 
     p = cfg.pretrain
     seed_everything(p.seed, cfg.deterministic)
@@ -201,7 +201,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
                         generator=torch.Generator().manual_seed(p.seed), num_workers=cfg.num_workers)
     if len(loader) == 0:
         raise BenchError(f"pretraining data of {method.name} ({source}) has {len(dataset)} items, fewer than one batch")
-    optimizer = create_optimizer_v2(pretext, opt="adamw", lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
+    optimizer = make_optimizer(pretext, "adamw", p.lr, p.weight_decay, betas=(0.9, 0.95))
     total = p.epochs * len(loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=p.lr * 0.01, t_in_epochs=False,
                                   warmup_t=int(round(p.warmup_epochs * len(loader))), warmup_lr_init=p.lr * 0.01)
