@@ -33,8 +33,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.methods.base import Method
-from bench.methods.mae3d import random_masking
-from bench.methods.vit import _init_linear
+from bench.methods.mae3d import masked_patch_loss, random_masking, unshuffle
+from bench.methods.vit import _init_linear, take
 from bench.registry import register_method
 from bench.weights import WeightsSpec, fuse_qkv
 
@@ -74,7 +74,7 @@ class VideoViT(nn.Module):
         x = (x - KINETICS_MEAN) / KINETICS_STD
         tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed()  # time-major order
         if keep is not None:
-            tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            tokens = take(tokens, keep)
         cls = (self.cls_token + self.pos_embed_class).expand(len(tokens), -1, -1)
         tokens = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
@@ -116,19 +116,12 @@ class VideoMAE(VideoViT):
         return torch.einsum("nctuhpwq->nthwupqc", frames).reshape(b, gt * gh * gw, p * p * 3)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        b, n = x.shape[0], self.num_patches
-        keep, restore, mask = random_masking(b, n, self.mask_ratio, x.device)
-        latent = self.norm(self.forward_blocks(x, keep))
-        tokens = self.decoder_embed(latent)
-        patches = torch.cat([tokens[:, 1:], self.mask_token.expand(b, n - keep.shape[1], -1)], dim=1)
-        patches = torch.gather(patches, 1, restore.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        tokens = torch.cat([tokens[:, :1], patches], dim=1) + self.decoder_pos_embed
-        pred = self.pred_head.projections[0](self.pred_head.transforms[0](tokens))[:, 1:]
-        target = self.target(x)
-        if self.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        per_patch = ((pred.float() - target.float()) ** 2).mean(-1)
-        return {"loss": (per_patch * mask).sum() / mask.sum()}
+        masking = random_masking(x.shape[0], self.num_patches, self.mask_ratio, x.device)
+        latent = self.norm(self.forward_blocks(x, masking.keep))
+        tokens = unshuffle(self.decoder_embed(latent), self.mask_token, masking.restore) + self.decoder_pos_embed
+        hidden = take(self.pred_head.transforms[0](tokens)[:, 1:], masking.hidden)
+        pred = self.pred_head.projections[0](hidden)  # the hidden patches alone are predicted
+        return {"loss": masked_patch_loss(pred, take(self.target(x), masking.hidden), self.norm_pix_loss)}
 
 
 ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.", "norm.")

@@ -41,23 +41,50 @@ def test_mae_encoder_sees_only_visible_tokens():
     assert pretext.decoder_pred.weight.grad is not None
 
 
-def test_mae_loss_counts_masked_patches_only():
-    cfg = compose({"preset": "tiny", "method": "mae3d", "model.norm_pix_loss": "false"}, get_method("mae3d"))
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_mae_loss_is_maes_masked_patch_loss(norm_pix):
+    """Predicting the hidden patches alone gives MAE's loss: every patch predicted, the per-patch
+    MSE averaged over the hidden ones (targets normalised with the unbiased variance)."""
+    cfg = compose({"preset": "tiny", "method": "mae3d", "model.norm_pix_loss": str(norm_pix).lower()},
+                  get_method("mae3d"))
     pretext = create_method("mae3d", cfg).build_pretext()
     from bench.methods import mae3d
 
-    x = torch.rand(1, 1, 32, 32, 32)
+    x = torch.rand(2, 1, 32, 32, 32)
     torch.manual_seed(0)
-    keep, restore, mask = mae3d.random_masking(1, 64, 0.75, x.device)
+    mask = mae3d.random_masking(2, 64, 0.75, x.device).mask
     torch.manual_seed(0)
-    captured = {}
-    original = pretext.decoder_pred.forward
-    pretext.decoder_pred.forward = lambda t: captured.setdefault("pred", original(t))
+    decoded = []
+    pretext.decoder_blocks[-1].register_forward_hook(lambda module, args, out: decoded.append(out))
     loss = pretext(x)["loss"]
-    pred = captured["pred"][:, 1:]
-    per_patch = ((pred - mae3d.patchify(x, 8)) ** 2).mean(-1)
+    pred = pretext.decoder_pred(pretext.decoder_norm(decoded[0]))[:, 1:]  # all 64 patches
+    target = mae3d.patchify(x, 8)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)
     torch.testing.assert_close(loss, (per_patch * mask).sum() / mask.sum())
-    assert int(mask.sum()) == 48
+    assert mask.sum(1).tolist() == [48, 48]
+
+
+def test_video_mae_loss_is_maes_masked_patch_loss():
+    from bench.methods import mae3d
+    from bench.methods.video_mae import VideoMAE
+
+    torch.manual_seed(0)
+    model = VideoMAE(16, 32, 16, embed_dim=48, depth=1, heads=2, decoder_dim=32, decoder_depth=1,
+                     decoder_heads=2, mask_ratio=0.75, norm_pix_loss=True)
+    x = torch.rand(2, 3, 16, 32, 32)
+    torch.manual_seed(1)
+    mask = mae3d.random_masking(2, model.num_patches, 0.75, x.device).mask
+    torch.manual_seed(1)
+    decoded = []
+    model.pred_head.transforms[0].register_forward_hook(lambda module, args, out: decoded.append(out))
+    loss = model(x)["loss"]
+    pred = model.pred_head.projections[0](decoded[0])[:, 1:]
+    target = model.target(x)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)
+    torch.testing.assert_close(loss, (per_patch * mask).sum() / mask.sum())
 
 
 def test_genesis_transforms_restore_target():
@@ -102,12 +129,14 @@ def test_mae_encoder_embeds_the_visible_patches_alone_as_the_conv_would():
     torch.manual_seed(0)
     vit = ViT3D(16, 4, embed_dim=24, depth=1, num_heads=2)
     x = torch.rand(2, 1, 16, 16, 16)
-    torch.testing.assert_close(vit.patch_embed.embed_patches(patchify(x, 4)), vit.patch_embed(x), rtol=1e-5, atol=1e-5)
+    conv = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # the published layout's strided conv
+    torch.testing.assert_close(vit.patch_embed(x), conv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vit.patch_embed.embed_patches(patchify(x, 4)), conv, rtol=1e-5, atol=1e-5)
     keep = torch.stack([torch.randperm(64)[:13] for _ in range(2)])
     seen = []
     vit.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
     vit.forward_tokens(x, keep)
-    full = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+    full = vit.patch_embed.proj(x).flatten(2).transpose(1, 2) + vit.pos_embed[:, 1:]  # the conv itself
     expected = torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, 24))
     assert seen[0].shape == (2, 14, 24)  # cls + the 13 kept patches
     torch.testing.assert_close(seen[0][:, 1:], expected, rtol=1e-5, atol=1e-5)
