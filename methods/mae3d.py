@@ -101,7 +101,7 @@ class MAE3D(nn.Module):
 class MAE3DParams(ViTParams):
     mask_ratio: float = 0.75
     decoder_dim: int = 512
-    decoder_depth: int = 4
+    decoder_depth: int = 8  # "decoder as in MAE": 512 wide, 8 blocks, 16 heads
     decoder_heads: int = 16
     norm_pix_loss: bool = True
     drop_path: float = 0.1
