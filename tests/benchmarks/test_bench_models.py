@@ -72,32 +72,49 @@ class EncoderSeesMaskTokens(MAE3D):
         return self.decoder_embed(self.encoder.encode(tokens)) + self.decoder_pos_embed
 
 
-def test_mae_step_vs_full_token_step(benchmark, report_lines):
+def _mae_ratio(benchmark, encoder: dict, rounds: int = 7) -> tuple[float, float, float]:
+    """Median times of the visible-only MAE step and the encoder-w/-[M] step (interleaved, so that
+    both see the same machine load), and the ratio of their FLOP counts, the floor of the time ratio.
+    Both use the benchmark's decoder (192 wide, 2 blocks) and the pretraining stage's optimiser."""
     torch.manual_seed(0)
     x = torch.rand(4, 1, 96, 96, 96)
-    masked = MAE3D(_vit(), 192, 2, 6, mask_ratio=0.8, norm_pix_loss=True)
-    full = EncoderSeesMaskTokens(_vit(), 192, 2, 6, mask_ratio=0.8, norm_pix_loss=True)
-    step_masked = _step(masked, x, make_optimizer(masked, "adamw", 1e-4, 0.05))  # the pretraining stage's optimiser
+    masked = MAE3D(ViT3D(96, 16, **encoder), 192, 2, 6, mask_ratio=0.8, norm_pix_loss=True)
+    full = EncoderSeesMaskTokens(ViT3D(96, 16, **encoder), 192, 2, 6, mask_ratio=0.8, norm_pix_loss=True)
+    step_masked = _step(masked, x, make_optimizer(masked, "adamw", 1e-4, 0.05))
     step_full = _step(full, x, make_optimizer(full, "adamw", 1e-4, 0.05))
     seen = []
     for model in (masked, full):
         model.encoder.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
         model(x)
     assert seen == [1 + 43, 1 + 216]  # cls + the visible patches; cls + every position
+    flop_ratio = _flops(step_masked) / _flops(step_full)
     times: dict[str, list[float]] = {"masked": [], "full": []}
 
-    def pair():  # interleaved, so that both medians see the same machine load
+    def pair():
         for name, step in (("masked", step_masked), ("full", step_full)):
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
 
-    benchmark.pedantic(pair, rounds=7, iterations=1, warmup_rounds=1)
-    t_masked, t_full = (sorted(times[k][1:])[3] for k in ("masked", "full"))  # [0] is the warm-up round
+    benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=1)
+    t_masked, t_full = (sorted(times[k][1:])[rounds // 2] for k in ("masked", "full"))  # [0] is the warm-up
+    return t_masked, t_full, flop_ratio
+
+
+def test_mae_step_vs_full_token_step(benchmark, report_lines):
+    t_masked, t_full, floor = _mae_ratio(benchmark, dict(embed_dim=384, depth=6, num_heads=6))
     report_lines.append(f"MAE step at mask 0.8: {t_masked * 1e3:.0f} ms vs full-token step {t_full * 1e3:.0f} ms "
-                        f"(encoder w/ [M]) = {t_masked / t_full:.2f}x (goal <= 0.35x); ViT-S/16 encoder, 43 of 216 "
-                        f"patches visible, batch 4")
+                        f"(encoder w/ [M]) = {t_masked / t_full:.2f}x (goal <= 0.35x; FLOP count {floor:.2f}x); "
+                        f"ViT-S/16 encoder, 43 of 216 patches visible, batch 4")
     assert t_masked / t_full <= 0.35
+
+
+def test_mae_step_ratio_behind_a_vit_b(benchmark, report_lines):
+    """The same decoder behind the method's own ViT-B encoder (reported, not asserted): the ratio is
+    set by the share of the step that MAE spends on every token (decoder, prediction, optimiser)."""
+    t_masked, t_full, floor = _mae_ratio(benchmark, dict(embed_dim=768, depth=12, num_heads=12), rounds=5)
+    report_lines.append(f"MAE step at mask 0.8, ViT-B/16 encoder: {t_masked * 1e3:.0f} ms vs {t_full * 1e3:.0f} ms "
+                        f"= {t_masked / t_full:.2f}x (FLOP count {floor:.2f}x)")
 
 
 def test_vit_training_step_mfu(report_lines):
