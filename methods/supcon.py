@@ -62,6 +62,14 @@ class SupConClassifier(Classifier):
         super().__init__(encoder, head)
         self.projector = projector
 
+    def forward(self, x: torch.Tensor, contrastive: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with `contrastive`, (unit projections, logits of the head on detached features):
+        one forward, so that a `torch.compile`d model compiles the training step too."""
+        features = self.encoder(x)
+        if not contrastive:
+            return self.head(features)
+        return F.normalize(self.projector(features).float(), dim=1), self.head(features.detach())
+
 
 @dataclass
 class SupConParams:
@@ -101,13 +109,10 @@ class SupCon(Method):
         return SupConClassifier(encoder, self.build_head(features, num_classes), projector)
 
     def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
-        core = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
         a, b = self.views(x)
-        features = core.encoder(torch.cat([a, b]))
+        z, logits = model(torch.cat([a, b]), contrastive=True)
         labels = torch.cat([y, y])
-        z = F.normalize(core.projector(features).float(), dim=1)
-        ce = loss_fn(core.head(features.detach()).float(), labels)
-        return ce + self.supcon(z, labels)
+        return loss_fn(logits.float(), labels) + self.supcon(z, labels)
 
     def train_batch_sampler(self, labels, batch_size: int, seed: int):
         if not self.params.balanced_batches:
