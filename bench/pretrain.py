@@ -160,6 +160,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, source: str, parent: dict[str,
         "version": ARTIFACT_VERSION, **identity, "stage": source,
         "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True), "data": data_spec,
         "amp": [cfg.amp, cfg.amp_dtype],  # bf16 and fp32 pretexts are different artifacts
+        "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
         "parent": {k: str(v) for k, v in (parent or {}).items()},
     }
     key = config_hash(spec, length=16)
@@ -197,6 +198,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     init = _init_pretext(method, cfg, pretext.cpu(), parent)
     fmt = memory_format(method, cfg)
     pretext = pretext.to(device, memory_format=fmt)
+    step_pretext = torch.compile(pretext) if cfg.compile else pretext  # shares pretext's parameters
     loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(p.seed), num_workers=cfg.num_workers)
     if len(loader) == 0:
@@ -216,7 +218,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
         for x in loader:
             x = to_device(x, device, fmt)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                parts = pretext(x)
+                parts = step_pretext(x)
             loss = parts["loss"].float()
             if not torch.isfinite(loss):
                 raise BenchError(f"pretraining of {method.name} diverged at epoch {epoch}; lower pretrain.lr={p.lr}")

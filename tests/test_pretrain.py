@@ -1,5 +1,6 @@
 """The pretraining stage: artifacts made once and shared, loss curves recorded, pretext specifics."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,25 @@ def test_each_artifact_is_computed_once(tmp_path, bench_cache):
     curve = metrics["pretraining"]["pretrain_curve"]
     assert len(curve) == 2 and {"loss", "l1", "contrastive"} <= set(curve[0])  # the tiny preset's 2 epochs
     assert metrics["pretraining"]["load_report"]["matched"] > 0
+
+
+def test_compile_switch_compiles_the_pretext_too(tmp_path, bench_cache, monkeypatch):
+    """compile=true runs the pretraining step through torch.compile (recorded here; the real
+    inductor path on CPU is the finetuning compile test's), and makes a separate artifact."""
+    from bench.methods.mae3d import MAE3D
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module)) or module)
+    args = ["run", "method=mae3d", "regime=vertebrae", "preset=tiny", "epochs=1", f"out={tmp_path}"]
+    assert main(args + ["compile=true"]) == 0
+    assert MAE3D in compiled
+    assert main(args + ["seed=1"]) == 0  # eager: another artifact
+    used = []
+    for seed in (0, 1):
+        metrics = json.loads((tmp_path / "single" / f"mae3d-vertebrae-s{seed}" / "metrics.json").read_text())
+        folder = Path(metrics["pretraining"]["artifact"])
+        used.append((folder, json.loads((folder / "pretrain.json").read_text())["spec"]["compile"]))
+    assert used[0][0] != used[1][0] and [c for _, c in used] == [True, False]
 
 
 def test_mae_encoder_sees_only_visible_tokens():
