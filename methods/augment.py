@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.transforms import Compose, RandFlip, RandScaleIntensity, RandShiftIntensity, RandSpatialCrop, Resize
+from monai.utils import convert_to_tensor
 
 
 def view_transform(in_size: Sequence[int], out_size: Sequence[int], min_scale: float) -> Compose:
@@ -44,5 +45,7 @@ class TwoViews:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         transform = self._transform(tuple(x.shape[2:]))
         transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,))))
-        views = [torch.stack([torch.as_tensor(transform(sample.float())) for sample in x]) for _ in range(2)]
+        # plain tensors: MONAI returns MetaTensors, which torch.compile'd graphs cannot take
+        views = [torch.stack([convert_to_tensor(transform(sample.float()), track_meta=False) for sample in x])
+                 for _ in range(2)]
         return views[0].to(x.dtype), views[1].to(x.dtype)

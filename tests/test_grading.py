@@ -47,9 +47,11 @@ def test_supcon_training_loss_is_ce_on_detached_features_plus_supcon():
     model = method.build_model(num_classes=4)
     x, y = torch.rand(8, 1, 32, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     calls = []  # the step is one call of the model itself, so a torch.compile'd model compiles it
-    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args[0].shape, kwargs)), with_kwargs=True)
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((type(args[0]), args[0].shape, kwargs)),
+                                    with_kwargs=True)
     loss = method.training_loss(model, x, y, torch.nn.CrossEntropyLoss())
-    assert calls == [((16, 1, 32, 32, 32), {"contrastive": True})]  # both views in one batch
+    # both views in one batch, as a plain tensor: a compiled graph cannot take MONAI's MetaTensor
+    assert calls == [(torch.Tensor, (16, 1, 32, 32, 32), {"contrastive": True})]
     loss.backward()
     assert torch.isfinite(loss)
     assert model.head.weight.grad is not None and model.projector.weight.grad is not None
