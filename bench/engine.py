@@ -131,7 +131,7 @@ def memory_format(method: Any, cfg: DictConfig) -> torch.memory_format:
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
     """timm's optimiser factory (no weight decay on biases and norms) with torch's fused kernels:
     one multi-tensor kernel per step instead of a dozen elementwise ops per parameter tensor. On
-    CPU the per-tensor loop took 28 ms of a 325 ms ViT-S step; fused, the step takes 8 ms.
+    CPU the per-tensor AdamW update took 27 ms of a 325 ms ViT-S training step; fused, it takes 8 ms.
     Fused and per-tensor updates agree to rounding, and fused runs are deterministic too."""
     if name == "sgd":
         kwargs.setdefault("momentum", 0.9)
