@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT, ViTAutoEnc
 from monai.transforms import Compose, RandCoarseDropout, RandCoarseShuffle
+from monai.utils import convert_to_tensor
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
@@ -70,7 +71,8 @@ class ViTAutoEncSSL(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         views = []
         for _ in range(2):
-            views.append(torch.stack([torch.as_tensor(self.corrupt(s.cpu())) for s in x.float()]).to(x.device, x.dtype))
+            corrupted = [convert_to_tensor(self.corrupt(s.cpu()), track_meta=False) for s in x.float()]  # no MetaTensors
+            views.append(torch.stack(corrupted).to(x.device, x.dtype))
         out1, out2 = self.encoder(views[0])[0], self.encoder(views[1])[0]
         recon = F.l1_loss(out1.float(), x.float())
         contrast = self.contrast(out1, out2)
