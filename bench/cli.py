@@ -10,16 +10,17 @@ LISTABLE = ("methods", "regimes", "datasets", "presets", "suites")
 
 
 def _cmd_list(what: str) -> None:
-    from bench.config import PRESETS, REGIMES
+    from bench.config import PRESETS
     from bench.registry import DATASETS, METHODS
+    from bench.regimes import REGIMES
 
     if what == "methods":
         for name in METHODS.names():
             cls = METHODS.get(name)
             print(f"{name:16s} regimes: {', '.join(cls.regimes):40s} {cls.description}")
     elif what == "regimes":
-        for name in REGIMES:
-            print(name)
+        for name, (stages, meaning) in REGIMES.items():
+            print(f"{name:20s} {meaning}")
     elif what == "datasets":
         for name in DATASETS.names():
             print(f"{name:16s} {getattr(DATASETS.get(name), 'description', '')}")

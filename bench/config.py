@@ -21,7 +21,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from bench.errors import BenchError, choices_hint
 
-REGIMES: tuple[str, ...] = ("scratch", "public", "public_to_vertebrae", "vertebrae")
 PRESETS: tuple[str, ...] = ("tiny", "small", "paper")
 
 
@@ -57,13 +56,18 @@ class ViewsConfig:
 
 @dataclass
 class PretrainConfig:
-    """The self-supervised stage (see bench.pretrain); its artifact is shared across run seeds."""
+    """The self-supervised stage (see bench.pretrain); its artifact is shared across run seeds. The
+    same loop as finetuning (bench.loop), with MAE's AdamW betas by default."""
 
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1.0e-3
+    min_lr: float = 1.0e-5
     weight_decay: float = 0.05
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # 0 disables clipping
     seed: int = 0
 
 
@@ -208,6 +212,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr",
              "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels", "synthetic.video_size")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
+                 "pretrain.min_lr", "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.grad_clip",
                  "threads", "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
                  "synthetic.n_videos")
 _UNIT_OPEN = ("synthetic.fracture_rate", "threshold")

@@ -150,9 +150,13 @@ def _progress_callback(total: int):
     return Progress()
 
 
-# Trials start in this order of regimes: first those that build a pretraining artifact from the
-# corpus, then those with none, last those that continue from another run's artifact.
-STAGE_ORDER = {"public": 0, "vertebrae": 0, "scratch": 1, "public_to_vertebrae": 2}
+def stage_order(regime: str) -> int:
+    """Trials start in this order of regimes: first those that build a pretraining artifact from a
+    corpus (one stage), then those with none, last those that continue from another artifact."""
+    from bench.regimes import REGIMES
+
+    n = len(REGIMES[regime][0]) if regime in REGIMES else 0
+    return {0: 1, 1: 0}.get(n, 2)
 
 
 def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -161,7 +165,7 @@ def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
     `public` runs whose artifact they continue, and the seeds and training fractions of one method
     (which share its artifacts) are far apart: the first seed of every method comes first."""
     def key(run: dict[str, str]) -> tuple[int, int, float]:
-        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), STAGE_ORDER.get(run["regime"], 1))
+        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), stage_order(run["regime"]))
 
     return sorted(runs, key=key)
 

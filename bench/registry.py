@@ -20,8 +20,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A named collection of classes, filled by a decorator and by entry points."""
 
-    def __init__(self, kind: str, builtin_module: str, entry_point_group: str) -> None:
+    def __init__(self, kind: str, builtin_module: str, entry_point_group: str,
+                 check: Callable[[str, Any], None] | None = None) -> None:
         self.kind = kind
+        self._check = check
         self._builtin_module = builtin_module
         self._group = entry_point_group
         self._items: dict[str, T] = {}
@@ -40,6 +42,8 @@ class Registry(Generic[T]):
                     f"duplicate {self.kind} name '{key}': already registered by "
                     f"{self._origins[key]}, again by {obj.__module__}"
                 )
+            if self._check is not None:
+                self._check(key, obj)
             if hasattr(obj, "name") and getattr(obj, "name") != key:
                 setattr(obj, "name", key)
             self._items[key] = obj
@@ -82,7 +86,19 @@ class Registry(Generic[T]):
         return self._origins[name]
 
 
-METHODS: Registry[Any] = Registry("method", "bench.methods", "bench.methods")
+def _check_method(name: str, cls: Any) -> None:
+    """A method's regimes must be declared ones (bench.regimes), checked when it registers."""
+    from bench.regimes import NAMES
+
+    regimes = getattr(cls, "regimes", ())
+    unknown = [r for r in regimes if r not in NAMES]
+    if isinstance(regimes, str) or unknown or not regimes:
+        bad = unknown[0] if unknown else repr(regimes)
+        raise BenchError(f"method '{name}' ({getattr(cls, '__module__', '?')}) declares regime {bad!r}; "
+                         f"{choices_hint(str(bad), NAMES)}")
+
+
+METHODS: Registry[Any] = Registry("method", "bench.methods", "bench.methods", _check_method)
 DATASETS: Registry[Any] = Registry("dataset", "bench.datasets", "bench.datasets")
 
 register_method = METHODS.register

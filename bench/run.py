@@ -1,11 +1,18 @@
-"""One finetuning run from a resolved config to a folder in the results store."""
+"""One run, as one chain of stages:
+
+    data -> pretraining stages (cached artifacts) -> encoder initialisation -> protocol -> store
+
+Each arrow is one call below; no module further down the chain imports one above it.
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from bench.config import compose
 from bench.envinfo import environment, now
@@ -37,9 +44,25 @@ def resolve_runs(overrides: dict[str, str]) -> list[DictConfig]:
     return runs
 
 
+def initialised_model(method: Any, cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Pretraining stages (artifacts made once and cached), then the classifier with its encoder
+    initialised as the regime says."""
+    from bench.evaluation import NUM_CLASSES
+    from bench.loop import seed_everything
+    from bench.pretrain import run_plan
+    from bench.transfer import initialise_encoder
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    artifact = run_plan(method, cfg)
+    seed_everything(cfg.seed, cfg.deterministic)  # the classifier's init depends on the run seed alone
+    model = method.build_model(num_classes=NUM_CLASSES[cfg.task])
+    return model, initialise_encoder(method, cfg, model, artifact)
+
+
 def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None) -> Path:
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
-    through to `bench.engine.finetune` (per-epoch checkpoints of suite trials)."""
+    through to the protocol (per-epoch checkpoints of suite trials)."""
     from bench.datasets.loading import load_data
     from bench.engine import finetune
     from bench.registry import create_method
@@ -48,16 +71,16 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
     t0 = time.perf_counter()
     method = create_method(cfg.method, cfg)
     data = load_data(cfg)
-    result = finetune(method, data, cfg, on_epoch=on_epoch, resume=resume)
+    model, init = initialised_model(method, cfg)
+    result = finetune(method, data, cfg, model, on_epoch=on_epoch, resume=resume)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
     metrics = {
         "task": cfg.task,
         "test": result.test_metrics,
         "val": result.val_metrics,
         "epochs": result.epochs,
-        "cost": {**result.cost, "total_s": time.perf_counter() - t0,
-                 "pretrain_s": result.extra["init"].get("pretrain_s")},
-        "pretraining": result.extra["init"],
+        "cost": {**result.cost, "total_s": time.perf_counter() - t0, "pretrain_s": init.get("pretrain_s")},
+        "pretraining": init,
         "data": {
             "name": data.name,
             "fingerprint": data.fingerprint(),

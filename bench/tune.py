@@ -42,16 +42,19 @@ def _trial(config: dict[str, Any]) -> None:
     from bench.datasets.loading import load_data
     from bench.engine import finetune
     from bench.registry import create_method
-    from bench.run import resolve_runs
+    from bench.run import initialised_model, resolve_runs
 
     overrides = {**config["base"], **{k: str(v) for k, v in config["space"].items()}}
     cfg = resolve_runs(overrides)[0]
+    method = create_method(cfg.method, cfg)
+    data = load_data(cfg)
+    model, _ = initialised_model(method, cfg)
 
     def report(entry: dict[str, Any], state: Any) -> None:
         tune.report({k: (float("nan") if v is None else v) for k, v in entry.items()
                      if isinstance(v, (int, float)) or v is None})
 
-    finetune(create_method(cfg.method, cfg), load_data(cfg), cfg, on_epoch=report, evaluate_test=False)
+    finetune(method, data, cfg, model, on_epoch=report, evaluate_test=False)
 
 
 def run_tune(overrides: dict[str, str]) -> Path:

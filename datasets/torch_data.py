@@ -25,6 +25,12 @@ def resize_cube(x: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size,) * 3, mode=mode, **kwargs)[0, 0].numpy()
 
 
+def load_crop(images: np.ndarray, row: int, size: int | None) -> np.ndarray:
+    """One crop of a store in [0, 1], resampled to `size`^3 (None: as stored)."""
+    x = scale_hu(images[row])
+    return x if size is None else resize_cube(x, size)
+
+
 class CropDataset(Dataset):
     """(1, S, S, S) float tensors in [0, 1] and integer labels; random left-right flips when `augment`.
 
@@ -47,9 +53,7 @@ class CropDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = scale_hu(self.images[self.rows[index]])
-        if self.size is not None:
-            x = resize_cube(x, self.size)
+        x = load_crop(self.images, self.rows[index], self.size)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             if rng.random() < 0.5:

@@ -2,15 +2,30 @@
 
 A method says which regimes it supports, what input it takes, how to build its encoder and its
 classifier head, and which config keys it owns (`Params`, validated by OmegaConf like every other
-key). The engine does the rest: data, optimisation, checkpoint selection, evaluation and storage.
-Later stages (self-supervised pretraining, public weights) attach through `pretraining` and
-`public_weights`, which stay None for methods that have neither.
+key). The harness does the rest: data, the training loop, checkpoint selection, evaluation and
+storage.
+
+Self-supervised pretraining is a declared surface of hooks, all optional except `pretext_data` and
+`build_pretext` (a method without them has no pretext task):
+
+- what the pretext reads: `pretext_data(stage)` ("volume", "video" or "slices", see
+  bench.datasets.pretext) and how each sample becomes views: `pretext_views(stage)`;
+- the pretext module: `build_pretext(stage)`, whose forward returns {"loss": ..., other parts}, or
+  a custom `pretext_step(pretext, batch)`;
+- what is trained: `pretext_param_groups(pretext)` (per-group `lr_scale`, `weight_decay`; frozen
+  parameters simply have requires_grad False);
+- step and epoch hooks: `on_pretext_step` (EMA teacher, momentum schedule) and `on_pretext_epoch`
+  (temperature schedule; its values join the loss curve);
+- how the pretrained tensors reach the finetuning model: `pretext_encoder_state`, `transfer`,
+  `finetune_encoder`, `optional_encoder_keys`. This transfer contract is checked (both models built,
+  keys mapped by name and shape) before any pretraining starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -38,18 +53,18 @@ class Method:
 
     name: ClassVar[str] = ""
     regimes: ClassVar[tuple[str, ...]] = ("scratch",)
-    input_format: ClassVar[str] = "volume"  # (B, 1, D, H, W) HU scaled to [0, 1]
+    input_format: ClassVar[str] = "volume"  # (B, 1, D, H, W) HU scaled to [0, 1]; or "slices"
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> config overrides
-    pretext_input: ClassVar[str | None] = None  # "volume" or "video": what the pretext task consumes
     public_weights: ClassVar[Any] = None  # bench.weights.WeightsSpec of the real public checkpoint
-    channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.engine)
+    channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.loop.Execution)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.params = cfg.model
 
+    # ---- the classifier --------------------------------------------------------------------------
     def build_encoder(self) -> tuple[nn.Module, int]:
         """The encoder, mapping an input batch to (B, F) features, and F."""
         raise NotImplementedError
@@ -58,57 +73,20 @@ class Method:
         """The classifier head on the encoder's features; a linear layer unless overridden."""
         return nn.Linear(in_features, num_classes)
 
-    def build_model(self, num_classes: int = 2) -> Classifier:
+    def build_model(self, num_classes: int = 2) -> nn.Module:
         encoder, features = self.build_encoder()
         return Classifier(encoder, self.build_head(features, num_classes))
 
-    # Self-supervised pretraining (methods with a pretext task override these)
-    def build_pretext(self) -> nn.Module:
-        """A module whose forward(batch) returns {"loss": ..., other parts} and whose encoder (see
-        `pretext_encoder`) has the same state-dict layout as `finetune_encoder(build_model())`."""
-        raise NotImplementedError(f"method '{self.name}' has no pretext task")
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        """The part of the pretext model that public weights initialise."""
-        return pretext.encoder
-
-    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors a finetuning run takes from a pretrained pretext model."""
-        return self.pretext_encoder(pretext).state_dict()
-
-    def finetune_encoder(self, model: Classifier) -> nn.Module:
+    def finetune_encoder(self, model: nn.Module) -> nn.Module:
+        """The module of the classifier that pretrained tensors initialise."""
         return model.encoder
 
-    def pretraining_plan(self, regime: str) -> list[str]:
-        """The pretraining stages a regime runs, in order ("public": the out-of-domain corpus,
-        "vertebrae": the unlabelled vertebrae). Methods with ablation switches override this."""
-        return {"scratch": [], "public": ["public"], "vertebrae": ["vertebrae"],
-                "public_to_vertebrae": ["public", "vertebrae"]}[regime]
-
-    def build_pretext_for(self, stage: str) -> nn.Module:
-        """The pretext model of a stage; video methods pretrain on videos at another frame size."""
-        return self.build_pretext()
-
-    def artifact_key(self, stage: str) -> dict[str, Any]:
-        """What identifies this method's pretext model in a stage: artifacts with equal keys are
-        shared (e.g. by two methods that pretrain the same network on the same videos)."""
-        from omegaconf import OmegaConf
-
-        return {"family": self.name, "model": OmegaConf.to_container(self.params, resolve=True)}
-
-    def pretext_data(self, stage: str) -> str:
-        """What the pretext task of a stage reads: "volume" (body-CT patches, unlabelled vertebra
-        crops), "video" (the video corpus) or "slices" (unlabelled vertebrae as slice-view clips)."""
-        if self.pretext_input == "video":
-            return "video" if stage == "public" else "slices"
-        return "volume"
-
-    # Finetuning hooks (the engine's defaults suit most methods)
+    # ---- finetuning hooks (the defaults suit most methods) ---------------------------------------
     def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
         """The loss of one training batch (called under autocast); class-weighted CE by default."""
         return loss_fn(model(x).float(), y)
 
-    def train_batch_sampler(self, labels: Any, batch_size: int, seed: int) -> Any:
+    def train_batch_sampler(self, labels: np.ndarray, batch_size: int, seed: int) -> Any:
         """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""
         return None
 
@@ -121,6 +99,69 @@ class Method:
         """Overrides of the slice-view options (frame_size, multi_view) for "slices" methods."""
         return {}
 
+    # ---- self-supervised pretraining -------------------------------------------------------------
+    def pretext_data(self, stage: str) -> str | None:
+        """What the pretext of a stage ("public" or "vertebrae") reads: "volume", "video" or
+        "slices" (bench.datasets.pretext); None: the method has no pretext task."""
+        return None
+
+    @property
+    def has_pretext(self) -> bool:
+        return self.pretext_data("vertebrae") is not None or self.pretext_data("public") is not None
+
+    def pretext_views(self, stage: str) -> Any:
+        """None, or `views(sample, rng) -> views` applied to each pretext sample in the data loader
+        (e.g. two augmented crops as a tuple); `rng` is a numpy Generator seeded per sample and epoch."""
+        return None
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
+        """The pretext model of a stage. Its forward(batch) returns {"loss": ..., other parts} (or
+        override `pretext_step`), and `pretext_encoder_state` of it maps onto `finetune_encoder`."""
+        raise NotImplementedError(f"method '{self.name}' has no pretext task")
+
+    def pretext_step(self, pretext: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """The losses of one pretraining batch, under autocast; `pretext` may be the compiled module."""
+        return pretext(batch)
+
+    def pretext_param_groups(self, pretext: nn.Module) -> list[dict[str, Any]] | None:
+        """Optimiser groups of the pretext ({"params": [...], "lr_scale": 0.1, "weight_decay": 0.0});
+        None: every parameter with requires_grad, no decay on biases and norms."""
+        return None
+
+    def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:
+        """After each optimiser step (e.g. move an EMA teacher; its momentum follows `step / total_steps`)."""
+
+    def on_pretext_epoch(self, pretext: nn.Module, epoch: int, epochs: int) -> dict[str, float] | None:
+        """Before each epoch (e.g. set a temperature); returned values are logged in the loss curve."""
+        return None
+
+    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
+        """The part of the pretext model that public weights initialise."""
+        return pretext.encoder
+
+    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a finetuning run takes from a pretrained pretext model."""
+        return self.pretext_encoder(pretext).state_dict()
+
     def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
         """Adapt tensors from one stage's model to another's (e.g. position-embedding cropping)."""
         return state
+
+    def optional_encoder_keys(self) -> tuple[str, ...]:
+        """Finetuning-encoder keys that a pretrained state may leave at their initialisation
+        (e.g. position embeddings an ablation does not transfer)."""
+        return ()
+
+    def pretraining_plan(self, regime: str) -> list[str]:
+        """The pretraining stages a regime runs, in order (bench.regimes); methods with ablation
+        switches override this."""
+        from bench.regimes import stages
+
+        return stages(regime)
+
+    def artifact_key(self, stage: str) -> dict[str, Any]:
+        """What identifies this method's pretext model in a stage: artifacts with equal keys are
+        shared (e.g. by two methods that pretrain the same network on the same videos)."""
+        from omegaconf import OmegaConf
+
+        return {"family": self.name, "model": OmegaConf.to_container(self.params, resolve=True)}

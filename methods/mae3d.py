@@ -111,16 +111,18 @@ class MAE3DParams(ViTParams):
 class MAE3DMethod(ViTMethod):
     description = "3D MAE (ViT-B encoder, mask 0.75) on unlabelled vertebrae (Table 3)"
     regimes = ("scratch", "vertebrae")
-    pretext_input = "volume"
     Params = MAE3DParams
     presets = {
         "tiny": {**VIT_PRESETS["tiny"], "model": {**VIT_PRESETS["tiny"]["model"], "decoder_dim": 32,
                                                   "decoder_depth": 1, "decoder_heads": 2}},
         "small": {**VIT_PRESETS["small"], "model": {**VIT_PRESETS["small"]["model"], "decoder_dim": 128,
                                                     "decoder_depth": 2, "decoder_heads": 4}},
-        "paper": {"pretrain": {"lr": 3.125e-5}},  # 1e-3 x batch 8 / 256 (MAE linear scaling rule)
+        "paper": {"pretrain": {"lr": 3.125e-5, "min_lr": 3.125e-7}},  # 1e-3 x batch 8 / 256 (MAE linear scaling rule)
     }
 
-    def build_pretext(self) -> nn.Module:
+    def pretext_data(self, stage: str) -> str:
+        return "volume"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params
         return MAE3D(self.make_vit(), p.decoder_dim, p.decoder_depth, p.decoder_heads, p.mask_ratio, p.norm_pix_loss)

@@ -273,7 +273,6 @@ class ModelsGenesis(Method):
     channels_last = True
     description = "Models Genesis UNet3D encoder, restoration pretext (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
-    pretext_input = "volume"
     Params = GenesisParams
     public_weights = GENESIS_WEIGHTS
     presets = {
@@ -289,7 +288,10 @@ class ModelsGenesis(Method):
         hidden = self.params.head_hidden  # the CPU presets shrink it together with the width
         return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
-    def build_pretext(self) -> nn.Module:
+    def pretext_data(self, stage: str) -> str:
+        return "volume"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         size = self.params.pretext_size
         if size % 8 or size < 0:
             raise BenchError(f"model.pretext_size={size}: expected 0 or a positive multiple of 8 (three poolings)")

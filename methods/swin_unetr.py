@@ -121,7 +121,6 @@ class SwinParams:
 class SwinUNETR(Method):
     description = "MONAI Swin encoder SSL (rotation + contrastive + inpainting) (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
-    pretext_input = "volume"
     Params = SwinParams
     public_weights = SWINVIT_WEIGHTS
     # Swin needs crops divisible by 32: the CPU presets use 32^3 (3 mm voxels over 96 mm). They keep
@@ -140,7 +139,10 @@ class SwinUNETR(Method):
             raise BenchError(f"swin_unetr needs crop_size divisible by 32, got {self.cfg.crop_size}")
         return SwinEncoder(make_swin(self.params)), 16 * self.params.feature_size
 
-    def build_pretext(self) -> nn.Module:
+    def pretext_data(self, stage: str) -> str:
+        return "volume"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         return SwinSSL(make_swin(self.params), self.params.feature_size)
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:

@@ -148,7 +148,6 @@ class _VideoCNN(Method):
     channels_last = True
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = VideoCNNParams
-    pretext_input = "video"
     arch: ClassVar[str] = ""
     presets = {
         "tiny": {"model": {"width": 8, "projection_dim": 32}},
@@ -164,10 +163,7 @@ class _VideoCNN(Method):
         enc = VideoResNetEncoder(self.arch, self.params.width, AXES[self.cfg.views.axis], self.params.frames)
         return enc, enc.features
 
-    def build_pretext(self) -> nn.Module:
-        return self.build_pretext_for("public")
-
-    def build_pretext_for(self, stage: str) -> nn.Module:
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         encoder, _ = self.build_encoder()
         p = self.params
         size = p.pretext_size or self.cfg.crop_size

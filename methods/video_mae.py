@@ -31,6 +31,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from bench.datasets.pretext import corpus_frame_size
 from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.methods.mae3d import masked_patch_loss, random_masking, unshuffle
@@ -217,7 +218,6 @@ VIDEO_PRESETS = {
 
 class _VideoMethod(Method):
     input_format = "slices"
-    pretext_input = "video"
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = VideoMAEParams
     public_weights = MAE_ST_WEIGHTS
@@ -226,10 +226,11 @@ class _VideoMethod(Method):
         """Frames at the crop size (format adaptation) or padded to the video frame size."""
         if self.params.format_adaptation:
             return self.cfg.crop_size
-        if self.cfg.synthetic.video_size < self.cfg.crop_size:
+        video_size = corpus_frame_size(self.cfg)
+        if video_size < self.cfg.crop_size:
             raise BenchError(f"format_adaptation=false pads {self.cfg.crop_size}-voxel slices to the video frame "
-                             f"size, but synthetic.video_size is {self.cfg.synthetic.video_size}")
-        return self.cfg.synthetic.video_size
+                             f"size, but synthetic.video_size is {video_size}")
+        return video_size
 
     def view_options(self) -> dict:
         return {"frame_size": self.frame_size(), "multi_view": self.params.multi_view}
@@ -244,15 +245,15 @@ class _VideoMethod(Method):
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Dropout(self.params.dropout), nn.Linear(in_features, num_classes))
 
-    def build_pretext_for(self, stage: str) -> nn.Module:
+    def pretext_data(self, stage: str) -> str:
+        return "video" if stage == "public" else "slices"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params
-        size = self.cfg.synthetic.video_size if stage == "public" else self.frame_size()
+        size = corpus_frame_size(self.cfg) if stage == "public" else self.frame_size()
         ratio = p.video_mask_ratio if stage == "public" else p.mask_ratio
         return VideoMAE(self.cfg.views.frames, size, p.patch_size, p.embed_dim, p.depth, p.num_heads,
                         p.decoder_dim, p.decoder_depth, p.decoder_heads, ratio, p.norm_pix_loss)
-
-    def build_pretext(self) -> nn.Module:
-        return self.build_pretext_for("vertebrae")
 
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
         return pretext  # public weights fill encoder and decoder, as mae_st ships both
@@ -262,6 +263,9 @@ class _VideoMethod(Method):
 
     def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
         return crop_position_embeddings(state, target, self.params.pe_cropping)
+
+    def optional_encoder_keys(self) -> tuple[str, ...]:
+        return () if self.params.pe_cropping else ("pos_embed_spatial",)  # the ablation leaves them random
 
     SWITCHES = ("video_pretraining", "vertebra_pretraining", "pe_cropping", "format_adaptation", "multi_view", "dropout")
 

@@ -106,7 +106,6 @@ MONAI_VIT_WEIGHTS = WeightsSpec(
 class ViTUNETR(Method):
     description = "MONAI ViTAutoEnc SSL (two views, L1 + contrastive), ViT-B encoder (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
-    pretext_input = "volume"
     Params = ViTUNETRParams
     public_weights = MONAI_VIT_WEIGHTS
     presets = {
@@ -122,8 +121,14 @@ class ViTUNETR(Method):
     def build_encoder(self) -> tuple[nn.Module, int]:
         return ViTEncoder(ViT(**self._kw(), classification=True, num_classes=2, post_activation=None)), self.params.hidden_size
 
-    def build_pretext(self) -> nn.Module:
+    def pretext_data(self, stage: str) -> str:
+        return "volume"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         return ViTAutoEncSSL(ViTAutoEnc(**self._kw()), self.cfg.crop_size, self.params.temperature, self.cfg.pretrain.seed)
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.vit
+
+    def optional_encoder_keys(self) -> tuple[str, ...]:
+        return ("cls_token",)  # ViTAutoEnc has no cls token: the classifier's starts at random

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, select_autoescape
 
+from bench import regimes
 from bench.reports import plots
 from bench.reports.collect import load_runs
 from bench.reports.stats import GRADE_COLUMNS, METRICS, cells, critical_difference, delong_vs_best, grade_cells
@@ -19,7 +20,6 @@ TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "vi
 TABLE4 = ("densenet121", "densenet169", "resnet18", "resnet50", "vit_b", "vit_l", "engstler")
 TABLE2 = ("no_video_pretraining", "no_vertebra_pretraining", "no_multi_view", "no_pe_cropping",
           "no_format_adaptation", "no_vertebra_pretraining_no_pe_cropping", "full")
-REGIME_ORDER = ("scratch", "public", "vertebrae", "public_to_vertebrae")
 
 
 def paper_results() -> pd.DataFrame:
@@ -71,6 +71,25 @@ def _grade_section(runs: pd.DataFrame, n_boot: int) -> dict[str, Any] | None:
     return {"columns": GRADE_COLUMNS, "rows": rows}
 
 
+def _figures(runs: pd.DataFrame, table: pd.DataFrame, everything: pd.DataFrame) -> list[tuple[str, str]]:
+    """The report's plots, as (title, inline image)."""
+    figures = []
+    if not runs.empty:
+        figures += [("Test AUC per method and regime", plots.metric_plot(table, "auc")),
+                    ("Test F1 per method and regime", plots.metric_plot(table, "f1")),
+                    ("ROC and precision-recall curves", plots.roc_pr_plot(runs)),
+                    ("Finetuning learning curves", plots.learning_curves(runs))]
+    pre = plots.pretraining_curves(everything)
+    if pre:
+        figures.append(("Pretraining loss curves", pre))
+    if not runs.empty:
+        figures.append(("Cost per run", plots.cost_plot(table)))
+        cd = critical_difference(runs)
+        if cd is not None:
+            figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
+    return figures
+
+
 def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) -> Path:
     everything = load_runs(run_dirs)
     # The paper's tables hold the binary task on all training patients; grading and label-efficiency
@@ -79,7 +98,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
     table = cells(runs, n_boot) if not runs.empty else pd.DataFrame(columns=["method", "regime", "variant", "seeds"])
     paper = paper_results()
     tables = []
-    sort_regime = lambda r: REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER)  # noqa: E731
+    sort_regime = regimes.order
 
     def add(title, caption, keys, key_label, key_of, members):
         sub = table[[k in members for k in zip(table.method, table.regime, table.variant)]]
@@ -107,20 +126,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
             sorted(other, key=lambda k: (k[0], sort_regime(k[1]), k[2])), "pretraining",
             lambda r, v: r + (f" / {v}" if v else ""), set(other))
 
-    figures = []
-    if not runs.empty:
-        figures += [("Test AUC per method and regime", plots.metric_plot(table, "auc")),
-                    ("Test F1 per method and regime", plots.metric_plot(table, "f1")),
-                    ("ROC and precision-recall curves", plots.roc_pr_plot(runs)),
-                    ("Finetuning learning curves", plots.learning_curves(runs))]
-    pre = plots.pretraining_curves(everything)
-    if pre:
-        figures.append(("Pretraining loss curves", pre))
-    if not runs.empty:
-        figures.append(("Cost per run", plots.cost_plot(table)))
-        cd = critical_difference(runs)
-        if cd is not None:
-            figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
+    figures = _figures(runs, table, everything)
     fractions = everything[everything.task == "fracture"]
     label_efficiency = None
     if fractions["train_fraction"].nunique() > 1:

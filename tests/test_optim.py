@@ -6,7 +6,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from bench.engine import make_optimizer
+from bench.loop import make_optimizer
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])

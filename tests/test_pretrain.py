@@ -160,3 +160,37 @@ def test_mae_encoder_embeds_the_visible_patches_alone_as_the_conv_would():
     expected = torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, 24))
     assert seen[0].shape == (2, 14, 24)  # cls + the 13 kept patches
     torch.testing.assert_close(seen[0][:, 1:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_pretraining_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    """Killed during epoch 2 of 3, the stage restarts at epoch 2 and ends with the same model."""
+    from safetensors.torch import load_file
+
+    import bench.pretrain as pretrain
+
+    overrides = {"method": "mae3d", "regime": "vertebrae", "preset": "tiny", "pretrain.epochs": "3"}
+
+    def build(cache):
+        cfg = compose({**overrides, "cache_dir": str(cache)}, get_method("mae3d"))
+        return pretrain.ensure_artifact(create_method("mae3d", cfg), cfg, "vertebrae", None)
+
+    whole = build(tmp_path / "whole")
+    original = pretrain.PretextStage.set_epoch
+
+    def interrupt_at_2(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(pretrain.PretextStage, "set_epoch", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "cut")
+    staging = next((tmp_path / "cut" / "pretrain" / "mae3d").glob(".*.staging"))
+    assert (staging / pretrain.STATE_FILE).is_file()
+    monkeypatch.setattr(pretrain.PretextStage, "set_epoch", original)
+    resumed = build(tmp_path / "cut")
+    record = json.loads((resumed / "pretrain.json").read_text())
+    assert record["resumed_at_epoch"] == 2 and len(record["curve"]) == 3 and not staging.exists()
+    a, b = load_file(str(whole / "pretext.safetensors")), load_file(str(resumed / "pretext.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["loss"] for e in record["curve"]] == [e["loss"] for e in json.loads((whole / "pretrain.json").read_text())["curve"]]

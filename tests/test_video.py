@@ -5,7 +5,7 @@ import torch
 
 from bench.cli import main
 from bench.config import compose
-from bench.pretrain import encoder_init
+from tests_helpers import encoder_init
 from bench.registry import create_method, get_method
 from bench.methods.video_mae import VideoMAE
 
@@ -75,9 +75,9 @@ def test_mae_st_vit_l_layout_with_pe_cropping(tmp_path):
     assert not info["load_report"]["missing"] and not info["load_report"]["shape_mismatched"]
     assert method.finetune_encoder(model).grid == (8, 6, 6)
     # the vertebra-pretraining model (encoder + decoder) takes the same checkpoint, cropped too
-    from bench.pretrain import public_encoder_state
+    from bench.transfer import public_encoder_state
 
-    pretext = method.build_pretext_for("vertebrae")
+    pretext = method.build_pretext("vertebrae")
     full, _ = public_encoder_state(method, cfg, pretext)
     pretext.load_state_dict(full)
     _check_cropped(state, method.finetune_encoder(model).state_dict(), pretext.state_dict(), side=6)

@@ -8,7 +8,7 @@ from bench.datasets.views import slice_positions
 from bench.config import compose
 from bench.errors import BenchError
 from bench.methods.video_cnn import VideoResNetEncoder
-from bench.pretrain import encoder_init
+from tests_helpers import encoder_init
 from bench.registry import create_method, get_method
 from tests_helpers import run_cli
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from bench.datasets import views
 from bench.datasets.torch_data import SliceViewDataset
-from bench.engine import forward_views
+from bench.evaluation import forward_views
 
 
 def test_positions_follow_the_public_rule():

@@ -10,7 +10,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 
 from bench.config import compose
 from bench.errors import BenchError
-from bench.pretrain import encoder_init
+from tests_helpers import encoder_init
 from bench.registry import create_method, get_method
 from bench.weights import fetch, read_checkpoint, resize_pos_embed_3d, sha256_of
 

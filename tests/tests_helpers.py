@@ -25,3 +25,11 @@ def python_in(cwd: Path, code: str, env: dict[str, str] | None = None) -> str:
                          env={**os.environ, **(env or {})}, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def encoder_init(method, cfg, model):
+    """The run chain's pretraining and encoder-initialisation steps for an already built classifier."""
+    from bench.pretrain import run_plan
+    from bench.transfer import initialise_encoder
+
+    return initialise_encoder(method, cfg, model, run_plan(method, cfg))

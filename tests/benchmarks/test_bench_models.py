@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torch import nn
 
-from bench.engine import make_optimizer
+from bench.loop import make_optimizer
 from bench.methods.mae3d import MAE3D, Masking
 from bench.methods.video_mae import VideoViT
 from bench.methods.vit import ViT3D, take

@@ -1,0 +1,257 @@
+"""The one training loop, under pretraining and finetuning alike.
+
+The loop owns what every stage shares: device, AMP, `torch.compile`, memory format, the optimiser
+over parameter groups (timm's factory with torch's fused kernels), the cosine schedule with linear
+warmup (timm's, which honours a group's `lr_scale`), gradient clipping, the non-finite-loss guard,
+progress, RNG states, and the per-epoch training state from which an interrupted stage resumes
+exactly. A stage (see `Stage`) supplies the model to train, its batches, its step and its hooks;
+it never re-implements the loop. AMP and compile work on CPU too, so the CPU tests cover the GPU
+paths.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.errors import BenchError
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(amp: bool, name: str, device: torch.device) -> torch.dtype | None:
+    """None when AMP is off; bf16 on CPU (fp16 autocast is poorly supported there), fp16 on CUDA."""
+    if not amp:
+        return None
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if name == "fp16" and device.type == "cpu":
+        raise BenchError("amp_dtype=fp16 is not supported on CPU; use amp_dtype=bf16 or auto")
+    return torch.float16 if name == "fp16" else torch.bfloat16
+
+
+@dataclass
+class Execution:
+    """Where and how tensors run: device, autocast dtype, memory format, compile."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    compile: bool
+
+    @classmethod
+    def of(cls, cfg: Any, method: Any) -> Execution:
+        """channels_last_3d for the conv nets that declare it (`Method.channels_last`): oneDNN's and
+        cuDNN's 3D convolutions with few channels run faster in it; `channels_last=false` turns it off."""
+        device = select_device(cfg.device)
+        fmt = torch.channels_last_3d if cfg.channels_last and method.channels_last else torch.contiguous_format
+        return cls(device, amp_dtype(cfg.amp, cfg.amp_dtype, device), fmt, bool(cfg.compile))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def to(self, batch: Any) -> Any:
+        """A batch (a tensor, or a tuple/list/dict of them) on the device, 5-D tensors in the memory format."""
+        if isinstance(batch, torch.Tensor):
+            if batch.dim() == 5:
+                return batch.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self.to(v) for k, v in batch.items()}
+        return batch
+
+    def place(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The model on the device, and the module to call in steps (compiled, sharing its parameters)."""
+        model = model.to(self.device, memory_format=self.memory_format)
+        return model, (torch.compile(model) if self.compile else model)
+
+
+def make_optimizer(model_or_groups: nn.Module | list[dict[str, Any]], name: str, lr: float, weight_decay: float,
+                   **kwargs: Any) -> torch.optim.Optimizer:
+    """timm's optimiser factory (no weight decay on biases and norms when given a model) with torch's
+    fused kernels: one multi-tensor kernel per step instead of a dozen elementwise ops per parameter
+    tensor. Fused and per-tensor updates agree to rounding, and fused runs are deterministic too."""
+    from timm.optim import create_optimizer_v2
+
+    if name == "sgd":
+        kwargs.setdefault("momentum", 0.9)
+    return create_optimizer_v2(model_or_groups, opt=name, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)
+
+
+@dataclass
+class Schedule:
+    """The optimisation of one stage."""
+
+    epochs: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    optimizer: str = "adamw"
+    betas: tuple[float, float] | None = None  # None: the optimiser's default
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # 0: no clipping
+    lr_key: str = "lr"  # the config key to name when the loss diverges
+
+
+class Stage:
+    """What a stage gives the loop. Override `step`; the rest has working defaults."""
+
+    name: str = "training"
+    model: nn.Module  # the trained module (its parameters, state and checkpoints)
+    step_model: nn.Module  # set by the loop: the module steps call (compiled when compile is on)
+    loader: Iterable  # the training batches; `set_epoch` reseeds its augmentation and order
+
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups (each may set `lr_scale`, `weight_decay`); None: every
+        trainable parameter, with no weight decay on biases and norms."""
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        for holder in (getattr(self.loader, "dataset", None), getattr(self.loader, "batch_sampler", None)):
+            if hasattr(holder, "epoch"):
+                holder.epoch = epoch
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """The losses of one batch ({"loss": ..., other parts}), computed under autocast by `model`
+        (the compiled module when compile is on), and the batch's number of samples."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """After each optimiser step (e.g. an EMA teacher update)."""
+
+    def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """After each epoch: may evaluate and add to the epoch's record."""
+
+    def state(self) -> dict[str, Any]:
+        """The stage's own part of the training state (tensors and plain containers only)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class LoopResult:
+    history: list[dict[str, Any]]
+    steps: int
+    train_s: float
+    first_epoch: int  # > 0 when resumed
+
+
+OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+
+
+class TrainingLoop:
+    """Run a stage for `schedule.epochs` epochs, resumable from any epoch's training state."""
+
+    def __init__(self, stage: Stage, schedule: Schedule, execution: Execution, progress: bool = True) -> None:
+        self.stage, self.schedule, self.execution, self.progress = stage, schedule, execution, progress
+        self.model, self.step_model = execution.place(stage.model)
+        stage.model, stage.step_model = self.model, self.step_model
+        s = schedule
+        extra = {"betas": tuple(s.betas)} if s.betas else {}
+        self.optimizer = make_optimizer(stage.param_groups() or self.model, s.optimizer, s.lr, s.weight_decay, **extra)
+        self.steps_per_epoch = len(stage.loader)
+        self.total_steps = s.epochs * self.steps_per_epoch
+        from timm.scheduler import CosineLRScheduler
+
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=self.total_steps, lr_min=s.min_lr, t_in_epochs=False,
+            warmup_t=int(round(s.warmup_epochs * self.steps_per_epoch)), warmup_lr_init=s.lr * 0.01)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=execution.dtype == torch.float16)
+        self.step, self.epoch, self.history = 0, -1, []
+
+    def run(self, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> LoopResult:
+        first = 0
+        if resume is not None:
+            first = self._restore(resume)
+        t0 = time.perf_counter()
+        bar = tqdm(range(first, self.schedule.epochs), desc=self.stage.name, disable=not self.progress, leave=False)
+        for epoch in bar:
+            self.epoch = epoch
+            record = {"epoch": epoch, **self._train_epoch(epoch)}
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+            self.stage.end_epoch(epoch, record)
+            self.history.append(record)
+            if on_epoch is not None:
+                on_epoch(record, self.state)
+        return LoopResult(self.history, self.step, time.perf_counter() - t0, first)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        stage, opt, clip = self.stage, self.optimizer, self.schedule.grad_clip
+        t0 = time.perf_counter()
+        stage.set_epoch(epoch)
+        self.step_model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        for batch in stage.loader:
+            with self.execution.autocast():
+                parts, n = stage.step(self.step_model, self.execution.to(batch))
+            loss = parts["loss"].float()
+            if not torch.isfinite(loss):
+                raise BenchError(f"{stage.name} diverged at epoch {epoch} (loss {float(loss.detach())}); "
+                                 f"lower {self.schedule.lr_key}={self.schedule.lr}")
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if clip > 0:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.step += 1
+            self.scheduler.step_update(self.step)
+            stage.after_step(self.step, self.total_steps)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+            seen += n
+        means = {("train_loss" if k == "loss" else k): v / max(seen, 1) for k, v in sums.items()}
+        return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+
+    def state(self) -> dict[str, Any]:
+        """Everything `run(resume=...)` needs, in types that torch.load(weights_only=True) accepts."""
+        np_state, py_state = np.random.get_state(), random.getstate()
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.epoch, "history": self.history, "stage": self.stage.state(),
+                "rng": {"torch": torch.get_rng_state(), "python": [py_state[0], list(py_state[1]), py_state[2]],
+                        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:])}}
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], list(state["history"])
+        self.stage.load_state(state["stage"])
+        self.scheduler.step_update(self.step)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
+        return state["epoch"] + 1

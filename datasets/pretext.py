@@ -1,0 +1,133 @@
+"""What a pretext task reads, by one name (`Method.pretext_data(stage)`):
+
+- "volume": (1, S, S, S) crops in [0, 1]: body-CT patches on the `public` stage, the unlabelled
+  vertebrae on the `vertebrae` stage; random flips along every axis;
+- "video": (3, T, V, V) clips of the out-of-domain video corpus in [0, 1]; random horizontal flip
+  (`public` stage only);
+- "slices": the unlabelled vertebrae as slice-view clips (3, T, H, W), as the video methods see
+  vertebrae (`vertebrae` stage only).
+
+A method's `pretext_views(stage)` (optional) turns each sample into the views its pretext compares
+(two augmented crops, multi-crop), with a generator seeded per (seed, epoch, index), so the views
+are the same whatever the DataLoader's worker layout.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from bench.datasets.torch_data import SliceViewDataset, load_crop
+from bench.errors import BenchError, choices_hint
+
+KINDS = ("volume", "video", "slices")
+Views = Callable[[torch.Tensor, np.random.Generator], Any]
+
+
+class VolumeCorpus(Dataset):
+    """(1, S, S, S) crops or patches in [0, 1], random flips along every axis (pretext augmentation)."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, size: int, seed: int) -> None:
+        self.images, self.rows, self.size, self.seed, self.epoch = images, rows, size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = load_crop(self.images, self.rows[index], self.size)
+        rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        for axis in range(3):
+            if rng.random() < 0.5:
+                x = np.flip(x, axis)
+        return torch.from_numpy(np.ascontiguousarray(x)[None])
+
+
+class VideoCorpus(Dataset):
+    """(3, T, H, W) clips in [0, 1] from uint8 (N, T, H, W, 3) videos, random horizontal flip."""
+
+    def __init__(self, clips: np.ndarray, seed: int) -> None:
+        self.clips, self.seed, self.epoch = clips, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = np.asarray(self.clips[index], dtype=np.float32) / 255.0  # (T, H, W, 3)
+        if np.random.default_rng([self.seed, self.epoch, index, 3]).random() < 0.5:
+            x = x[:, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 0, 1, 2)))
+
+
+class SliceCorpus(SliceViewDataset):
+    """Unlabelled vertebrae as slice-view clips (3, T, H, W), without labels."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return super().__getitem__(index)[0]
+
+
+class WithViews(Dataset):
+    """A pretext dataset whose samples pass through the method's `views(sample, rng)`."""
+
+    def __init__(self, inner: Dataset, views: Views, seed: int) -> None:
+        self.inner, self.views, self.seed = inner, views, seed
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.inner.epoch = value
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.views(self.inner[index], np.random.default_rng([self.seed, self.epoch, index, 5]))
+
+
+def corpus_frame_size(cfg: DictConfig) -> int:
+    """Frame edge of the out-of-domain video corpus (what the `public` video pretext sees)."""
+    return int(cfg.synthetic.video_size)
+
+
+def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tuple[Dataset, dict[str, Any]]:
+    """The dataset of a pretraining stage and what identifies it (part of the artifact's hash)."""
+    from bench.datasets.loading import load_corpus, load_unlabelled, synthetic_spec
+
+    kind = method.pretext_data(stage)
+    if kind not in KINDS:
+        raise BenchError(f"method '{method.name}': pretext_data('{stage}') returned {kind!r}; "
+                         f"{choices_hint(str(kind), KINDS)}")
+    if stage == "public":
+        if cfg.data != "synthetic" and not cfg.weights.public:
+            raise BenchError(f"regime public on data '{cfg.data}' needs weights.public=PATH_OR_URL "
+                             "(the embedded public corpus belongs to data=synthetic)")
+        if kind == "slices":
+            raise BenchError(f"method '{method.name}': the public stage reads 'volume' or 'video', not 'slices'")
+        corpus = "video" if kind == "video" else "body_ct"
+        items = load_corpus(cfg, corpus)
+        spec = {"corpus": corpus, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size}
+        dataset = VideoCorpus(items, seed) if kind == "video" else VolumeCorpus(items, np.arange(len(items)),
+                                                                                  cfg.crop_size, seed)
+    else:
+        if kind == "video":
+            raise BenchError(f"method '{method.name}': the vertebrae stage reads 'volume' or 'slices', not 'video'")
+        data = load_unlabelled(cfg)
+        spec = {"corpus": "unlabelled_vertebrae", "name": data.name, "fingerprint": data.fingerprint(),
+                "crop_size": cfg.crop_size}
+        if kind == "slices":
+            v = cfg.views
+            frame_size = method.view_options().get("frame_size", v.frame_size)
+            spec.update(views=OmegaConf.to_container(v), view_options=method.view_options())
+            dataset = SliceCorpus(data.images, data.crop_indices, np.zeros(len(data.table)), cfg.crop_size,
+                                  augment=True, seed=seed, axis=v.axis, frames=v.frames, frame_size=frame_size,
+                                  channels=v.channels)
+        else:
+            dataset = VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed)
+    views = method.pretext_views(stage)
+    return (WithViews(dataset, views, seed) if views is not None else dataset), spec

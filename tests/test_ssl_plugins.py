@@ -1,0 +1,100 @@
+"""Two self-supervised methods written by outsiders (tests/plugins/), installed as packages with a
+`bench.methods` entry point and using only the documented pretraining surface of `Method`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests_helpers import REPO, run_cli
+
+PLUGINS = REPO / "tests" / "plugins"
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("site")
+    for name in ("bench_simclr3d", "bench_byol3d"):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(site), str(PLUGINS / name)], check=True, capture_output=True)
+    return site
+
+
+@pytest.mark.e2e
+def test_ssl_plugins_pretrain_finetune_and_report_through_the_cli(plugin_site, tmp_path, bench_cache):
+    env = {"PYTHONPATH": str(plugin_site)}
+    listed = run_cli("list", "methods", env=env)
+    assert listed.returncode == 0 and "simclr3d" in listed.stdout and "byol3d" in listed.stdout
+    out = tmp_path / "runs"
+    for method in ("simclr3d", "byol3d"):
+        ran = run_cli("run", f"method={method}", "preset=tiny", f"out={out}", env=env)
+        assert ran.returncode == 0, ran.stderr
+        metrics = json.loads((out / "single" / f"{method}-vertebrae-s0" / "metrics.json").read_text())
+        init = metrics["pretraining"]
+        assert init["init"].startswith("artifact ") and init["load_report"]["missing"] == []
+        artifact = Path(init["artifact"])
+        assert artifact.parent.parent == bench_cache / "pretrain" and (artifact / "pretext.safetensors").is_file()
+        assert len(init["pretrain_curve"]) == 2 and all(torch.isfinite(torch.tensor(e["loss"]))
+                                                         for e in init["pretrain_curve"])
+        assert (out / "single" / f"{method}-scratch-s0" / "metrics.json").is_file()
+    byol_curve = json.loads((out / "single" / "byol3d-vertebrae-s0" / "metrics.json").read_text())
+    assert [e["momentum"] for e in byol_curve["pretraining"]["pretrain_curve"]] == pytest.approx([0.99, 0.995])
+    report = run_cli("report", str(out / "single"), f"out={tmp_path / 'report'}", "bootstrap=20", env=env)
+    assert report.returncode == 0, report.stderr
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Other runs" in html and "simclr3d" in html and "byol3d" in html
+
+
+def _byol(plugin_site):
+    sys.path.insert(0, str(plugin_site))
+    try:
+        import bench_byol3d
+    finally:
+        sys.path.remove(str(plugin_site))
+    from bench.config import compose
+    from bench.registry import get_method
+
+    cfg = compose({"method": "byol3d", "preset": "tiny", "regime": "vertebrae"}, get_method("byol3d"))
+    return bench_byol3d, get_method("byol3d")(cfg)
+
+
+def test_byol_teacher_gets_no_gradient_and_moves_by_the_momentum_rule(plugin_site):
+    from bench.loop import make_optimizer
+
+    plugin, method = _byol(plugin_site)
+    torch.manual_seed(0)
+    pretext = method.build_pretext()
+    groups = method.pretext_param_groups(pretext)
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trained for p in pretext.teacher.parameters())
+    optimizer = make_optimizer(groups, "adamw", 1e-2, 0.05)
+    x = torch.rand(4, 1, 16, 16, 16)
+    teacher_before = [t.detach().clone() for t in pretext.teacher.parameters()]
+    pretext.train()
+    loss = method.pretext_step(pretext, (x, x.flip(2)))["loss"]
+    loss.backward()
+    assert all(t.grad is None for t in pretext.teacher.parameters())
+    optimizer.step()
+    method.on_pretext_step(pretext, step=3, total_steps=10)
+    m = plugin.momentum_at(3, 10, method.params.base_momentum)
+    assert 0.99 < m < 1
+    student = [p for mod in pretext.student_modules() for p in mod.parameters()]
+    for before, after, s in zip(teacher_before, pretext.teacher.parameters(), student):
+        torch.testing.assert_close(after, m * before + (1 - m) * s.detach())
+    assert any(not torch.equal(b, a) for b, a in zip(teacher_before, pretext.teacher.parameters()))
+
+
+def test_views_are_made_per_sample_from_the_seeded_generator(plugin_site, bench_cache):
+    from bench.datasets.pretext import pretext_dataset
+
+    _, method = _byol(plugin_site)
+    dataset, _ = pretext_dataset(method, method.cfg, "vertebrae", seed=0)
+    a1, b1 = dataset[3]
+    a2, b2 = dataset[3]
+    assert torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, b1)
+    dataset.epoch = 1
+    assert not torch.equal(dataset[3][0], a1)
