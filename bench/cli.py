@@ -11,15 +11,15 @@ LISTABLE = ("methods", "regimes", "datasets", "presets", "suites")
 
 def _cmd_list(what: str) -> None:
     from bench.config import PRESETS
-    from bench.registry import DATASETS, METHODS
     from bench.regimes import REGIMES
+    from bench.registry import DATASETS, METHODS
 
     if what == "methods":
         for name in METHODS.names():
             cls = METHODS.get(name)
             print(f"{name:16s} regimes: {', '.join(cls.regimes):40s} {cls.description}")
     elif what == "regimes":
-        for name, (stages, meaning) in REGIMES.items():
+        for name, (_, meaning) in REGIMES.items():
             print(f"{name:20s} {meaning}")
     elif what == "datasets":
         for name in DATASETS.names():
@@ -50,7 +50,8 @@ def _cmd_run(args: list[str]) -> None:
         import json
 
         test = json.loads((folder / "metrics.json").read_text())["test"]
-        keys = ("macro_f1", "qwk", "sensitivity", "specificity", "auc") if cfg.task == "grade" else ("f1", "acc", "auc", "ap")
+        grade_keys = ("macro_f1", "qwk", "sensitivity", "specificity", "auc")
+        keys = grade_keys if cfg.task == "grade" else ("f1", "acc", "auc", "ap")
         shown = " ".join(f"{k}={test[k]:.3f}" if test[k] is not None else f"{k}=n/a" for k in keys)
         print(f"{cfg.method} {cfg.regime} seed {cfg.seed}: {shown} -> {folder}")
 
@@ -88,10 +89,12 @@ def _data_synth(overrides: dict[str, str]) -> None:
     table = data.table
     grades = table.grade.value_counts().sort_index().to_dict()
     print(f"{out or data.name}: {len(table)} labelled vertebrae from {table.patient_id.nunique()} patients, "
-          f"{int(table.label.sum())} fractured ({table.label.mean():.1%}; grades {grades}), crops {data.images.shape[1:]}")
+          f"{int(table.label.sum())} fractured ({table.label.mean():.1%}; grades {grades}), "
+          f"crops {data.images.shape[1:]}")
     if not out:
         unlabelled = load_unlabelled(cfg)
-        print(f"unlabelled: {len(unlabelled.table)} vertebrae from {unlabelled.table.patient_id.nunique()} other patients")
+        patients = unlabelled.table.patient_id.nunique()
+        print(f"unlabelled: {len(unlabelled.table)} vertebrae from {patients} other patients")
         for kind in ("body_ct", "video"):
             corpus = load_corpus(cfg, kind)
             print(f"{kind} corpus: {corpus.shape[0]} items of shape {corpus.shape[1:]} ({corpus.dtype})")
@@ -124,8 +127,9 @@ def _data_info(path: str) -> None:
     from bench.datasets.cropstore import open_store
 
     crops, manifest, meta = open_store(path)
-    print(f"{path}: {len(crops)} crops of {meta['size']}^3 at {meta['spacing_mm']} mm ({meta['dtype']}, frame {meta['frame']}) "
-          f"from {manifest.patient_id.nunique()} patients; labelled {int((manifest.label >= 0).sum())}, "
+    print(f"{path}: {len(crops)} crops of {meta['size']}^3 at {meta['spacing_mm']} mm ({meta['dtype']}, frame "
+          f"{meta['frame']}) from {manifest.patient_id.nunique()} patients; "
+          f"labelled {int((manifest.label >= 0).sum())}, "
           f"fractured {int((manifest.label == 1).sum())}, skipped {meta['skipped']}")
 
 

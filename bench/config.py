@@ -84,7 +84,7 @@ class RunConfig:
     """One finetuning run: a method in a regime on a data set with a seed."""
 
     method: str = ""
-    regime: Optional[str] = None  # None: every regime the method supports
+    regime: Optional[str] = None  # noqa: UP045 (OmegaConf's structured configs read Optional)  # None: every regime
     preset: Literal["tiny", "small", "paper"] = "small"
     seed: int = 0
     data: str = "synthetic"  # a registered data set name or the path of a crop store
@@ -234,7 +234,8 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.synthetic.difficulty <= 1:
         raise BenchError(f"bad value for 'synthetic.difficulty': {cfg.synthetic.difficulty}; expected in [0, 1]")
     if cfg.views.frames + 2 > cfg.crop_size:
-        raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 ({cfg.crop_size - 2})")
+        raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 "
+                         f"({cfg.crop_size - 2})")
     if cfg.synthetic.max_vertebrae < cfg.synthetic.min_vertebrae:
         raise BenchError(
             f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "

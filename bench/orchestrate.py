@@ -222,7 +222,8 @@ def run_suite(overrides: dict[str, str]) -> Path:
         results = tuner.fit()
     errors = [r for r in results if r.error]
     summary = [{"run": r.config["run"], "folder": r.metrics.get("folder"), "node_id": r.metrics.get("node_id"),
-                "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"), "error": str(r.error) if r.error else None}
+                "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"),
+                "error": str(r.error) if r.error else None}
                for r in results]
     from bench.store import dumps, write_text_atomic
 

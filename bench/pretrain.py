@@ -12,7 +12,6 @@ is kept in the artifact's staging folder until the artifact is complete.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,7 @@ from bench.store import dumps, write_text_atomic
 from bench.transfer import check_contract, public_encoder_state, public_file
 from bench.weights import load_into
 
-ARTIFACT_VERSION = 4  # bumped whenever a pretext task changes what it computes (2: numpy local shuffling;
-# 3: Genesis sub-cubes, MAE visible-patch embedding, channels_last and bf16 in the conv pretexts;
-# 4: fused optimiser steps, ViT patch embedding as a matrix product, MAE predicts hidden patches only)
+ARTIFACT_VERSION = 4  # bumped whenever a pretext task changes what it computes
 STATE_FILE = "training_state.pt"
 
 

@@ -44,8 +44,8 @@ class Registry(Generic[T]):
                 )
             if self._check is not None:
                 self._check(key, obj)
-            if hasattr(obj, "name") and getattr(obj, "name") != key:
-                setattr(obj, "name", key)
+            if hasattr(obj, "name") and obj.name != key:
+                obj.name = key
             self._items[key] = obj
             self._origins[key] = getattr(obj, "__module__", "?")
             return obj

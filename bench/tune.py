@@ -116,7 +116,8 @@ def run_tune(overrides: dict[str, str]) -> Path:
         raise BenchError(f"bench tune: no trial reported {metric}; see {out / '_ray'}")
     best = (max if mode == "max" else min)(finished, key=lambda t: t[metric])
     command = "bench run " + " ".join([f"{k}={v}" for k, v in overrides.items() if k not in TUNE_KEYS] +
-                                      [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["values"].items()])
+                                      [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k,
+                                       v in best["values"].items()])
     write_text_atomic(out / "tune.json", dumps({"method": cfg.method, "regime": cfg.regime, "metric": metric,
                                                 "mode": mode, "samples": samples, "max_epochs": cfg.epochs,
                                                 "wall_s": wall, "space": {k: list(v) for k, v in space_spec.items()},

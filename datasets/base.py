@@ -52,6 +52,6 @@ class VertebraSet:
         cols = [c for c in ("patient_id", "vertebra", "label", "grade", "split", "checksum") if c in table]
         return hashlib.sha256(table[cols].to_csv(index=False).encode()).hexdigest()
 
-    def subset(self, split: str) -> "VertebraSet":
+    def subset(self, split: str) -> VertebraSet:
         rows = self.table[self.table["split"].to_numpy() == split]
         return VertebraSet(self.images, rows, f"{self.name}:{split}")

@@ -51,7 +51,7 @@ def body_ct_patch(index: int, size: int, fov_mm: float, seed: int) -> np.ndarray
             rel = np.stack([X - cx - p[0], Y - cy - p[1], Z - p[2]], -1)
             dist = np.linalg.norm(rel - (rel @ d)[..., None] * d, axis=-1)
             hu[(dist < rng.uniform(1.5, 5)) & (hu < -500)] = TISSUE_HU["vessel"]
-        for k in range(int(rng.integers(3, 7))):  # ribs: arcs near the body wall
+        for _ in range(int(rng.integers(3, 7))):  # ribs: arcs near the body wall
             z0 = rng.uniform(-80, 80)
             ring = np.abs(np.sqrt((X / half_w) ** 2 + (Y / half_d) ** 2) - rng.uniform(0.85, 0.93)) < 0.03
             hu[ring & (np.abs(Z - z0) < rng.uniform(4, 7))] = TISSUE_HU["bone"] * rng.uniform(0.6, 1.2)

@@ -33,7 +33,8 @@ def is_store(path: Path) -> bool:
 def open_store(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
     path = Path(path)
     if not is_store(path):
-        raise BenchError(f"'{path}' is not a crop store (expected store.json and crops.npy; make one with `bench data ingest`)")
+        raise BenchError(f"'{path}' is not a crop store (expected store.json and crops.npy; make one with `bench data "
+                         f"ingest`)")
     meta = json.loads((path / "store.json").read_text())
     crops = np.load(path / "crops.npy", mmap_mode="r")
     manifest = pd.read_parquet(path / "manifest.parquet")
@@ -73,7 +74,8 @@ class StoreWriter:
         shutil.rmtree(self.stage / "chunks")
         manifest.to_parquet(self.stage / "manifest.parquet", index=False)
         skipped.to_csv(self.stage / "skipped.csv", index=False)
-        (self.stage / "store.json").write_text(json.dumps({"version": STORE_VERSION, **meta}, indent=2, default=str) + "\n")
+        (self.stage / "store.json").write_text(json.dumps({"version": STORE_VERSION, **meta}, indent=2,
+                                                          default=str) + "\n")
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")

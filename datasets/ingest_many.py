@@ -37,7 +37,8 @@ def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "
         table = pd.read_csv(path, dtype=str)
         missing = {"ct", "mask", "patient_id"} - set(table.columns)
         if missing:
-            raise BenchError(f"cases '{cases}': missing column(s) {', '.join(sorted(missing))}; expected ct, mask, patient_id[, centroids]")
+            raise BenchError(f"cases '{cases}': missing column(s) {', '.join(sorted(missing))}; expected ct, mask, "
+                             f"patient_id[, centroids]")
         resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
         return [Case(resolve(r.ct), resolve(r.mask), r.patient_id,
                      resolve(r.centroids) if "centroids" in table and isinstance(r.centroids, str) else None)
@@ -52,7 +53,8 @@ def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "
         pairs = [(p, mask_path / p.name) for p in cts]
         unpaired = [str(m) for _, m in pairs if not m.exists()]
         if unpaired:
-            raise BenchError(f"mask folder '{mask}' lacks {len(unpaired)} file(s) named as in '{ct}', e.g. {unpaired[0]}")
+            raise BenchError(f"mask folder '{mask}' lacks {len(unpaired)} file(s) named as in '{ct}', e.g. "
+                             f"{unpaired[0]}")
         if not pairs:
             raise BenchError(f"ct folder '{ct}' holds no .nii or .nii.gz files")
         return [Case(str(c), str(m), _stem(c)) for c, m in pairs]
@@ -67,7 +69,8 @@ def read_labels(path: str) -> pd.DataFrame:
     table = pd.read_csv(p, dtype={"patient_id": str, "vertebra": str})
     missing = {"patient_id", "vertebra", "fracture"} - set(table.columns)
     if missing:
-        raise BenchError(f"labels '{path}': missing column(s) {', '.join(sorted(missing))}; expected patient_id, vertebra, fracture[, grade]")
+        raise BenchError(f"labels '{path}': missing column(s) {', '.join(sorted(missing))}; expected patient_id, "
+                         f"vertebra, fracture[, grade]")
     for row, name in enumerate(table["vertebra"], start=2):
         check_vertebra_name(str(name), f"labels '{path}' line {row}")
     if not table["fracture"].isin([0, 1]).all():
@@ -80,7 +83,8 @@ def read_labels(path: str) -> pd.DataFrame:
         clash = table[(table["grade"] > 0) != (table["fracture"] == 1)]
         if len(clash):
             r = clash.iloc[0]
-            raise BenchError(f"labels '{path}': {r.patient_id} {r.vertebra} has fracture={r.fracture} but grade={r.grade}")
+            raise BenchError(f"labels '{path}': {r.patient_id} {r.vertebra} has fracture={r.fracture} but "
+                             f"grade={r.grade}")
     return table
 
 
@@ -151,7 +155,8 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", w
         dup = manifest.duplicated(["patient_id", "vertebra"])
         if dup.any():
             r = manifest[dup].iloc[0]
-            raise BenchError(f"vertebra {r.vertebra} of patient {r.patient_id} appears in two cases; patient ids must name one CT each")
+            raise BenchError(f"vertebra {r.vertebra} of patient {r.patient_id} appears in two cases; patient ids must "
+                             f"name one CT each")
         manifest, report = join_labels(manifest, label_table)
         manifest["split"] = ""
         manifest["spacing"] = opts.spacing

@@ -61,7 +61,8 @@ def read_splits(path: Path) -> pd.Series:
         raise BenchError(f"splits '{path}': expected columns patient_id,split")
     bad = table[~table["split"].isin(SPLITS)]
     if len(bad):
-        raise BenchError(f"splits '{path}': patient {bad.patient_id.iloc[0]} has split '{bad.split.iloc[0]}'; valid: train, val, test")
+        raise BenchError(f"splits '{path}': patient {bad.patient_id.iloc[0]} has split '{bad.split.iloc[0]}'; valid: "
+                         f"train, val, test")
     dup = table[table.duplicated("patient_id", keep=False)]
     if len(dup):
         raise BenchError(f"patient leakage in splits '{path}': patient {dup.patient_id.iloc[0]} is listed twice")
@@ -97,7 +98,8 @@ def check_disjoint(labelled_patients, unlabelled_patients, what: str = "unlabell
     shared = sorted(set(labelled_patients) & set(unlabelled_patients))
     if shared:
         raise BenchError(
-            f"patient leakage: {len(shared)} patient(s) are in both the labelled data and the {what}, e.g. '{shared[0]}'"
+            f"patient leakage: {len(shared)} patient(s) are in both the labelled data and the {what}, "
+            f"e.g. '{shared[0]}'"
         )
 
 

@@ -1,4 +1,12 @@
 """Built-in methods. Importing this package registers them (one module per method family)."""
 from bench.methods import (  # noqa: F401
-    cnn, mae3d, models_genesis, supcon, swin_unetr, video_cnn, video_mae, vit, vit_unetr,
+    cnn,
+    mae3d,
+    models_genesis,
+    supcon,
+    swin_unetr,
+    video_cnn,
+    video_mae,
+    vit,
+    vit_unetr,
 )

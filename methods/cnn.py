@@ -1,7 +1,7 @@
 """3D CNN baselines of the paper's Table 4: MONAI DenseNet-121/169 and ResNet-18/50, from scratch.
 
 The `paper` preset keeps the published architectures; `tiny` and `small` shrink their width (and
-ResNet's first-layer stride, whose MONAI default of 1 makes it ~7x slower) so that they run on a CPU.
+ResNet's first-layer stride, whose MONAI default of 1 is much slower) so that they run on a CPU.
 """
 from __future__ import annotations
 

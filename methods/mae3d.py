@@ -53,7 +53,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) 
     patches gives MAE's loss (the visible ones have weight 0) without the 4096-wide prediction of
     every visible 16^3 patch."""
     target = target.float()
-    if norm_pix:  # (t - mean) / sqrt(var_unbiased + eps) as one layer-norm kernel, 8x faster than var_mean
+    if norm_pix:  # (t - mean) / sqrt(var_unbiased + eps) as one layer-norm kernel instead of var_mean
         n = target.shape[-1]  # and three elementwise ops: var_unbiased = var / c^2 with c^2 = (n - 1) / n,
         c2 = (n - 1) / n  # so the target is c * LN(t, eps * c^2), and c is the norm's weight
         weight = torch.full((n,), c2**0.5, dtype=target.dtype, device=target.device)

@@ -124,8 +124,8 @@ class SwinUNETR(Method):
     Params = SwinParams
     public_weights = SWINVIT_WEIGHTS
     # Swin needs crops divisible by 32: the CPU presets use 32^3 (3 mm voxels over 96 mm). They keep
-    # 12 channels per head: the paper's head count at feature size 12 (4 channels per head) spent 75 %
-    # of a step in attention products and softmax, 2.4x the time of these heads.
+    # 12 channels per head: the paper's head count at feature size 12 (4 channels per head) spends most
+    # of a step in small attention products and softmax.
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
         "small": {"crop_size": 32, "lr": 5.0e-4, "amp": True,

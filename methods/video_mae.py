@@ -49,18 +49,21 @@ class VideoViT(nn.Module):
                  mlp_ratio: float = 4.0, t_patch: int = 2) -> None:
         super().__init__()
         if img_size % patch or frames % t_patch:
-            raise BenchError(f"video ViT: frame size {img_size} must be a multiple of {patch}, frames {frames} of {t_patch}")
+            raise BenchError(f"video ViT: frame size {img_size} must be a multiple of {patch}, frames {frames} of "
+                             f"{t_patch}")
         self.grid = (frames // t_patch, img_size // patch, img_size // patch)
         self.patch, self.t_patch, self.embed_dim, self.frames = patch, t_patch, embed_dim, frames
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(3, embed_dim, kernel_size=(t_patch, patch, patch), stride=(t_patch, patch, patch))
+        self.patch_embed.proj = nn.Conv3d(3, embed_dim, kernel_size=(t_patch, patch, patch), stride=(t_patch, patch,
+                                                                                                     patch))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed_spatial = nn.Parameter(torch.zeros(1, self.grid[1] * self.grid[2], embed_dim))
         self.pos_embed_temporal = nn.Parameter(torch.zeros(1, self.grid[0], embed_dim))
         self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, embed_dim))
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, qkv_bias=True,
+                                          norm_layer=norm) for _ in range(depth))
         self.norm = norm(embed_dim)
         for p in (self.cls_token, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class):
             trunc_normal_(p, std=0.02)
@@ -90,7 +93,8 @@ class VideoMAE(VideoViT):
     """Encoder keys plus the mae_st decoder keys; `forward` returns the masked-patch loss."""
 
     def __init__(self, frames: int, img_size: int, patch: int, embed_dim: int, depth: int, heads: int,
-                 decoder_dim: int, decoder_depth: int, decoder_heads: int, mask_ratio: float, norm_pix_loss: bool) -> None:
+                 decoder_dim: int, decoder_depth: int, decoder_heads: int, mask_ratio: float,
+                 norm_pix_loss: bool) -> None:
         super().__init__(frames, img_size, patch, embed_dim, depth, heads)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         norm = partial(nn.LayerNorm, eps=1e-6)
@@ -125,7 +129,8 @@ class VideoMAE(VideoViT):
         return {"loss": masked_patch_loss(pred, take(self.target(x), masking.hidden), self.norm_pix_loss)}
 
 
-ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.", "norm.")
+ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.",
+                "norm.")
 
 
 def _centre_crop_grid(grid: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
@@ -267,7 +272,8 @@ class _VideoMethod(Method):
     def optional_encoder_keys(self) -> tuple[str, ...]:
         return () if self.params.pe_cropping else ("pos_embed_spatial",)  # the ablation leaves them random
 
-    SWITCHES = ("video_pretraining", "vertebra_pretraining", "pe_cropping", "format_adaptation", "multi_view", "dropout")
+    SWITCHES = ("video_pretraining", "vertebra_pretraining", "pe_cropping", "format_adaptation", "multi_view",
+                "dropout")
 
     def artifact_key(self, stage: str) -> dict:
         """Video pretraining is the same for both video methods and every Table 2 switch; the

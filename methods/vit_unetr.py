@@ -58,20 +58,23 @@ class ViTAutoEncSSL(nn.Module):
         self.encoder = autoenc
         s = crop
         self.corrupt = Compose([
-            RandCoarseDropout(prob=1.0, holes=6, spatial_size=max(1, s // 19), dropout_holes=True, max_spatial_size=max(2, s // 3)),
-            RandCoarseDropout(prob=1.0, holes=6, spatial_size=max(2, s // 5), dropout_holes=False, max_spatial_size=max(3, 2 * s // 3)),
+            RandCoarseDropout(prob=1.0, holes=6, spatial_size=max(1, s // 19), dropout_holes=True,
+                              max_spatial_size=max(2, s // 3)),
+            RandCoarseDropout(prob=1.0, holes=6, spatial_size=max(2, s // 5), dropout_holes=False,
+                              max_spatial_size=max(3, 2 * s // 3)),
             RandCoarseShuffle(prob=0.8, holes=10, spatial_size=max(1, s // 12)),
         ])
         self.corrupt.set_random_state(seed=seed)
-        # The tutorial's MONAI ContrastiveLoss broadcasts a (2B, 2B, D) tensor; on whole flattened
-        # reconstructions (D = 48^3 at `small`) that took 70 % of a step and gigabytes. The same NT-Xent
-        # (tested equal) from pytorch-metric-learning takes one (2B, D) x (D, 2B) product.
+        # The tutorial's MONAI ContrastiveLoss broadcasts a (2B, 2B, D) tensor, D being a whole flattened
+        # reconstruction; the same NT-Xent (tested equal) from pytorch-metric-learning takes one
+        # (2B, D) x (D, 2B) product.
         self.contrastive = NTXentLoss(temperature=temperature)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         views = []
         for _ in range(2):
-            corrupted = [convert_to_tensor(self.corrupt(s.cpu()), track_meta=False) for s in x.float()]  # no MetaTensors
+            corrupted = [convert_to_tensor(self.corrupt(s.cpu()),
+                                           track_meta=False) for s in x.float()]  # no MetaTensors
             views.append(torch.stack(corrupted).to(x.device, x.dtype))
         out1, out2 = self.encoder(views[0])[0], self.encoder(views[1])[0]
         recon = F.l1_loss(out1.float(), x.float())
@@ -119,13 +122,15 @@ class ViTUNETR(Method):
                     mlp_dim=p.mlp_dim, num_layers=p.num_layers, num_heads=p.num_heads)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
-        return ViTEncoder(ViT(**self._kw(), classification=True, num_classes=2, post_activation=None)), self.params.hidden_size
+        return ViTEncoder(ViT(**self._kw(), classification=True, num_classes=2,
+                              post_activation=None)), self.params.hidden_size
 
     def pretext_data(self, stage: str) -> str:
         return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
-        return ViTAutoEncSSL(ViTAutoEnc(**self._kw()), self.cfg.crop_size, self.params.temperature, self.cfg.pretrain.seed)
+        return ViTAutoEncSSL(ViTAutoEnc(**self._kw()), self.cfg.crop_size, self.params.temperature,
+                             self.cfg.pretrain.seed)
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.vit

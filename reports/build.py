@@ -29,22 +29,30 @@ def paper_results() -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text), dtype={"variant": str}).fillna({"variant": ""})
 
 
+def _mean_sd(cell: pd.Series, metric: str) -> str:
+    sd = cell[f"{metric}_sd"]
+    return plots.fmt(cell[metric]) + ("" if np.isnan(sd) else f" ± {plots.fmt(sd)}")
+
+
 def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataFrame, key_of, delong) -> list[dict]:
     present = table.set_index(["method", "regime", "variant"]) if not table.empty else None
     best = {m: table[m].max() for m in METRICS} if not table.empty else {}
     out = []
     for method, regime, variant in keys:
-        pub = paper[(paper.method == method) & (paper.regime == regime) & (paper.variant == (variant if variant != "" else paper.variant))]
+        same_variant = paper.variant == (variant if variant != "" else paper.variant)
+        pub = paper[(paper.method == method) & (paper.regime == regime) & same_variant]
         pub_row = pub.iloc[0] if len(pub) else None
         row: dict[str, Any] = {"method": method, "key": key_of(regime, variant),
-                               "paper": {m: ("" if pub_row is None or pd.isna(pub_row[m]) else f"{pub_row[m]:.1f}") for m in METRICS}}
+                               "paper": {m: ("" if pub_row is None or pd.isna(pub_row[m]) else f"{pub_row[m]:.1f}")
+                                         for m in METRICS}}
         if present is None or (method, regime, variant) not in present.index:
             row["missing"] = True
         else:
             c = present.loc[(method, regime, variant)]
             row.update(missing=False, seeds=int(c["seeds"]))
-            row["cell"] = {m: plots.fmt(c[m]) + (f" ± {plots.fmt(c[f'{m}_sd'])}" if not np.isnan(c[f"{m}_sd"]) else "") for m in METRICS}
-            row["cis"] = {m: (f"[{plots.fmt(c[f'{m}_lo'])}, {plots.fmt(c[f'{m}_hi'])}]" if not np.isnan(c[f"{m}_lo"]) else "") for m in METRICS}
+            row["cell"] = {m: _mean_sd(c, m) for m in METRICS}
+            row["cis"] = {m: (f"[{plots.fmt(c[f'{m}_lo'])}, "
+                              f"{plots.fmt(c[f'{m}_hi'])}]" if not np.isnan(c[f"{m}_lo"]) else "") for m in METRICS}
             row["best"] = {m: bool(c[m] == best[m]) for m in METRICS}
             p = delong.get((method, regime, variant))
             row["delong"] = "best" if row["best"]["auc"] else ("" if p is None else f"{p:.3g}")
@@ -62,9 +70,10 @@ def _grade_section(runs: pd.DataFrame, n_boot: int) -> dict[str, Any] | None:
     rows = []
     for _, c in table.sort_values("macro_f1", ascending=False).iterrows():
         rows.append({
-            "method": c["method"], "key": c["regime"] + (f" / {c['variant']}" if c["variant"] else ""), "seeds": int(c["seeds"]),
-            "cell": {m: plots.fmt(c[m]) + (f" ± {plots.fmt(c[f'{m}_sd'])}" if not np.isnan(c[f"{m}_sd"]) else "") for m in GRADE_COLUMNS},
-            "cis": {m: (f"[{plots.fmt(c[f'{m}_lo'])}, {plots.fmt(c[f'{m}_hi'])}]" if f"{m}_lo" in c and not np.isnan(c[f"{m}_lo"]) else "")
+            "method": c["method"], "key": c["regime"] + (f" / {c['variant']}" if c["variant"] else ""),
+            "seeds": int(c["seeds"]), "cell": {m: _mean_sd(c, m) for m in GRADE_COLUMNS},
+            "cis": {m: (f"[{plots.fmt(c[f'{m}_lo'])}, "
+                        f"{plots.fmt(c[f'{m}_hi'])}]" if f"{m}_lo" in c and not np.isnan(c[f"{m}_lo"]) else "")
                     for m in GRADE_COLUMNS},
             "best": {m: bool(c[m] == best[m]) for m in GRADE_COLUMNS},
         })

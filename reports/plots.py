@@ -8,10 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 
@@ -56,7 +56,8 @@ def roc_pr_plot(runs: pd.DataFrame) -> str:
 
 
 def learning_curves(runs: pd.DataFrame) -> str:
-    rows = [{"cell": c, "seed": s, **e} for c, s, epochs in zip(_label(runs), runs["seed"], runs["epochs"]) for e in epochs]
+    rows = [{"cell": c, "seed": s, **e} for c, s, epochs in zip(_label(runs), runs["seed"],
+                                                                runs["epochs"]) for e in epochs]
     df = pd.DataFrame(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if not df.empty:

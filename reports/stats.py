@@ -15,7 +15,8 @@ METRICS = ("f1", "acc", "auc", "ap")
 GRADE_COLUMNS = ("macro_f1", "qwk", "recall_g0", "recall_g1", "recall_g2", "recall_g3", "sensitivity", "specificity")
 
 
-def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0,
+                 threshold: float = 0.5) -> dict[str, tuple[float, float]]:
     """95 % percentile CIs of the seed-averaged metrics, resampling patients."""
     base = predictions[0]
     patients = base["patient_id"].unique()
@@ -85,7 +86,9 @@ def grade_cells(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
         for k, v in draws.items():
             arr = np.asarray(v, float)
             arr = arr[~np.isnan(arr)]
-            row[f"{k}_lo"], row[f"{k}_hi"] = (np.percentile(arr, 2.5), np.percentile(arr, 97.5)) if len(arr) else (np.nan, np.nan)
+            row[f"{k}_lo"], row[f"{k}_hi"] = (np.percentile(arr, 2.5), np.percentile(arr,
+                                                                                     97.5)) if len(arr) else (np.nan,
+                                                                                                              np.nan)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -138,7 +141,8 @@ def critical_difference(runs: pd.DataFrame, metric: str = "auc"):
     """Mean ranks and Nemenyi p-values over seeds (blocks) when >= 3 cells share >= 3 seeds."""
     import scikit_posthocs as sp
 
-    runs = runs.assign(cell=runs["method"] + " / " + runs["regime"] + runs["variant"].map(lambda v: f" / {v}" if v else ""))
+    variant = runs["variant"].map(lambda v: f" / {v}" if v else "")
+    runs = runs.assign(cell=runs["method"] + " / " + runs["regime"] + variant)
     wide = runs.pivot_table(index="seed", columns="cell", values=metric, aggfunc="mean").dropna(axis=1)
     if wide.shape[0] < 3 or wide.shape[1] < 3:
         return None

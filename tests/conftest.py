@@ -11,7 +11,6 @@ from bench import register_method
 from bench.methods.base import Method
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def bench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test shares one cache, so the tiny synthetic set is generated once per session."""

@@ -8,7 +8,14 @@ import pytest
 
 from bench.cli import main
 from bench.datasets.cropstore import open_store
-from bench.datasets.ingest import Case, IngestOptions, ingest_case, read_verse_centroids, sample_crop, vertebra_centroids
+from bench.datasets.ingest import (
+    Case,
+    IngestOptions,
+    ingest_case,
+    read_verse_centroids,
+    sample_crop,
+    vertebra_centroids,
+)
 from bench.datasets.ingest_many import ingest
 from bench.datasets.labelmaps import LABEL_MAPS
 from tests_helpers import SHARED_DATA
@@ -144,8 +151,8 @@ def test_store_labels_join_and_report(tmp_path):
     assert hashlib.sha256(np.ascontiguousarray(crops[0]).tobytes()).hexdigest()[:16] == manifest.checksum[0]
 
 
-def _nifti(path, data, affine=np.diag([1.0, 1.0, 1.0, 1.0])):
-    nib.save(nib.Nifti1Image(data, affine), str(path))
+def _nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
 
 
@@ -169,13 +176,18 @@ def _bad_inputs(tmp_path):
         "corrupt": ([f"ct={corrupt}", f"mask={good_mask}"], "not a readable NIfTI"),
         "truncated": ([f"ct={truncated}", f"mask={TS_VERT}"], "not a readable NIfTI"),
         "grid": ([f"ct={TS_CT}", f"mask={TP_MASK}"], "not on the CT's grid"),
-        "empty": ([f"ct={good_ct}", f"mask={_nifti(tmp_path / 'empty.nii.gz', np.zeros_like(mask))}"], "the mask is empty"),
-        "2d": ([f"ct={_nifti(tmp_path / 'flat.nii.gz', np.zeros((20, 20), np.int16))}", f"mask={good_mask}"], "expected a 3D volume"),
-        "4d": ([f"ct={_nifti(tmp_path / 'four.nii.gz', np.zeros((20, 20, 20, 2), np.int16))}", f"mask={good_mask}"], "expected a 3D volume"),
+        "empty": ([f"ct={good_ct}", f"mask={_nifti(tmp_path / 'empty.nii.gz', np.zeros_like(mask))}"],
+                  "the mask is empty"),
+        "2d": ([f"ct={_nifti(tmp_path / 'flat.nii.gz', np.zeros((20, 20), np.int16))}", f"mask={good_mask}"],
+               "expected a 3D volume"),
+        "4d": ([f"ct={_nifti(tmp_path / 'four.nii.gz', np.zeros((20, 20, 20, 2), np.int16))}", f"mask={good_mask}"],
+               "expected a 3D volume"),
         "nan": ([f"ct={_nifti(tmp_path / 'nan.nii.gz', nan_ct)}", f"mask={good_mask}"], "NaN or infinite"),
         "label_map": ([f"ct={good_ct}", f"mask={good_mask}", "label_map=verse2"], "unknown label map 'verse2'"),
-        "labels_columns": ([f"ct={good_ct}", f"mask={good_mask}", f"labels={labels_cols}"], "missing column(s) fracture"),
-        "labels_names": ([f"ct={good_ct}", f"mask={good_mask}", f"labels={labels_names}"], "unknown vertebra name 'L9'"),
+        "labels_columns": ([f"ct={good_ct}", f"mask={good_mask}", f"labels={labels_cols}"],
+                           "missing column(s) fracture"),
+        "labels_names": ([f"ct={good_ct}", f"mask={good_mask}", f"labels={labels_names}"],
+                         "unknown vertebra name 'L9'"),
     }
 
 

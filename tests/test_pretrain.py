@@ -132,10 +132,12 @@ def test_genesis_pretext_restores_random_cubes_of_pretext_size():
     z, y, w = (int(v) for v in torch.nonzero(x[0] == cube[0, 0, 0, 0])[0])  # a contiguous block of x
     torch.testing.assert_close(cube, x[:, z:z + 16, y:y + 16, w:w + 16])
     assert random_cube(x, 0) is x
-    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "12"}, get_method("models_genesis"))
+    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "12"},
+                  get_method("models_genesis"))
     with pytest.raises(BenchError, match="model.pretext_size=12"):
         create_method("models_genesis", cfg).build_pretext()
-    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "16"}, get_method("models_genesis"))
+    cfg = compose({"method": "models_genesis", "preset": "tiny", "model.pretext_size": "16"},
+                  get_method("models_genesis"))
     pretext = create_method("models_genesis", cfg).build_pretext()
     seen = []
     pretext.unet.register_forward_hook(lambda module, args, out: seen.append((args[0].shape, out.shape)))
@@ -193,4 +195,5 @@ def test_an_interrupted_pretraining_resumes_from_its_last_epoch(tmp_path, monkey
     assert record["resumed_at_epoch"] == 2 and len(record["curve"]) == 3 and not staging.exists()
     a, b = load_file(str(whole / "pretext.safetensors")), load_file(str(resumed / "pretext.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["loss"] for e in record["curve"]] == [e["loss"] for e in json.loads((whole / "pretrain.json").read_text())["curve"]]
+    whole_curve = json.loads((whole / "pretrain.json").read_text())["curve"]
+    assert [e["loss"] for e in record["curve"]] == [e["loss"] for e in whole_curve]

@@ -40,7 +40,8 @@ def test_user_splits_are_used_and_checked(store, tmp_path):
     roles = ["train"] * (len(patients) - 8) + ["val"] * 4 + ["test"] * 4
     pd.DataFrame({"patient_id": patients, "split": roles}).to_csv(user, index=False)
     data = load_data(compose({"preset": "tiny", "data": str(store), "splits": str(user)}))
-    assert data.table.groupby("split").patient_id.nunique().to_dict() == {"test": 4, "train": len(patients) - 8, "val": 4}
+    assert data.table.groupby("split").patient_id.nunique().to_dict() == {"test": 4, "train": len(patients) - 8,
+                                                                          "val": 4}
 
     pd.DataFrame({"patient_id": patients[:3], "split": ["train"] * 3}).to_csv(user, index=False)
     with pytest.raises(BenchError, match="no split for"):

@@ -105,7 +105,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, tmp_path)
     proc.wait()
     finished = {p: p.stat().st_mtime_ns for p in killed.glob("mini/*/metrics.json")}
     assert 1 <= len(finished) < 4, "the suite must be interrupted after some but not all runs"
-    resumed = subprocess.run([*args, f"out={killed}", "resume=true"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*args, f"out={killed}", "resume=true"], env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished runs were not redone
     assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={tmp_path / 'whole'}"]) == 0

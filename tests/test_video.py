@@ -5,9 +5,9 @@ import torch
 
 from bench.cli import main
 from bench.config import compose
-from tests_helpers import encoder_init
-from bench.registry import create_method, get_method
 from bench.methods.video_mae import VideoMAE
+from bench.registry import create_method, get_method
+from tests_helpers import encoder_init
 
 
 def _mae_st_checkpoint(path, embed, depth, heads, dec, dec_depth, grid=14, frames=16):
@@ -44,7 +44,8 @@ def _mae_st_checkpoint(path, embed, depth, heads, dec, dec_depth, grid=14, frame
 
 def _check_cropped(state, encoder, pretext, side, grid=14):
     top = (grid - side) // 2
-    spatial = state["pos_embed_spatial"].reshape(grid, grid, -1)[top:top + side, top:top + side].reshape(1, side * side, -1)
+    spatial = state["pos_embed_spatial"].reshape(grid, grid, -1)[top:top + side, top:top + side]
+    spatial = spatial.reshape(1, side * side, -1)
     torch.testing.assert_close(encoder["pos_embed_spatial"], spatial, rtol=0, atol=0)
     torch.testing.assert_close(encoder["pos_embed_temporal"], state["pos_embed_temporal"], rtol=0, atol=0)
     torch.testing.assert_close(encoder["pos_embed_class"], state["pos_embed_class"], rtol=0, atol=0)
@@ -53,11 +54,13 @@ def _check_cropped(state, encoder, pretext, side, grid=14):
     torch.testing.assert_close(qkv[:c], state["blocks.1.attn.q.weight"], rtol=0, atol=0)
     torch.testing.assert_close(qkv[c:2 * c], state["blocks.1.attn.k.weight"], rtol=0, atol=0)
     torch.testing.assert_close(qkv[2 * c:], state["blocks.1.attn.v.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(encoder["blocks.1.attn.qkv.bias"][c:2 * c], state["blocks.1.attn.k.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(encoder["blocks.1.attn.qkv.bias"][c:2 * c], state["blocks.1.attn.k.bias"], rtol=0,
+                               atol=0)
     if pretext is not None:
         dec = state["decoder_pos_embed"]
         t = 8
-        cropped = dec[:, 1:].reshape(t, grid, grid, -1)[:, top:top + side, top:top + side].reshape(1, t * side * side, -1)
+        cropped = dec[:, 1:].reshape(t, grid, grid, -1)[:, top:top + side, top:top + side].reshape(1, t * side * side,
+                                                                                                   -1)
         torch.testing.assert_close(pretext["decoder_pos_embed"][:, 1:], cropped, rtol=0, atol=0)
         torch.testing.assert_close(pretext["decoder_pos_embed"][:, :1], dec[:, :1], rtol=0, atol=0)
         torch.testing.assert_close(pretext["pred_head.projections.0.weight"], state["pred_head.projections.0.weight"])
@@ -132,7 +135,8 @@ def test_all_regimes_and_table2_ablations_run(tmp_path, bench_cache):
     plans = {}
     for name, switches in ablations.items():
         assert main([*base, *switches, f"out={tmp_path / name}"]) == 0
-        metrics = json.loads((tmp_path / name / "single" / "video_ct_mae-public_to_vertebrae-s0" / "metrics.json").read_text())
+        run = tmp_path / name / "single" / "video_ct_mae-public_to_vertebrae-s0"
+        metrics = json.loads((run / "metrics.json").read_text())
         plans[name] = metrics["pretraining"]["plan"]
     assert plans["no_video_pretraining"] == ["vertebrae"] and plans["no_vertebra_pretraining"] == ["public"]
     assert plans["no_multi_view"] == ["public", "vertebrae"]

@@ -4,13 +4,12 @@ import pytest
 import torch
 from torchvision.models import video as tv
 
-from bench.datasets.views import slice_positions
 from bench.config import compose
+from bench.datasets.views import slice_positions
 from bench.errors import BenchError
 from bench.methods.video_cnn import VideoResNetEncoder
-from tests_helpers import encoder_init
 from bench.registry import create_method, get_method
-from tests_helpers import run_cli
+from tests_helpers import encoder_init, run_cli
 
 ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18")
 

@@ -10,9 +10,9 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 
 from bench.config import compose
 from bench.errors import BenchError
-from tests_helpers import encoder_init
 from bench.registry import create_method, get_method
 from bench.weights import fetch, read_checkpoint, resize_pos_embed_3d, sha256_of
+from tests_helpers import encoder_init
 
 
 def _setup(name, path, preset="tiny", **extra):
@@ -60,7 +60,8 @@ def test_model_swinvit_layout(tmp_path):
     torch.save({"state_dict": {**public, "module.rotation_head.weight": torch.zeros(4, 768)}}, path)
     method, cfg, model = _setup("swin_unetr", path, preset="paper")
     info = encoder_init(method, cfg, model)
-    assert info["load_report"]["matched"] == len(known) and info["load_report"]["unexpected"] == ["rotation_head.weight"]
+    report = info["load_report"]
+    assert report["matched"] == len(known) and report["unexpected"] == ["rotation_head.weight"]
     encoder = method.finetune_encoder(model).state_dict()
     for key, value in known.items():
         torch.testing.assert_close(encoder[key], value, rtol=0, atol=0)
@@ -150,9 +151,9 @@ def test_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
 
 
 def test_wrong_sha256_wrong_architecture_no_keys(tmp_path, capsys):
-    from bench.cli import main
-
     from monai.networks.nets import resnet18
+
+    from bench.cli import main
 
     other = tmp_path / "resnet.pt"
     torch.save({"state_dict": resnet18(spatial_dims=3, n_input_channels=1).state_dict()}, other)

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-
 from big_ct import make_big_ct
 
 
@@ -30,7 +29,7 @@ def ours(ct, mask):
 def naive_monai(ct, mask):
     """What a first script does: load, reorient and resample the WHOLE volume to 1 mm for each
     vertebra, then crop 96^3 around its centroid (padding with -1000 where the scan ends)."""
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, SpatialCrop, SpatialPad, Spacing
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Spacing, SpatialCrop, SpatialPad
 
     load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes="RAS")])
     image, labels = load(str(ct)), load(str(mask))
@@ -104,7 +103,8 @@ def test_ingestion_memory_peak(big_ct, report_lines):
             return int(line.split()[1]) * 1024
         base = status("VmHWM:")
         tracemalloc.start()
-        crops, rows, skipped = ingest_case(Case({str(ct)!r}, {str(mask)!r}, "big"), IngestOptions(label_map="totalseg_v2"))
+        crops, rows, skipped = ingest_case(Case({str(ct)!r}, {str(mask)!r}, "big"),
+                                           IngestOptions(label_map="totalseg_v2"))
         peak = tracemalloc.get_traced_memory()[1]
         print(peak, status("VmHWM:") - base, len(crops))
     """)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.loop import make_optimizer
 from bench.methods.mae3d import MAE3D, Masking
@@ -125,7 +124,7 @@ def test_vit_training_step_mfu(report_lines):
         model = _vit()
         opt = make_optimizer(model, "adamw", 1e-4, 0.05)  # the engine's optimiser
 
-        def step():
+        def step(model=model, opt=opt, dtype=dtype):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 loss = model(x).float().pow(2).mean()
@@ -136,8 +135,9 @@ def test_vit_training_step_mfu(report_lines):
         seconds = _median_time(step)
         peak = _matmul_flops_per_s(dtype)
         mfu = flops / seconds / peak
-        lines.append(f"ViT-S/16 3D training step ({str(dtype)[6:]}): {flops / 1e9:.0f} GFLOP in {seconds * 1e3:.0f} ms = "
-                     f"{flops / seconds / 1e9:.0f} GFLOP/s vs matmul {peak / 1e9:.0f} GFLOP/s: MFU {mfu:.0%} (goal 60 %)")
+        lines.append(f"ViT-S/16 3D training step ({str(dtype)[6:]}): {flops / 1e9:.0f} GFLOP in "
+                     f"{seconds * 1e3:.0f} ms = {flops / seconds / 1e9:.0f} GFLOP/s vs matmul "
+                     f"{peak / 1e9:.0f} GFLOP/s: MFU {mfu:.0%} (goal 60 %)")
     report_lines.extend(lines)
 
 
