@@ -12,12 +12,13 @@ LISTABLE = ("methods", "regimes", "datasets", "presets", "suites")
 def _cmd_list(what: str) -> None:
     from bench.config import PRESETS
     from bench.regimes import REGIMES
-    from bench.registry import DATASETS, METHODS
+    from bench.registry import DATASETS
 
     if what == "methods":
-        for name in METHODS.names():
-            cls = METHODS.get(name)
-            print(f"{name:16s} regimes: {', '.join(cls.regimes):40s} {cls.description}")
+        from bench.catalogue import methods
+
+        for row in methods():
+            print(f"{row['name']:16s} regimes: {', '.join(row['regimes']):40s} {row['description']}")
     elif what == "regimes":
         for name, (_, meaning) in REGIMES.items():
             print(f"{name:20s} {meaning}")

@@ -71,6 +71,10 @@ class Registry(Generic[T]):
             if isinstance(obj, type) and obj not in self._items.values():
                 self.register(getattr(obj, "name", None) or ep.name)(obj)
 
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
     def get(self, name: str) -> T:
         self.load()
         if name not in self._items:
