@@ -28,7 +28,9 @@ PRESETS: tuple[str, ...] = ("tiny", "small", "paper")
 class SyntheticConfig:
     """Knobs of the embedded synthetic vertebra benchmark (see bench.datasets.synthetic)."""
 
-    n_patients: int = 120
+    n_patients: int = 120  # the training cohort (with n_val/test_patients 0: all three, split 60/20/20)
+    n_val_patients: int = 0  # a validation cohort of its own; 0: 20 % of n_patients
+    n_test_patients: int = 0  # a test cohort of its own; 0: 20 % of n_patients
     min_vertebrae: int = 4  # consecutive vertebrae per patient
     max_vertebrae: int = 8
     fracture_rate: float = 0.15  # fraction of fractured vertebrae, as in the paper (940 / 6245)
@@ -80,6 +82,16 @@ class WeightsConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The frozen-feature protocols (see bench.probes)."""
+
+    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear: C on val AUC
+    max_iter: int = 2000
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
 class RunConfig:
     """One finetuning run: a method in a regime on a data set with a seed."""
 
@@ -96,6 +108,8 @@ class RunConfig:
     crop_size: int = 48  # edge of the cubic crop the model sees, in voxels
     task: Literal["fracture", "grade"] = "fracture"  # binary fracture, or Genant grade 0-3 (4 classes)
     train_fraction: float = 1.0  # share of the training PATIENTS used (nested subsets per seed)
+    protocol: Literal["finetune", "linear", "knn"] = "finetune"  # how the initialised encoder is evaluated
+    select: Literal["val_f1", "val_auc", "val_loss"] = "val_f1"  # finetune: which epoch's checkpoint is kept
 
     # optimisation
     epochs: int = 20
@@ -125,6 +139,7 @@ class RunConfig:
     views: ViewsConfig = field(default_factory=ViewsConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     model: Any = field(default_factory=dict)  # replaced by the method's Params dataclass
 
 
@@ -209,12 +224,13 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 
 
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
-             "pretrain.epochs", "pretrain.batch_size", "pretrain.lr",
-             "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels", "synthetic.video_size")
-_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers",
+             "pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "probe.knn_k", "probe.knn_temperature",
+             "probe.max_iter", "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels",
+             "synthetic.video_size")
+_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers", "threads",
                  "pretrain.min_lr", "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.grad_clip",
-                 "threads", "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
-                 "synthetic.n_videos")
+                 "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
+                 "synthetic.n_videos", "synthetic.n_val_patients", "synthetic.n_test_patients")
 _UNIT_OPEN = ("synthetic.fracture_rate", "threshold")
 
 
@@ -236,6 +252,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.views.frames + 2 > cfg.crop_size:
         raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 "
                          f"({cfg.crop_size - 2})")
+    if (cfg.synthetic.n_val_patients == 0) != (cfg.synthetic.n_test_patients == 0):
+        raise BenchError(f"bad value for 'synthetic.n_val_patients' / 'synthetic.n_test_patients': "
+                         f"{cfg.synthetic.n_val_patients} / {cfg.synthetic.n_test_patients}; expected both > 0 "
+                         f"(cohorts of their own) or both 0 (a 60/20/20 split of synthetic.n_patients)")
     if cfg.synthetic.max_vertebrae < cfg.synthetic.min_vertebrae:
         raise BenchError(
             f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "

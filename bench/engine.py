@@ -1,8 +1,8 @@
 """The `finetune` protocol: train the whole classifier on the training split, keep the best
 validation checkpoint, evaluate it on test.
 
-Class-weighted cross entropy (w_c = 1 - n_c / n), the checkpoint with the best validation F1 (ties:
-higher validation AUC, then the earlier epoch; for `task=grade` macro-F1, then quadratic kappa). A
+Class-weighted cross entropy (w_c = 1 - n_c / n), the checkpoint chosen on validation by `select`
+(the paper: the best F1 at the threshold; or AUC, or loss). A
 method may replace the loss of a training batch (`Method.training_loss`, e.g. SupCon's two views)
 and the batch composition (`Method.train_batch_sampler`, e.g. grade-balanced; the loss is then
 unweighted). The optimisation itself is the shared loop (bench.loop).
@@ -39,10 +39,15 @@ from bench.metrics import class_weights
 FinetuneResult = ProtocolResult  # the name older callers use
 
 
-def selection_key(cfg: DictConfig, m: dict[str, float]) -> tuple[float, float]:
-    """What the best checkpoint maximises on validation; NaN (one class present) ranks lowest."""
-    first, second = ("macro_f1", "qwk") if cfg.task == "grade" else ("f1", "auc")
-    return tuple(-1.0 if math.isnan(m[k]) else m[k] for k in (first, second))  # type: ignore[return-value]
+def selection_key(cfg: DictConfig, m: dict[str, float], val_loss: float) -> tuple[float, ...]:
+    """What the best checkpoint maximises on validation (`select`): F1 at the threshold, as the
+    paper (macro-F1, then kappa, for grading), then AUC; AUC, then F1; or the lowest loss. NaN ranks lowest;
+    ties keep the earlier epoch."""
+    f1, second = ("macro_f1", "qwk") if cfg.task == "grade" else ("f1", "auc")
+    if cfg.select == "val_loss":
+        return (-val_loss if math.isfinite(val_loss) else -math.inf,)
+    order = (f1, second) if cfg.select == "val_f1" else ("auc", f1)
+    return tuple(-1.0 if math.isnan(m[k]) else m[k] for k in order)
 
 
 class FinetuneStage(Stage):
@@ -81,7 +86,7 @@ class FinetuneStage(Stage):
         record.update(val_loss=val_loss, val_f1=m["f1"], val_auc=m["auc"], val_ap=m["ap"])
         if cfg.task == "grade":
             record.update(val_macro_f1=m["macro_f1"], val_qwk=m["qwk"])
-        key = selection_key(cfg, m)
+        key = selection_key(cfg, m, val_loss)
         if self.best is None or key > tuple(self.best["key"]):
             state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.best = {"key": list(key), "epoch": epoch, "state": state, "val": m}

@@ -20,7 +20,7 @@ from typing import Any
 from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
-              "ray.max_concurrent", "methods", "train_fractions")
+              "ray.max_concurrent", "methods", "train_fractions", "protocols")
 
 
 def quiet_ray_env() -> None:
@@ -164,8 +164,11 @@ def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
     cores idle, so runs that share one are kept apart: `public_to_vertebrae` runs start after the
     `public` runs whose artifact they continue, and the seeds and training fractions of one method
     (which share its artifacts) are far apart: the first seed of every method comes first."""
-    def key(run: dict[str, str]) -> tuple[int, int, float]:
-        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), stage_order(run["regime"]))
+    from bench.protocols import PROTOCOLS
+
+    def key(run: dict[str, str]) -> tuple[int, float, int, int]:
+        protocol = list(PROTOCOLS).index(run.get("protocol", "finetune"))  # a method's protocols apart too
+        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), stage_order(run["regime"]), protocol)
 
     return sorted(runs, key=key)
 
@@ -189,7 +192,8 @@ def run_suite(overrides: dict[str, str]) -> Path:
     if gpus == 0:
         common.setdefault("device", "cpu")
     runs = schedule([{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
-                                                     overrides.get("train_fractions", ""))])
+                                                     overrides.get("train_fractions", ""),
+                                                     overrides.get("protocols", ""))])
     configs = [cfg for r in runs for cfg in resolve_runs(dict(r))]  # every config is checked before any work
     from bench.prepare import prepare_data
 

@@ -64,7 +64,7 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
     through to the protocol (per-epoch checkpoints of suite trials)."""
     from bench.datasets.loading import load_data
-    from bench.engine import finetune
+    from bench.protocols import protocol
     from bench.registry import create_method
 
     started = now()
@@ -72,10 +72,11 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
     method = create_method(cfg.method, cfg)
     data = load_data(cfg)
     model, init = initialised_model(method, cfg)
-    result = finetune(method, data, cfg, model, on_epoch=on_epoch, resume=resume)
+    result = protocol(cfg.protocol)(method, data, cfg, model, on_epoch=on_epoch, resume=resume)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
     metrics = {
         "task": cfg.task,
+        "protocol": cfg.protocol,
         "test": result.test_metrics,
         "val": result.val_metrics,
         "epochs": result.epochs,
@@ -87,6 +88,7 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
             "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
             "train_used": result.extra["train_used"],
         },
+        **({"probe": result.extra["probe"]} if "probe" in result.extra else {}),
     }
     env = {**environment(), "started": started, "finished": now()}
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -30,9 +30,12 @@ def normal_mode(path: Path, mode: int = 0o777) -> None:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    """<out>/<suite>/<method>-<regime>[-<variant>][-grade][-frac<f>]-s<seed>: the default task on all
-    training patients keeps the plain name; other tasks and fractions never overwrite it."""
+    """<out>/<suite>/<method>-<regime>[-<protocol>][-<variant>][-grade][-frac<f>]-s<seed>: finetuning
+    the default task on all training patients keeps the plain name; other protocols, tasks and
+    fractions never overwrite it."""
     parts = [cfg.method, cfg.regime]
+    if cfg.protocol != "finetune":
+        parts.append(cfg.protocol)
     if cfg.variant:
         parts.append(cfg.variant)
     if cfg.task != "fracture":

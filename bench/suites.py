@@ -6,9 +6,10 @@
     runs:                         # or explicit entries
       - {method: NAME, regimes: [..], variant: NAME, overrides: [key=value, ...]}
     train_fractions: [0.1, 1.0]   # optional: every run at each share of the training patients
+    protocols: [finetune, linear] # optional: every run under each protocol (default: finetune)
 
-On the command line, `seeds=N`, `train_fractions=0.1,0.5,1` and `methods=a,b` (keep only these
-methods' entries) override the file.
+On the command line, `seeds=N`, `train_fractions=0.1,0.5,1`, `protocols=finetune,knn` and
+`methods=a,b` (keep only these methods' entries) override the file.
 """
 from __future__ import annotations
 
@@ -58,7 +59,21 @@ def _number_list(value: Any, key: str) -> list[float]:
     return numbers
 
 
-def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions: str = "") -> list[dict[str, str]]:
+def _protocols(value: Any) -> list[str]:
+    from bench.protocols import PROTOCOLS
+
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise BenchError(f"bad value for 'protocols': {value!r}; expected a list such as finetune,linear,knn")
+    for item in items:
+        if item not in PROTOCOLS:
+            raise BenchError(f"bad value for 'protocols': unknown protocol '{item}'; "
+                             f"{choices_hint(str(item), PROTOCOLS)}")
+    return list(dict.fromkeys(items))
+
+
+def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions: str = "",
+           protocols: str = "") -> list[dict[str, str]]:
     """The override dicts of every run of the suite, seeds (and training fractions) included."""
     from bench.registry import get_method, list_methods
 
@@ -76,6 +91,7 @@ def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions
         entries = [e for e in entries if isinstance(e, dict) and e.get("method") in wanted]
     fractions = _number_list(train_fractions or suite.get("train_fractions", [1.0]),
                              "train_fractions")
+    chosen = _protocols(protocols or suite.get("protocols", ["finetune"]))
     runs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "method" not in entry:
@@ -91,9 +107,10 @@ def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions
                 extra[key] = value
             for fraction in fractions:
                 for seed in range(seeds):
-                    run = {"method": entry["method"], "regime": regime, "seed": str(seed),
-                           "variant": entry.get("variant", ""), **extra}
-                    if fraction != 1.0:
-                        run["train_fraction"] = f"{fraction:g}"
-                    runs.append(run)
+                    for name in chosen:
+                        run = {"method": entry["method"], "regime": regime, "seed": str(seed),
+                               "variant": entry.get("variant", ""), "protocol": name, **extra}
+                        if fraction != 1.0:
+                            run["train_fraction"] = f"{fraction:g}"
+                        runs.append(run)
     return runs

@@ -55,7 +55,8 @@ def load_store(path: Path, cfg: DictConfig) -> VertebraSet:
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{path.name}")
 
 
-_LABELLED_KEYS = ("n_patients", "min_vertebrae", "max_vertebrae", "fracture_rate", "fov_mm", "noise_hu",
+_LABELLED_KEYS = ("n_patients", "n_val_patients", "n_test_patients",
+                  "min_vertebrae", "max_vertebrae", "fracture_rate", "fov_mm", "noise_hu",
                   "difficulty", "seed")
 
 
@@ -65,7 +66,7 @@ def synthetic_spec(cfg: DictConfig, labelled: bool = True) -> dict:
 
     spec = {k: cfg.synthetic[k] for k in _LABELLED_KEYS}
     if not labelled:
-        spec["n_patients"] = cfg.synthetic.n_unlabelled_patients
+        spec.update(n_patients=cfg.synthetic.n_unlabelled_patients, n_val_patients=0, n_test_patients=0)
     return {**spec, "labelled": labelled, "crop_size": cfg.crop_size, "version": synthetic.GENERATOR_VERSION}
 
 
@@ -74,9 +75,11 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
     from bench.datasets import synthetic
 
     writer = StoreWriter(target, overwrite=overwrite)
+    s = cfg.synthetic
+    cohorts = (s.n_patients, s.n_val_patients, s.n_test_patients) if labelled and s.n_test_patients else None
     try:
         images, table = synthetic.generate(
-            n_patients=cfg.synthetic.n_patients if labelled else cfg.synthetic.n_unlabelled_patients,
+            n_patients=sum(cohorts) if cohorts else (s.n_patients if labelled else s.n_unlabelled_patients),
             min_vertebrae=cfg.synthetic.min_vertebrae,
             max_vertebrae=cfg.synthetic.max_vertebrae, fracture_rate=cfg.synthetic.fracture_rate,
             noise_hu=cfg.synthetic.noise_hu, fov_mm=cfg.synthetic.fov_mm,
@@ -87,6 +90,8 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
         table["split"] = ""
         table["spacing"] = cfg.synthetic.fov_mm / cfg.crop_size
         np.save(writer.chunk_path(0), images)
+        if cohorts:  # the cohorts are the splits: train, then validation, then test patients
+            write_cohort_splits(table, cohorts, writer.stage / "splits.csv")
         meta = {"frame": "RAS", "size": cfg.crop_size, "spacing_mm": cfg.synthetic.fov_mm / cfg.crop_size,
                 "dtype": "int16", "source": "synthetic", "generator": synthetic_spec(cfg, labelled),
                 "cases": int(table.patient_id.nunique()),
@@ -97,6 +102,17 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
     except BaseException:
         writer.abort()
         raise
+
+
+def write_cohort_splits(table, cohorts: tuple[int, int, int], path: Path) -> None:
+    """splits.csv of a synthetic set made of a training, a validation and a test cohort, in that order."""
+    import pandas as pd
+
+    patients = pd.unique(table["patient_id"])
+    bounds = np.cumsum(cohorts)
+    split = np.where(np.arange(len(patients)) < bounds[0], "train",
+                     np.where(np.arange(len(patients)) < bounds[1], "val", "test"))
+    pd.DataFrame({"patient_id": patients, "split": split}).to_csv(path, index=False)
 
 
 @register_dataset("synthetic")

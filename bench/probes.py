@@ -1,0 +1,147 @@
+"""Frozen-feature protocols: `linear` (logistic regression) and `knn` (weighted cosine kNN) on the
+features of the initialised encoder, which is never trained here.
+
+Features come from the encoder in eval mode on un-augmented inputs (the evaluation views; a
+multi-view method's features are averaged over its views). They are extracted once per encoder
+state, data and view settings and cached (numpy files written by this suite, no pickle), so both
+protocols of one initialisation share them. The probes see training labels to fit, validation
+labels to choose their hyperparameter, and never the test labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from bench.datasets.base import VertebraSet
+from bench.evaluation import (
+    NUM_CLASSES,
+    ProtocolResult,
+    eval_loader,
+    forward_views,
+    predictions_table,
+    split_parts,
+    targets,
+    task_metrics,
+    training_used,
+)
+from bench.locks import locked
+from bench.loop import Execution, seed_everything
+
+
+def _state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def feature_key(method: Any, cfg: DictConfig, encoder: nn.Module, data: VertebraSet) -> str:
+    """What the features depend on: the encoder's tensors, the data and how inputs are made."""
+    inputs = {"format": method.input_format, "crop_size": cfg.crop_size, "amp": [cfg.amp, cfg.amp_dtype],
+              "views": OmegaConf.to_container(cfg.views, resolve=True), "view_options": method.view_options(),
+              "encoder": _state_digest(encoder), "data": data.fingerprint(), "task": cfg.task}
+    return hashlib.sha256(repr(sorted(inputs.items())).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract(method: Any, cfg: DictConfig, encoder: nn.Module, part: VertebraSet, execution: Execution) -> np.ndarray:
+    """(N, F) float32 features of a split: eval mode, evaluation inputs, views averaged."""
+    encoder = encoder.to(execution.device, memory_format=execution.memory_format).eval()
+    out = []
+    for x, _ in eval_loader(method, cfg, part, execution):
+        with execution.autocast():
+            out.append(forward_views(encoder, execution.to(x)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def features(method: Any, cfg: DictConfig, model: nn.Module, data: VertebraSet,
+             parts: dict[str, VertebraSet]) -> tuple[dict[str, np.ndarray], bool, float]:
+    """The features of every split, from the cache or extracted (and cached); (features, cached, seconds)."""
+    from bench.datasets.loading import cache_root
+
+    encoder = model.encoder
+    path = cache_root(cfg) / "features" / f"{feature_key(method, cfg, encoder, data)}.npz"
+    with locked(path):  # concurrent trials of one initialisation extract once
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                return {k: stored[k] for k in parts}, True, 0.0
+        return _extract_all(method, cfg, encoder, parts, path)
+
+
+def _extract_all(method: Any, cfg: DictConfig, encoder: nn.Module, parts: dict[str, VertebraSet],
+                 path: Path) -> tuple[dict[str, np.ndarray], bool, float]:
+    t0 = time.perf_counter()
+    execution = Execution.of(cfg, method)
+    out = {name: extract(method, cfg, encoder, part, execution) for name, part in parts.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+    return out, False, time.perf_counter() - t0
+
+
+def _scores_metric(cfg: DictConfig, y: np.ndarray, probs: np.ndarray) -> float:
+    """What a probe's hyperparameter maximises on validation: AUC (macro-F1 for grading)."""
+    value = task_metrics(cfg, y, probs)["macro_f1" if cfg.task == "grade" else "auc"]
+    return -1.0 if np.isnan(value) else value
+
+
+def fit_linear(cfg: DictConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
+                                                                                              dict[str, Any]]:
+    """Standardised features, balanced logistic regression, C chosen on validation; (val, test) probs."""
+    scaler = StandardScaler().fit(x["train"])
+    z = {k: scaler.transform(v) for k, v in x.items()}
+    trials = []
+    for c in cfg.probe.c_grid:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=cfg.probe.max_iter)
+        clf.fit(z["train"], y["train"])
+        val = clf.predict_proba(z["val"])
+        trials.append((_scores_metric(cfg, y["val"], val), -c, clf, val))
+    score, neg_c, clf, val = max(trials, key=lambda t: t[:2])  # ties: the stronger regularisation
+    return val, clf.predict_proba(z["test"]), {"C": -neg_c, "val_score_by_C": {str(-t[1]): t[0] for t in trials}}
+
+
+def knn_probs(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, classes: int, k: int,
+              temperature: float) -> np.ndarray:
+    """Weighted cosine kNN (the DINO / solo-learn rule): the k most similar bank rows vote with
+    weight exp(similarity / T); class probabilities are the normalised votes."""
+    bank_t = torch.nn.functional.normalize(torch.from_numpy(bank).double(), dim=1)
+    query_t = torch.nn.functional.normalize(torch.from_numpy(query).double(), dim=1)
+    sims, idx = (query_t @ bank_t.T).topk(min(k, len(bank)), dim=1)
+    votes = torch.zeros(len(query), classes, dtype=torch.float64)
+    votes.scatter_add_(1, torch.tensor(np.asarray(bank_y, dtype=np.int64))[idx], (sims / temperature).exp())
+    return (votes / votes.sum(dim=1, keepdim=True)).numpy()
+
+
+def probe(protocol: str, method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module,
+          **_: Any) -> ProtocolResult:
+    """Evaluate the frozen encoder of `model` with the `linear` or `knn` protocol."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    train, val, test = split_parts(data, cfg)
+    parts = {"train": train, "val": val, "test": test}
+    x, cached, extract_s = features(method, cfg, model, data, parts)
+    y = {name: targets(part, cfg) for name, part in parts.items() if name != "test"}
+    t0 = time.perf_counter()
+    if protocol == "linear":
+        val_probs, test_probs, fitted = fit_linear(cfg, x, y)
+    else:
+        classes, p = NUM_CLASSES[cfg.task], cfg.probe
+        val_probs = knn_probs(x["train"], y["train"], x["val"], classes, p.knn_k, p.knn_temperature)
+        test_probs = knn_probs(x["train"], y["train"], x["test"], classes, p.knn_k, p.knn_temperature)
+        fitted = {"k": p.knn_k, "temperature": p.knn_temperature}
+    cost = {"train_s": time.perf_counter() - t0, "extract_s": extract_s, "features_cached": cached,
+            "n_params": sum(q.numel() for q in model.encoder.parameters()), "feature_dim": int(x["train"].shape[1])}
+    return ProtocolResult(None, task_metrics(cfg, targets(test, cfg), test_probs),
+                          task_metrics(cfg, targets(val, cfg), val_probs), predictions_table(cfg, test, test_probs),
+                          [], cost, {"train_used": training_used(cfg, train), "probe": fitted})
