@@ -127,7 +127,7 @@ class RunConfig:
     # execution
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
-    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16, else fp32
     compile: bool = False
     channels_last: bool = True  # channels_last_3d memory format for the conv nets that declare it
     num_workers: int = 0

@@ -131,7 +131,8 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module |
             "resumed_at_epoch": result.first_epoch if resume is not None else None,
             "n_params": sum(p.numel() for p in model.parameters()), "best_epoch": best["epoch"],
             "steps": result.steps, "device": str(execution.device),
-            "amp_dtype": str(execution.dtype).removeprefix("torch.") if execution.dtype else None}
+            "amp_dtype": str(execution.dtype).removeprefix("torch.") if execution.dtype else None,
+            "amp_note": execution.note or None}
     extra = {"train_used": training_used(cfg, train)}
     if not evaluate_test:
         return ProtocolResult(model, {}, best["val"], pd.DataFrame(), result.history, cost, extra)

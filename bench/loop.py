@@ -44,12 +44,22 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 kernels (oneDNN: AVX512-BF16 or AMX). Without them bf16 convolutions
+    fall back to PyTorch's slow reference kernels (slow_conv3d), many times slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def amp_dtype(amp: bool, name: str, device: torch.device) -> torch.dtype | None:
-    """None when AMP is off; bf16 on CPU (fp16 autocast is poorly supported there), fp16 on CUDA."""
+    """None when AMP is off; fp16 on CUDA; bf16 on a CPU (fp16 autocast is poorly supported there).
+    `amp_dtype=auto` on a CPU without native bf16 runs fp32 (`Execution.note` says so, and every run
+    records the dtype it used); `amp_dtype=bf16` forces bf16 anyway."""
     if not amp:
         return None
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if native_bf16() else None
     if name == "fp16" and device.type == "cpu":
         raise BenchError("amp_dtype=fp16 is not supported on CPU; use amp_dtype=bf16 or auto")
     return torch.float16 if name == "fp16" else torch.bfloat16
@@ -63,6 +73,7 @@ class Execution:
     dtype: torch.dtype | None
     memory_format: torch.memory_format
     compile: bool
+    note: str = ""  # why the dtype differs from what the config asked for
 
     @classmethod
     def of(cls, cfg: Any, method: Any) -> Execution:
@@ -70,7 +81,13 @@ class Execution:
         cuDNN's 3D convolutions with few channels run faster in it; `channels_last=false` turns it off."""
         device = select_device(cfg.device)
         fmt = torch.channels_last_3d if cfg.channels_last and method.channels_last else torch.contiguous_format
-        return cls(device, amp_dtype(cfg.amp, cfg.amp_dtype, device), fmt, bool(cfg.compile))
+        dtype = amp_dtype(cfg.amp, cfg.amp_dtype, device)
+        note = "amp=true, but this CPU has no native bf16 kernels: fp32" if cfg.amp and dtype is None else ""
+        return cls(device, dtype, fmt, bool(cfg.compile), note)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype else "float32"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)

@@ -224,21 +224,38 @@ def run_suite(overrides: dict[str, str]) -> Path:
                                           callbacks=[_progress_callback(len(runs))]),
             )
         results = tuner.fit()
+    return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0)
+
+
+def error_line(error: BaseException) -> str:
+    """One line for a failed trial: the BenchError the run raised, or the exception's type and first line."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, BenchError):
+        return str(cause)
+    first = next((line for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: float) -> Path:
+    """suite.json, the report (failed runs are cells marked "failed"), and an error when any run failed."""
+    from bench.reports.build import build_report
+    from bench.store import dumps, write_text_atomic
+
     errors = [r for r in results if r.error]
     summary = [{"run": r.config["run"], "folder": r.metrics.get("folder"), "node_id": r.metrics.get("node_id"),
                 "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"),
-                "error": str(r.error) if r.error else None}
+                "error": error_line(r.error) if r.error else None}
                for r in results]
-    from bench.store import dumps, write_text_atomic
-
-    write_text_atomic(out / suite["name"] / "suite.json", dumps({"suite": suite["name"], "seeds": seeds,
-                                                                 "wall_s": time.perf_counter() - t0, "runs": summary}))
-    print(f"suite {suite['name']}: {len(runs) - len(errors)} of {len(runs)} runs finished in "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    write_text_atomic(out / name / "suite.json", dumps({"suite": name, "seeds": seeds, "wall_s": wall_s,
+                                                        "runs": summary}))
+    print(f"suite {name}: {len(runs) - len(errors)} of {len(runs)} runs finished in {wall_s:.0f} s", file=sys.stderr)
+    report = None
+    if len(errors) < len(runs):
+        target = out.parent / "reports" / name if out.name == "runs" else out / "reports" / name
+        report = build_report([out / name], target, name)
     if errors:
-        raise BenchError(f"suite {suite['name']}: {len(errors)} run(s) failed, e.g. {errors[0].error}; "
-                         f"fix and rerun with resume=true")
-    from bench.reports.build import build_report
-
-    return build_report([out / suite["name"]], out.parent / "reports" / suite["name"] if out.name == "runs"
-                        else out / "reports" / suite["name"], suite["name"])
+        where = f"; report: {report}" if report else ""
+        raise BenchError(f"suite {name}: {len(errors)} of {len(runs)} run(s) failed, e.g. "
+                         f"{error_line(errors[0].error)}{where}; fix and rerun with resume=true")
+    assert report is not None
+    return report

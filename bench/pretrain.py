@@ -108,7 +108,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     spec = {
         "version": ARTIFACT_VERSION, **identity, "stage": stage,
         "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True), "data": data_spec,
-        "amp": [cfg.amp, cfg.amp_dtype],  # bf16 and fp32 pretexts are different artifacts
+        "dtype": Execution.of(cfg, method).dtype_name,  # bf16 and fp32 pretexts are different artifacts
         "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
         "parent": {k: str(v) for k, v in (parent or {}).items()},
     }

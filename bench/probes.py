@@ -48,7 +48,7 @@ def _state_digest(module: nn.Module) -> str:
 
 def feature_key(method: Any, cfg: DictConfig, encoder: nn.Module, data: VertebraSet) -> str:
     """What the features depend on: the encoder's tensors, the data and how inputs are made."""
-    inputs = {"format": method.input_format, "crop_size": cfg.crop_size, "amp": [cfg.amp, cfg.amp_dtype],
+    inputs = {"format": method.input_format, "crop_size": cfg.crop_size, "dtype": Execution.of(cfg, method).dtype_name,
               "views": OmegaConf.to_container(cfg.views, resolve=True), "view_options": method.view_options(),
               "encoder": _state_digest(encoder), "data": data.fingerprint(), "task": cfg.task}
     return hashlib.sha256(repr(sorted(inputs.items())).encode()).hexdigest()[:24]

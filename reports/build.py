@@ -11,9 +11,20 @@ import pandas as pd
 from jinja2 import Environment, select_autoescape
 
 from bench import regimes
+from bench.protocols import PROTOCOLS
 from bench.reports import plots
-from bench.reports.collect import load_runs
-from bench.reports.stats import GRADE_COLUMNS, METRICS, cells, critical_difference, delong_vs_best, grade_cells
+from bench.reports.collect import load_failures, load_runs
+from bench.reports.stats import (
+    GRADE_COLUMNS,
+    METRICS,
+    cells,
+    critical_difference,
+    delong_vs_best,
+    detectable_difference,
+    did_not_learn,
+    grade_cells,
+    pretraining_effect,
+)
 from bench.store import write_text_atomic
 
 TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "video_ct_mae")
@@ -34,9 +45,18 @@ def _mean_sd(cell: pd.Series, metric: str) -> str:
     return plots.fmt(cell[metric]) + ("" if np.isnan(sd) else f" ± {plots.fmt(sd)}")
 
 
-def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataFrame, key_of, delong) -> list[dict]:
+def _cis(c: pd.Series, metric: str) -> str:
+    lo = c.get(f"{metric}_lo", np.nan)
+    return "" if pd.isna(lo) else f"[{plots.fmt(lo)}, {plots.fmt(c[f'{metric}_hi'])}]"
+
+
+def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataFrame, key_of, delong,
+          failed: dict[tuple, str]) -> list[dict]:
+    """One row per key: the cell (or why there is none), the published numbers beside it. Bold and
+    "best" go to the best cell among those whose model learned."""
     present = table.set_index(["method", "regime", "variant"]) if not table.empty else None
-    best = {m: table[m].max() for m in METRICS} if not table.empty else {}
+    learned = table[table["not_learned"] == ""] if not table.empty else table
+    best = {m: learned[m].max() for m in METRICS} if not learned.empty else {}
     out = []
     for method, regime, variant in keys:
         same_variant = paper.variant == (variant if variant != "" else paper.variant)
@@ -47,15 +67,16 @@ def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataF
                                          for m in METRICS}}
         if present is None or (method, regime, variant) not in present.index:
             row["missing"] = True
-        else:
-            c = present.loc[(method, regime, variant)]
-            row.update(missing=False, seeds=int(c["seeds"]))
-            row["cell"] = {m: _mean_sd(c, m) for m in METRICS}
-            row["cis"] = {m: (f"[{plots.fmt(c[f'{m}_lo'])}, "
-                              f"{plots.fmt(c[f'{m}_hi'])}]" if not np.isnan(c[f"{m}_lo"]) else "") for m in METRICS}
-            row["best"] = {m: bool(c[m] == best[m]) for m in METRICS}
-            p = delong.get((method, regime, variant))
-            row["delong"] = "best" if row["best"]["auc"] else ("" if p is None else f"{p:.3g}")
+            row["failed"] = failed.get((method, regime, variant), "")
+            out.append(row)
+            continue
+        c = present.loc[(method, regime, variant)]
+        row.update(missing=False, seeds=int(c["seeds"]), not_learned=c["not_learned"])
+        row["cell"] = {m: _mean_sd(c, m) for m in METRICS}
+        row["cis"] = {m: _cis(c, m) for m in METRICS}
+        row["best"] = {m: bool(not c["not_learned"] and c[m] == best.get(m)) for m in METRICS}
+        p = delong.get((method, regime, variant))
+        row["delong"] = "best" if row["best"]["auc"] else ("" if p is None else f"{p:.3g}")
         out.append(row)
     return out
 
@@ -72,9 +93,7 @@ def _grade_section(runs: pd.DataFrame, n_boot: int) -> dict[str, Any] | None:
         rows.append({
             "method": c["method"], "key": c["regime"] + (f" / {c['variant']}" if c["variant"] else ""),
             "seeds": int(c["seeds"]), "cell": {m: _mean_sd(c, m) for m in GRADE_COLUMNS},
-            "cis": {m: (f"[{plots.fmt(c[f'{m}_lo'])}, "
-                        f"{plots.fmt(c[f'{m}_hi'])}]" if f"{m}_lo" in c and not np.isnan(c[f"{m}_lo"]) else "")
-                    for m in GRADE_COLUMNS},
+            "cis": {m: _cis(c, m) for m in GRADE_COLUMNS},
             "best": {m: bool(c[m] == best[m]) for m in GRADE_COLUMNS},
         })
     return {"columns": GRADE_COLUMNS, "rows": rows}
@@ -93,65 +112,125 @@ def _figures(runs: pd.DataFrame, table: pd.DataFrame, everything: pd.DataFrame) 
         figures.append(("Pretraining loss curves", pre))
     if not runs.empty:
         figures.append(("Cost per run", plots.cost_plot(table)))
-        cd = critical_difference(runs)
+        cd = critical_difference(runs[runs.not_learned == ""])  # models that did not learn stay out
         if cd is not None:
             figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
     return figures
 
 
-def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) -> Path:
-    everything = load_runs(run_dirs)
-    # The paper's tables hold the binary task on all training patients; grading and label-efficiency
-    # runs get their own sections, so a cell never mixes tasks or training-set sizes.
-    runs = everything[(everything.task == "fracture") & (everything.train_fraction == 1.0)]
-    table = cells(runs, n_boot) if not runs.empty else pd.DataFrame(columns=["method", "regime", "variant", "seeds"])
-    paper = paper_results()
-    tables = []
-    sort_regime = regimes.order
+def _learning_marks(runs: pd.DataFrame) -> pd.Series:
+    """Per run: why its model did not learn, or ""."""
+    return pd.Series([did_not_learn(r, pd.read_parquet(Path(r["folder"]) / "predictions.parquet"))
+                      for _, r in runs.iterrows()], index=runs.index, dtype=object)
 
-    def add(title, caption, keys, key_label, key_of, members):
+
+def _test_size(runs: pd.DataFrame) -> dict[str, Any]:
+    n, pos = int(runs["n_test"].max()), int(runs["n_test_positive"].fillna(0).max())
+    return {"n": n, "positives": pos, "smoke": pos < 30,
+            "detectable": detectable_difference(pos, n - pos) if pos and n > pos else float("nan")}
+
+
+def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: int, paper: pd.DataFrame,
+                  failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tables 3, 4, 2 and "Other runs" for one protocol's runs."""
+    table = cells(runs, n_boot)
+    reasons = runs.groupby(["method", "regime", "variant"], sort=False)["not_learned"].agg(
+        lambda r: next((x for x in r if x), ""))
+    table["not_learned"] = [reasons[k] for k in zip(table.method, table.regime, table.variant)]
+    failed = {(f["method"], f["regime"], f["variant"]): f["error"] for f in failures if f["protocol"] == protocol}
+    size = _test_size(runs)
+    suffix = f" (protocol: {protocol}" + (f", training fraction {fraction:g})" if fraction != 1.0 else ")")
+    tables: list[dict[str, Any]] = []
+
+    def add(title, caption, keys, key_label, key_of):
+        members = set(keys)
         sub = table[[k in members for k in zip(table.method, table.regime, table.variant)]]
-        if sub.empty:
+        if sub.empty and not members & set(failed):
             return
-        delong = delong_vs_best(runs, sub)
-        rows = _rows(keys, sub, paper, key_of, delong)
-        tables.append({"title": title, "caption": caption, "key_label": key_label, "rows": rows})
+        learned_runs = runs[runs.not_learned == ""]
+        delong = delong_vs_best(learned_runs, sub[sub.not_learned == ""])
+        tables.append({"title": title + suffix, "caption": caption, "key_label": key_label, "size": size,
+                       "rows": _rows(keys, sub, paper, key_of, delong, failed)})
 
+    order = regimes.order
     t3_keys = [(m, r, "full" if m == "video_ct_mae" else "") for m in TABLE3
                for r in sorted(set(paper[(paper.table == 3) & (paper.method == m)].regime) |
-                               set(table[table.method == m].regime), key=sort_regime)]
+                               set(table[table.method == m].regime), key=order)]
     add("Table 3: pretraining regimes", "Each method from scratch, with public weights, and adapted to vertebrae.",
-        t3_keys, "pretraining", lambda r, v: r, set(t3_keys))
+        t3_keys, "pretraining", lambda r, v: r)
     t4_keys = [(m, "scratch", "") for m in TABLE4] + [("video_ct_mae", "public_to_vertebrae", "full")]
     add("Table 4: baselines", "Trained from scratch, against Video-CT MAE (public_to_vertebrae).",
-        t4_keys, "pretraining", lambda r, v: r, set(t4_keys))
+        t4_keys, "pretraining", lambda r, v: r)
     t2_keys = [("video_ct_mae", "public_to_vertebrae", v) for v in TABLE2]
     add("Table 2: Video-CT MAE ablations", "Each row removes one component of the full method (public_to_vertebrae).",
-        t2_keys, "variant", lambda r, v: v, set(t2_keys))
+        t2_keys, "variant", lambda r, v: v)
     shown = set(t3_keys) | set(t4_keys) | set(t2_keys)
-    other = [k for k in zip(table.method, table.regime, table.variant) if k not in shown]
+    other = sorted({k for k in [*zip(table.method, table.regime, table.variant), *failed] if k not in shown},
+                   key=lambda k: (k[0], order(k[1]), k[2]))
     if other:
         add("Other runs", "Methods and regimes outside the paper's tables (plugins included).",
-            sorted(other, key=lambda k: (k[0], sort_regime(k[1]), k[2])), "pretraining",
-            lambda r, v: r + (f" / {v}" if v else ""), set(other))
+            other, "pretraining", lambda r, v: r + (f" / {v}" if v else ""))
+    return tables
 
-    figures = _figures(runs, table, everything)
-    fractions = everything[everything.task == "fracture"]
-    label_efficiency = None
-    if fractions["train_fraction"].nunique() > 1:
-        points = cells(fractions, n_boot, by=("train_fraction",))
-        label_efficiency = {
-            "plot": plots.label_efficiency_plot(points),
-            "rows": [{"cell": f"{r.method} / {r.regime}" + (f" / {r.variant}" if r.variant else ""),
-                      "fraction": f"{r.train_fraction:g}", "seeds": int(r.seeds),
-                      "auc": plots.fmt(r.auc) + (f" ± {plots.fmt(r.auc_sd)}" if not np.isnan(r.auc_sd) else ""),
-                      "ci": f"[{plots.fmt(r.auc_lo)}, {plots.fmt(r.auc_hi)}]" if not np.isnan(r.auc_lo) else "",
-                      "f1": plots.fmt(r.f1)}
-                     for r in points.sort_values(["method", "regime", "variant", "train_fraction"]).itertuples()],
-        }
-    grading = _grade_section(everything, n_boot)
-    runs = everything
 
+def _effect_rows(runs: pd.DataFrame, n_boot: int) -> list[dict[str, Any]]:
+    effect = pretraining_effect(runs, n_boot)
+    return [{"method": r.method + (f" / {r.variant}" if r.variant else ""), "protocol": r.protocol,
+             "regime": r.regime, "auc_pre": plots.fmt(r.auc_pre), "auc_scratch": plots.fmt(r.auc_scratch),
+             "diff": f"{100 * r.diff:+.1f}", "ci": f"[{100 * r.lo:+.1f}, {100 * r.hi:+.1f}]", "p": f"{r.p:.3g}",
+             "significant": r.p < 0.05} for r in effect.itertuples()]
+
+
+def _table_fraction(runs: pd.DataFrame) -> float:
+    """The training fraction the paper's tables show: all patients, or else the largest one run."""
+    fractions = set(runs.loc[runs.task == "fracture", "train_fraction"])
+    return 1.0 if 1.0 in fractions or not fractions else max(fractions)
+
+
+def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) -> Path:
+    everything = load_runs(run_dirs)
+    failures = load_failures(run_dirs)
+    # The paper's tables hold the binary task at one training fraction; grading and label-efficiency
+    # runs get their own sections, so a cell never mixes tasks or training-set sizes.
+    fraction = _table_fraction(everything)
+    runs = everything[(everything.task == "fracture") & (everything.train_fraction == fraction)]
+    runs = runs.assign(not_learned=_learning_marks(runs) if not runs.empty else pd.Series(dtype=object))
+    paper = paper_results()
+    protocols = [p for p in PROTOCOLS if p in set(runs.protocol) | {f["protocol"] for f in failures}]
+    tables = [t for p in protocols for t in _paper_tables(runs[runs.protocol == p], p, fraction, n_boot, paper,
+                                                          failures)]
+    main = runs[runs.protocol == protocols[0]] if protocols else runs
+    table = cells(main, n_boot) if not main.empty else pd.DataFrame(columns=["method", "regime", "variant", "seeds"])
+    figures = _figures(main, table, everything)
+    html = _render(name, everything, table, tables, figures, {
+        "grading": _grade_section(everything, n_boot), "label_efficiency": _label_efficiency(everything, n_boot),
+        "effect": _effect_rows(runs, n_boot) if not runs.empty else [], "failures": failures,
+        "not_learned": [{"run": Path(r.folder).name, "reason": r.not_learned} for r in runs.itertuples()
+                        if r.not_learned],
+    })
+    target = out / "index.html"
+    write_text_atomic(target, html)
+    return target
+
+
+def _label_efficiency(everything: pd.DataFrame, n_boot: int) -> dict[str, Any] | None:
+    fractions = everything[(everything.task == "fracture") & (everything.protocol == "finetune")]
+    if fractions["train_fraction"].nunique() < 2:
+        return None
+    points = cells(fractions, n_boot, by=("train_fraction",))
+    return {
+        "plot": plots.label_efficiency_plot(points),
+        "rows": [{"cell": f"{r.method} / {r.regime}" + (f" / {r.variant}" if r.variant else ""),
+                  "fraction": f"{r.train_fraction:g}", "seeds": int(r.seeds),
+                  "auc": plots.fmt(r.auc) + (f" ± {plots.fmt(r.auc_sd)}" if not np.isnan(r.auc_sd) else ""),
+                  "ci": f"[{plots.fmt(r.auc_lo)}, {plots.fmt(r.auc_hi)}]" if not np.isnan(r.auc_lo) else "",
+                  "f1": plots.fmt(r.f1)}
+                 for r in points.sort_values(["method", "regime", "variant", "train_fraction"]).itertuples()],
+    }
+
+
+def _render(name: str, runs: pd.DataFrame, table: pd.DataFrame, tables: list, figures: list,
+            sections: dict[str, Any]) -> str:
     provenance = [{"run": Path(r.folder).name, "seed": r.seed, "preset": r.preset, "fingerprint": r.fingerprint[:12],
                    "commit": (r.commit or "")[:10], "torch": r.torch, "hardware": f"{r.cpu}; GPUs: {r.cuda or 'none'}",
                    "started": r.started, "config": r.config_text} for r in runs.itertuples()]
@@ -159,12 +238,8 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
     template = env.from_string(resources.files("bench.reports").joinpath("templates", "report.html.j2").read_text())
     from bench import __version__
 
-    html = template.render(
-        name=name, n_runs=len(runs), n_cells=len(table), seeds=sorted(set(table.seeds)),
-        grading=grading, label_efficiency=label_efficiency,
+    return template.render(
+        name=name, n_runs=len(runs), n_cells=len(table), seeds=sorted(set(table.seeds)), **sections,
         data=", ".join(sorted(set(runs.data))), tables=tables, metrics=METRICS, plots=figures,
         provenance=provenance, version=__version__, generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    target = out / "index.html"
-    write_text_atomic(target, html)
-    return target

@@ -51,6 +51,9 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
             "folder": str(folder), "method": config["method"], "regime": config["regime"], "seed": config["seed"],
             "suite": config.get("suite", ""), "preset": config.get("preset", ""), "variant": variant_of(config),
             "task": config.get("task", "fracture"), "train_fraction": float(config.get("train_fraction", 1.0)),
+            "protocol": config.get("protocol", "finetune"),
+            "val_auc": metrics.get("val", {}).get("auc"), "val_n": metrics.get("val", {}).get("n"),
+            "val_n_positive": metrics.get("val", {}).get("n_positive"), "n_test_positive": test.get("n_positive"),
             **{k: test.get(k) for k in ("f1", "acc", "auc", "ap", "sensitivity", "specificity", "balanced_acc")},
             **{k: test.get(k) for k in GRADE_METRICS},
             "n_test": test.get("n"), "s_per_epoch": metrics.get("cost", {}).get("s_per_epoch"),
@@ -66,3 +69,24 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
     if not rows:
         raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")
     return pd.DataFrame(rows)
+
+
+def load_failures(roots: list[Path]) -> list[dict[str, Any]]:
+    """Failed runs of the suites under `roots` (from each suite's suite.json): run keys and error."""
+    out = []
+    for root in roots:
+        for path in [root / "suite.json", *root.glob("*/suite.json")]:
+            if not path.is_file():
+                continue
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for run in summary.get("runs", []):
+                if run.get("error"):
+                    spec = run.get("run", {})
+                    first = next((line for line in str(run["error"]).splitlines() if line.strip()), "")
+                    out.append({"method": spec.get("method", "?"), "regime": spec.get("regime", "?"),
+                                "protocol": spec.get("protocol", "finetune"), "variant": spec.get("variant", ""),
+                                "seed": spec.get("seed", "?"), "error": first[:300]})
+    return out

@@ -86,11 +86,13 @@ def grade_cells(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
         for k, v in draws.items():
             arr = np.asarray(v, float)
             arr = arr[~np.isnan(arr)]
-            row[f"{k}_lo"], row[f"{k}_hi"] = (np.percentile(arr, 2.5), np.percentile(arr,
-                                                                                     97.5)) if len(arr) else (np.nan,
-                                                                                                              np.nan)
+            row[f"{k}_lo"], row[f"{k}_hi"] = _percentiles(arr)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _percentiles(arr: np.ndarray) -> tuple[float, float]:
+    return (float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))) if len(arr) else (np.nan, np.nan)
 
 
 def _align(preds: list[pd.DataFrame]) -> list[pd.DataFrame]:
@@ -150,3 +152,70 @@ def critical_difference(runs: pd.DataFrame, metric: str = "auc"):
     sig = sp.posthoc_nemenyi_friedman(wide.to_numpy())
     sig.index = sig.columns = wide.columns
     return ranks, sig
+
+
+Z_95, Z_POWER_80 = 1.959964, 0.841621
+
+
+def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC from its class counts (Hanley & McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / max(n_pos * n_neg, 1)
+    return float(np.sqrt(max(var, 0.0)))
+
+
+def detectable_difference(n_pos: int, n_neg: int, auc: float = 0.75) -> float:
+    """The smallest AUC difference between two models a test split of these counts detects with 80 %
+    power at a two-sided 5 % level, treating the two AUCs as independent (conservative: a paired
+    DeLong test on correlated scores detects somewhat less)."""
+    return (Z_95 + Z_POWER_80) * np.sqrt(2) * hanley_mcneil_se(auc, n_pos, n_neg)
+
+
+def did_not_learn(run: pd.Series, predictions: pd.DataFrame) -> str:
+    """Why a run's model is no trained model, or "": it predicts a single class on the test split, or
+    the 95 % CI of its validation AUC (Hanley-McNeil) contains 0.5."""
+    if predictions["prediction"].nunique() < 2:
+        return f"predicts only class {int(predictions['prediction'].iloc[0])} on test"
+    auc, n, n_pos = run.get("val_auc"), run.get("val_n"), run.get("val_n_positive")
+    if auc is None or n is None or n_pos is None or pd.isna(auc):
+        return ""
+    se = hanley_mcneil_se(float(auc), int(n_pos), int(n - n_pos))
+    if abs(float(auc) - 0.5) <= Z_95 * se:
+        return f"validation AUC {auc:.3f} (95 % CI +-{Z_95 * se:.3f}) is not above chance"
+    return ""
+
+
+def pretraining_effect(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
+    """Each pretrained regime against `scratch` of the same method, variant and protocol: the paired
+    difference of test AUC on seed-averaged scores, a 95 % CI from a bootstrap over patients, and
+    the two-sided DeLong p-value."""
+    from MLstatkit import Delong_test
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    keys = ["method", "variant", "protocol"]
+    for key, group in runs.groupby(keys, sort=True):
+        if "scratch" not in set(group["regime"]):
+            continue
+        base = seed_mean_scores(group[group.regime == "scratch"])
+        for regime in sorted(set(group["regime"]) - {"scratch"}):
+            other = seed_mean_scores(group[group.regime == regime])
+            pair = base.merge(other, on=["patient_id", "vertebra", "label"], suffixes=("_scratch", "_pre"))
+            y = pair["label"].to_numpy()
+            if len(pair) < 10 or len(np.unique(y)) < 2:
+                continue
+            a, b = pair["score_pre"].to_numpy(), pair["score_scratch"].to_numpy()
+            rng = np.random.default_rng(seed)
+            index = pair.groupby("patient_id").indices
+            patients = list(index)
+            draws = []
+            for _ in range(n_boot):
+                rows_ = np.concatenate([index[p] for p in rng.choice(patients, size=len(patients), replace=True)])
+                if len(np.unique(y[rows_])) == 2:
+                    draws.append(roc_auc_score(y[rows_], a[rows_]) - roc_auc_score(y[rows_], b[rows_]))
+            lo, hi = _percentiles(np.asarray(draws))
+            p = float(Delong_test(y, a, b, return_ci=False, return_auc=False)[1])
+            rows.append({**dict(zip(keys, key)), "regime": regime, "auc_pre": roc_auc_score(y, a),
+                         "auc_scratch": roc_auc_score(y, b), "diff": roc_auc_score(y, a) - roc_auc_score(y, b),
+                         "lo": lo, "hi": hi, "p": p, "n": len(pair)})
+    return pd.DataFrame(rows)

@@ -40,7 +40,8 @@ def html(store, tmp_path_factory):
 def test_cells_are_mean_sd_and_ci_over_seeds(html):
     text, _ = html
     assert "Other runs" in text and "_test_tiny_cnn" in text
-    assert re.search(r"<td class=\"(best)?\">\d+\.\d ± \d+\.\d<br><span class=\"ci\">\[\d+\.\d, \d+\.\d\]", text)
+    cell = r"<td class=\"(best|notlearned)?\">\d+\.\d ± \d+\.\d<br><span class=\"ci\">\[\d+\.\d, \d+\.\d\]"
+    assert re.search(cell, text)
     assert "<td>3</td>" in text  # three seeds per cell
 
 
