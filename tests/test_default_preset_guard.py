@@ -50,14 +50,22 @@ def test_default_preset_trains_an_epoch_and_autocast_agrees_with_fp32(name, hand
     assert np.isfinite(result.epochs[0]["train_loss"]), result.epochs
     if not cfg.amp:
         return
-    torch.manual_seed(0)
-    model = method.build_model().eval()
-    x, y = next(iter(DataLoader(make_dataset(method, cfg, handful.subset("train")), batch_size=8)))
+    # the autocast dtype the preset asks for, forced even where `amp_dtype=auto` would run fp32 here
     execution = Execution.of(cfg, method)
-    model = model.to(memory_format=execution.memory_format)
+    execution = Execution(execution.device, torch.bfloat16, execution.memory_format, False)
+    torch.manual_seed(0)
+    model = method.build_model().to(memory_format=execution.memory_format)
+    x, y = next(iter(DataLoader(make_dataset(method, cfg, handful.subset("train")), batch_size=4)))
+    x = execution.to(x)
     with torch.no_grad():
-        reference = torch.nn.functional.cross_entropy(forward_views(model, execution.to(x)).float(), y)
+        model.eval()
+        reference = torch.nn.functional.cross_entropy(forward_views(model, x).float(), y)
         with execution.autocast():
-            mixed = torch.nn.functional.cross_entropy(forward_views(model, execution.to(x)).float(), y)
+            mixed = torch.nn.functional.cross_entropy(forward_views(model, x).float(), y)
     assert torch.isfinite(mixed) and abs(float(mixed) - float(reference)) < 0.05 * max(1.0, float(reference)), (
-        f"{name}: loss {float(mixed):.4f} under {execution.dtype} vs {float(reference):.4f} in fp32")
+        f"{name}: loss {float(mixed):.4f} under bf16 vs {float(reference):.4f} in fp32")
+    model.train()
+    with execution.autocast():
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), name
