@@ -76,16 +76,24 @@ def test_same_seed_gives_identical_predictions(tmp_path, tiny_run):
 
 
 def test_amp_path_runs_on_cpu(tmp_path):
-    args = ["run", "method=resnet18", "regime=scratch", "preset=tiny", "epochs=1", f"out={tmp_path}", "amp=true"]
-    assert main(args) == 0
-    metrics = json.loads((tmp_path / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())
+    from bench.loop import native_bf16
+
+    args = ["run", "method=resnet18", "regime=scratch", "preset=tiny", "epochs=1", "amp=true"]
+    assert main([*args, "amp_dtype=bf16", f"out={tmp_path / 'forced'}"]) == 0  # bf16 even without native kernels
+    metrics = json.loads((tmp_path / "forced" / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())
     assert metrics["cost"]["amp_dtype"] == "bfloat16"
+    assert main([*args, f"out={tmp_path / 'auto'}"]) == 0  # auto: bf16 only where the CPU has bf16 kernels
+    cost = json.loads((tmp_path / "auto" / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())["cost"]
+    if native_bf16():
+        assert cost["amp_dtype"] == "bfloat16" and cost["amp_note"] is None
+    else:
+        assert cost["amp_dtype"] is None and "no native bf16" in cost["amp_note"]
 
 
 def test_compile_path_runs_on_cpu(tmp_path):
     """torch.compile through inductor on CPU; a tiny CNN keeps the compile itself short."""
     args = ["run", "method=_test_tiny_cnn", "preset=tiny", "epochs=1", f"out={tmp_path}", "compile=true",
-            "amp=true"]
+            "amp=true", "amp_dtype=bf16"]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "single" / "_test_tiny_cnn-scratch-s0" / "metrics.json").read_text())
     assert metrics["cost"]["amp_dtype"] == "bfloat16" and metrics["test"]["n"] > 0
