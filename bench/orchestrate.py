@@ -134,7 +134,8 @@ def _progress_callback(total: int):
             if "folder" not in result:  # a per-epoch checkpoint report, not the end of the run
                 return
             run = trial.config["run"]
-            extras = [run.get("variant"), run.get("task") if run.get("task", "fracture") != "fracture" else "",
+            extras = [run.get("protocol", "finetune"), run.get("variant"),
+                      run.get("task") if run.get("task", "fracture") != "fracture" else "",
                       f"fraction {run['train_fraction']}" if run.get("train_fraction") else ""]
             tag = " ".join([run["method"], run["regime"], *filter(None, extras), f"seed {run['seed']}"])
             note = " (already done)" if result.get("skipped") else ""
