@@ -245,6 +245,8 @@ def validate(cfg: DictConfig) -> None:
     for key in _UNIT_OPEN:
         if not 0 < OmegaConf.select(cfg, key) < 1:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
+    if not cfg.probe.c_grid or any(c <= 0 for c in cfg.probe.c_grid):
+        raise BenchError(f"bad value for 'probe.c_grid': {list(cfg.probe.c_grid)}; expected positive numbers")
     if not 0 < cfg.train_fraction <= 1:
         raise BenchError(f"bad value for 'train_fraction': {cfg.train_fraction}; expected in (0, 1]")
     if not 0 <= cfg.synthetic.difficulty <= 1:

@@ -36,8 +36,6 @@ from bench.evaluation import (
 from bench.loop import Execution, OnEpoch, Schedule, Stage, TrainingLoop, seed_everything
 from bench.metrics import class_weights
 
-FinetuneResult = ProtocolResult  # the name older callers use
-
 
 def selection_key(cfg: DictConfig, m: dict[str, float], val_loss: float) -> tuple[float, ...]:
     """What the best checkpoint maximises on validation (`select`): F1 at the threshold, as the

@@ -88,21 +88,29 @@ def run_plan(method: Any, cfg: DictConfig) -> Path | None:
         return None
     if not method.has_pretext:
         raise BenchError(f"method '{method.name}' has no pretext task, so regime '{cfg.regime}' needs weights.public")
-    check_contract(method, plan)
+    checked: list[bool] = []
+
+    def check_once() -> None:  # only when an artifact must be built: cached ones were checked then
+        if not checked:
+            check_contract(method, plan)
+            checked.append(True)
+
     parent: dict[str, Any] | None = None
     folder = None
     for stage in plan:
         if stage == "public" and cfg.weights.public:
             parent = {"public_file": public_file(method, cfg)[1]}
             continue
-        folder = ensure_artifact(method, cfg, stage, parent)
+        folder = ensure_artifact(method, cfg, stage, parent, before_build=check_once)
         parent = {"artifact": folder}
     return folder
 
 
-def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, Any] | None) -> Path:
+def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, Any] | None,
+                    before_build: Any = None) -> Path:
     """The folder of the pretext model pretrained on `stage` ("public" or "vertebrae") from `parent`
-    (None: random init; {"artifact": path} or {"public_file": sha256}); built only if missing."""
+    (None: random init; {"artifact": path} or {"public_file": sha256}); built only if missing, after
+    `before_build()` (the transfer-contract check)."""
     dataset, data_spec = pretext_dataset(method, cfg, stage, cfg.pretrain.seed)
     identity = method.artifact_key(stage)
     spec = {
@@ -115,6 +123,8 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     folder = artifact_root(cfg) / identity["family"] / config_hash(spec, length=16)
     with locked(folder):
         if not (folder / "pretext.safetensors").exists():
+            if before_build is not None:
+                before_build()
             _pretrain(method, cfg, dataset, parent, folder, spec, stage)
     return folder
 
