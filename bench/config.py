@@ -89,6 +89,7 @@ class ProbeConfig:
     max_iter: int = 2000
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_balanced: bool = True  # each class's votes divided by its share of the bank (rare classes can win)
 
 
 @dataclass
@@ -121,6 +122,9 @@ class RunConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0 disables clipping
+    layer_decay: float = 1.0  # finetune: lr x layer_decay^depth-from-the-top per layer group (BEiT/MAE); 1: off
+    label_smoothing: float = 0.0  # finetune: cross-entropy label smoothing
+    head_init: Literal["random", "linear_probe"] = "random"  # finetune: linear_probe starts from the probe (LP-FT)
     augment: bool = True  # random left-right flips in training
     threshold: float = 0.5  # on the softmax fracture probability
 
@@ -247,6 +251,10 @@ def validate(cfg: DictConfig) -> None:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
     if not cfg.probe.c_grid or any(c <= 0 for c in cfg.probe.c_grid):
         raise BenchError(f"bad value for 'probe.c_grid': {list(cfg.probe.c_grid)}; expected positive numbers")
+    if not 0 < cfg.layer_decay <= 1:
+        raise BenchError(f"bad value for 'layer_decay': {cfg.layer_decay}; expected in (0, 1] (1 disables it)")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise BenchError(f"bad value for 'label_smoothing': {cfg.label_smoothing}; expected in [0, 1)")
     if not 0 < cfg.train_fraction <= 1:
         raise BenchError(f"bad value for 'train_fraction': {cfg.train_fraction}; expected in (0, 1]")
     if not 0 <= cfg.synthetic.difficulty <= 1:

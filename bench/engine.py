@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.datasets.base import VertebraSet
+from bench.errors import BenchError
 from bench.evaluation import (
     NUM_CLASSES,
     ProtocolResult,
@@ -70,8 +71,18 @@ class FinetuneStage(Stage):
         num_classes = NUM_CLASSES[cfg.task]
         balanced = sampler is not None and getattr(sampler, "balanced", False)
         weights = np.ones(num_classes) if balanced else class_weights(y_train, num_classes)
-        self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=execution.device))
+        self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=execution.device),
+                                           label_smoothing=cfg.label_smoothing)
         self.best: dict[str, Any] | None = None  # key, epoch, state, val
+
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Layer-wise lr decay (BEiT / MAE) over the method's layer groups, through timm."""
+        if self.cfg.layer_decay >= 1:
+            return None
+        from timm.optim import param_groups_layer_decay
+
+        return param_groups_layer_decay(_Grouped(self.model, layer_groups(self.method, self.cfg)),
+                                        weight_decay=self.cfg.weight_decay, layer_decay=self.cfg.layer_decay)
 
     def step(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         x, y = batch
@@ -97,6 +108,28 @@ class FinetuneStage(Stage):
         self.generator.set_state(state["loader_rng"])
 
 
+class _Grouped:
+    """A model seen through the method's layer groups, in the shape timm's grouping reads."""
+
+    def __init__(self, model: nn.Module, matcher: dict[str, Any]) -> None:
+        self.model, self.matcher = model, matcher
+
+    def named_parameters(self) -> Any:
+        return self.model.named_parameters()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return self.matcher
+
+
+def layer_groups(method: Any, cfg: DictConfig) -> dict[str, Any]:
+    """The method's layer groups, or one line saying `layer_decay` cannot apply to it."""
+    matcher = method.layer_groups()
+    if matcher is None:
+        raise BenchError(f"bad value for 'layer_decay': {cfg.layer_decay}; method '{method.name}' declares no layer "
+                         f"order (Method.layer_groups), expected 1")
+    return matcher
+
+
 def schedule_of(cfg: DictConfig) -> Schedule:
     return Schedule(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                     optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip)
@@ -116,6 +149,11 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module |
     if model is None:
         seed_everything(cfg.seed, cfg.deterministic)
         model = method.build_model(num_classes=NUM_CLASSES[cfg.task])
+    head_init = None
+    if cfg.head_init == "linear_probe":
+        from bench.probes import init_head_from_probe
+
+        head_init = init_head_from_probe(method, data, cfg, model)
     seed_everything(cfg.seed, cfg.deterministic)  # finetuning draws do not depend on what came before
     execution = Execution.of(cfg, method)
     stage = FinetuneStage(method, cfg, model, train, val, execution)
@@ -132,6 +170,8 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module |
             "amp_dtype": str(execution.dtype).removeprefix("torch.") if execution.dtype else None,
             "amp_note": execution.note or None}
     extra = {"train_used": training_used(cfg, train)}
+    if head_init is not None:
+        extra["head_init"] = head_init
     if not evaluate_test:
         return ProtocolResult(model, {}, best["val"], pd.DataFrame(), result.history, cost, extra)
     t_eval = time.perf_counter()

@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from bench.datasets.base import VertebraSet
+from bench.errors import BenchError
 from bench.evaluation import (
     NUM_CLASSES,
     ProtocolResult,
@@ -97,30 +98,79 @@ def _scores_metric(cfg: DictConfig, y: np.ndarray, probs: np.ndarray) -> float:
     return -1.0 if np.isnan(value) else value
 
 
-def fit_linear(cfg: DictConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
-                                                                                              dict[str, Any]]:
-    """Standardised features, balanced logistic regression, C chosen on validation; (val, test) probs."""
+def fit_linear(cfg: DictConfig, x: dict[str, np.ndarray],
+               y: dict[str, np.ndarray]) -> tuple[StandardScaler, LogisticRegression, dict[str, Any]]:
+    """Standardised training features, balanced logistic regression, C chosen on validation."""
     scaler = StandardScaler().fit(x["train"])
-    z = {k: scaler.transform(v) for k, v in x.items()}
+    z = {k: scaler.transform(v) for k, v in x.items() if k in ("train", "val")}
     trials = []
     for c in cfg.probe.c_grid:
         clf = LogisticRegression(C=c, class_weight="balanced", max_iter=cfg.probe.max_iter)
         clf.fit(z["train"], y["train"])
-        val = clf.predict_proba(z["val"])
-        trials.append((_scores_metric(cfg, y["val"], val), -c, clf, val))
-    score, neg_c, clf, val = max(trials, key=lambda t: t[:2])  # ties: the stronger regularisation
-    return val, clf.predict_proba(z["test"]), {"C": -neg_c, "val_score_by_C": {str(-t[1]): t[0] for t in trials}}
+        trials.append((_scores_metric(cfg, y["val"], clf.predict_proba(z["val"])), -c, clf))
+    score, neg_c, clf = max(trials, key=lambda t: t[:2])  # ties: the stronger regularisation
+    return scaler, clf, {"C": -neg_c, "val_score": score, "val_score_by_C": {str(-t[1]): t[0] for t in trials}}
+
+
+def _linear_layers(head: nn.Module, method: Any) -> list[nn.Module]:
+    """The head's layers, when they are one linear layer after eval-mode identities (dropout)."""
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    if isinstance(layers[-1], nn.Linear) and all(isinstance(m, (nn.Dropout, nn.Identity)) for m in layers[:-1]):
+        return layers
+    raise BenchError(f"bad value for 'head_init': linear_probe; method '{method.name}' has a head that is not one "
+                     f"linear layer ({type(head).__name__}), expected head_init=random")
+
+
+def probe_head(scaler: StandardScaler, clf: LogisticRegression, layers: list[nn.Module]) -> nn.Sequential:
+    """The fitted probe as the classifier head: a BatchNorm without affine parameters holding the
+    probe's standardisation (MAE's linear-probe head), then the head's own layers with the probe's
+    weights in its linear layer. A binary probe's single logit is split as +-1/2 over two classes, so
+    the head's probabilities equal the probe's. In training the norm standardises by batch statistics,
+    so the logits keep the probe's scale while the encoder's features move."""
+    linear: nn.Linear = layers[-1]
+    coef, bias = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:
+        coef, bias = np.stack([-coef[0], coef[0]]) / 2, np.array([-bias[0], bias[0]]) / 2
+    if coef.shape != tuple(linear.weight.shape):
+        raise BenchError(f"head_init=linear_probe: the probe has {coef.shape[0]} classes, the head "
+                         f"{linear.weight.shape[0]}; expected the training split to hold every class")
+    norm = nn.BatchNorm1d(coef.shape[1], affine=False, eps=1e-6)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.from_numpy(scaler.mean_))
+        norm.running_var.copy_(torch.from_numpy(scaler.scale_**2 - 1e-6).clamp_min(0))
+        linear.weight.copy_(torch.from_numpy(coef))
+        linear.bias.copy_(torch.from_numpy(bias))
+    return nn.Sequential(norm, *layers)
+
+
+def init_head_from_probe(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
+    """Replace the classifier head by the `linear` protocol's probe of the initialised encoder (LP-FT:
+    finetuning starts from a trained decision rule on the frozen features). The features are the
+    cached ones both probes use; only training and validation labels are read."""
+    layers = _linear_layers(model.head, method)
+    train, val, test = split_parts(data, cfg)
+    x, cached, extract_s = features(method, cfg, model, data, {"train": train, "val": val, "test": test})
+    scaler, clf, fitted = fit_linear(cfg, x, {"train": targets(train, cfg), "val": targets(val, cfg)})
+    model.head = probe_head(scaler, clf, layers)
+    return {"from": "linear_probe", "C": fitted["C"], "probe_val_score": fitted["val_score"],
+            "extract_s": extract_s, "features_cached": cached}
 
 
 def knn_probs(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, classes: int, k: int,
-              temperature: float) -> np.ndarray:
+              temperature: float, balanced: bool = False) -> np.ndarray:
     """Weighted cosine kNN (the DINO / solo-learn rule): the k most similar bank rows vote with
-    weight exp(similarity / T); class probabilities are the normalised votes."""
+    weight exp(similarity / T); class probabilities are the normalised votes. `balanced` divides
+    each class's votes by its share of the bank first, so a rare class (12 % fractures) can win a
+    vote its neighbours favour beyond its prior, as a class-weighted loss does in training."""
     bank_t = torch.nn.functional.normalize(torch.from_numpy(bank).double(), dim=1)
     query_t = torch.nn.functional.normalize(torch.from_numpy(query).double(), dim=1)
+    labels = torch.tensor(np.asarray(bank_y, dtype=np.int64))
     sims, idx = (query_t @ bank_t.T).topk(min(k, len(bank)), dim=1)
     votes = torch.zeros(len(query), classes, dtype=torch.float64)
-    votes.scatter_add_(1, torch.tensor(np.asarray(bank_y, dtype=np.int64))[idx], (sims / temperature).exp())
+    votes.scatter_add_(1, labels[idx], (sims / temperature).exp())
+    if balanced:
+        share = torch.bincount(labels, minlength=classes).double() / len(labels)
+        votes = votes / share.clamp_min(1e-12)
     return (votes / votes.sum(dim=1, keepdim=True)).numpy()
 
 
@@ -134,12 +184,13 @@ def probe(protocol: str, method: Any, data: VertebraSet, cfg: DictConfig, model:
     y = {name: targets(part, cfg) for name, part in parts.items() if name != "test"}
     t0 = time.perf_counter()
     if protocol == "linear":
-        val_probs, test_probs, fitted = fit_linear(cfg, x, y)
+        scaler, clf, fitted = fit_linear(cfg, x, y)
+        val_probs, test_probs = (clf.predict_proba(scaler.transform(x[k])) for k in ("val", "test"))
     else:
         classes, p = NUM_CLASSES[cfg.task], cfg.probe
-        val_probs = knn_probs(x["train"], y["train"], x["val"], classes, p.knn_k, p.knn_temperature)
-        test_probs = knn_probs(x["train"], y["train"], x["test"], classes, p.knn_k, p.knn_temperature)
-        fitted = {"k": p.knn_k, "temperature": p.knn_temperature}
+        val_probs, test_probs = (knn_probs(x["train"], y["train"], x[k], classes, p.knn_k, p.knn_temperature,
+                                           p.knn_balanced) for k in ("val", "test"))
+        fitted = {"k": p.knn_k, "temperature": p.knn_temperature, "balanced": p.knn_balanced}
     cost = {"train_s": time.perf_counter() - t0, "extract_s": extract_s, "features_cached": cached,
             "n_params": sum(q.numel() for q in model.encoder.parameters()), "feature_dim": int(x["train"].shape[1])}
     return ProtocolResult(None, task_metrics(cfg, targets(test, cfg), test_probs),

@@ -86,6 +86,13 @@ class Method:
         """The loss of one training batch (called under autocast); class-weighted CE by default."""
         return loss_fn(model(x).float(), y)
 
+    def layer_groups(self) -> dict[str, Any] | None:
+        """The classifier's parameters in depth order, as a timm group matcher over their names
+        ({"stem": regex, "blocks": regex with the block index as a group}); unmatched parameters
+        (the head, a final norm) form the top group. Layer-wise lr decay (`layer_decay`) reads it;
+        None: the method has no layer order and `layer_decay` < 1 is refused."""
+        return None
+
     def train_batch_sampler(self, labels: np.ndarray, batch_size: int, seed: int) -> Any:
         """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""
         return None

@@ -22,6 +22,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
 from bench.methods.base import Method
+from bench.methods.vit import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -128,7 +129,7 @@ class SwinUNETR(Method):
     # of a step in small attention products and softmax.
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
-        "small": {"crop_size": 32, "lr": 5.0e-4, "amp": True,
+        "small": {**TRANSFORMER_FINETUNE, "crop_size": 32, "amp": True,
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
 
@@ -147,3 +148,7 @@ class SwinUNETR(Method):
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.swin
+
+    def layer_groups(self) -> dict:
+        """Patch embedding, then the four stages (each with its patch merging)."""
+        return {"stem": r"^encoder\.swin\.patch_embed", "blocks": r"^encoder\.swin\.layers(\d)"}

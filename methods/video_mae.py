@@ -35,7 +35,7 @@ from bench.datasets.pretext import corpus_frame_size
 from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.methods.mae3d import masked_patch_loss, random_masking, unshuffle
-from bench.methods.vit import _init_linear, take
+from bench.methods.vit import TRANSFORMER_FINETUNE, VIT_LAYER_GROUPS, _init_linear, take
 from bench.registry import register_method
 from bench.weights import WeightsSpec, fuse_qkv
 
@@ -213,8 +213,8 @@ class VideoMAEParams:
 VIDEO_PRESETS = {
     "tiny": {"lr": 1.0e-3, "model": {"embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_dim": 32,
                                      "decoder_depth": 1, "decoder_heads": 2}},
-    "small": {"lr": 5.0e-4, "model": {"embed_dim": 192, "depth": 6, "num_heads": 3, "decoder_dim": 128,
-                                      "decoder_depth": 2, "decoder_heads": 4}},
+    "small": {**TRANSFORMER_FINETUNE, "model": {"embed_dim": 192, "depth": 6, "num_heads": 3, "decoder_dim": 128,
+                                                "decoder_depth": 2, "decoder_heads": 4}},
     # the paper's finetuning: 50 epochs, batch 64, Adam lr 1e-5, cosine with 5 warmup epochs, AMP
     "paper": {"optimizer": "adam", "lr": 1.0e-5, "weight_decay": 0.0, "batch_size": 64, "epochs": 50,
               "warmup_epochs": 5.0, "amp": True},
@@ -249,6 +249,9 @@ class _VideoMethod(Method):
 
     def build_head(self, in_features: int, num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Dropout(self.params.dropout), nn.Linear(in_features, num_classes))
+
+    def layer_groups(self) -> dict:
+        return VIT_LAYER_GROUPS
 
     def pretext_data(self, stage: str) -> str:
         return "video" if stage == "public" else "slices"

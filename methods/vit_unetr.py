@@ -21,6 +21,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
 from bench.methods.base import Method
+from bench.methods.vit import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
 
@@ -113,7 +114,8 @@ class ViTUNETR(Method):
     public_weights = MONAI_VIT_WEIGHTS
     presets = {
         "tiny": {"lr": 1.0e-3, "model": {"hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 2}},
-        "small": {"lr": 5.0e-4, "model": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 3}},
+        "small": {**TRANSFORMER_FINETUNE,
+                  "model": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 3}},
     }
 
     def _kw(self) -> dict:
@@ -134,6 +136,9 @@ class ViTUNETR(Method):
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.vit
+
+    def layer_groups(self) -> dict:
+        return {"stem": r"^encoder\.vit\.(?:cls_token|patch_embedding)", "blocks": r"^encoder\.vit\.blocks\.(\d+)"}
 
     def optional_encoder_keys(self) -> tuple[str, ...]:
         return ("cls_token",)  # ViTAutoEnc has no cls token: the classifier's starts at random
