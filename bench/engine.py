@@ -5,7 +5,9 @@ Class-weighted cross entropy (w_c = 1 - n_c / n), the checkpoint chosen on valid
 (the paper: the best F1 at the threshold; or AUC, or loss). A
 method may replace the loss of a training batch (`Method.training_loss`, e.g. SupCon's two views)
 and the batch composition (`Method.train_batch_sampler`, e.g. grade-balanced; the loss is then
-unweighted). The optimisation itself is the shared loop (bench.loop).
+unweighted). The recipe keys: `layer_decay` (lr scaled per layer group of `Method.layer_groups`,
+through timm), `label_smoothing`, and `head_init=linear_probe` (LP-FT: the head starts as the linear
+probe of the initialised encoder, bench.probes). The optimisation itself is the shared loop (bench.loop).
 """
 from __future__ import annotations
 
