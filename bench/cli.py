@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_tune.add_argument("overrides", nargs="*", metavar="key=value")
     p_report = sub.add_parser("report", help="report [RUN_DIR ...] [out=DIR] [name=NAME] [bootstrap=N]")
     p_report.add_argument("args", nargs="*")
+    p_explain = sub.add_parser("explain", help="explain RUN_DIR... [n=3]: attribution maps and localisation scores")
+    p_explain.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
     return parser
@@ -192,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_data(args.args)
         elif args.command == "report":
             _cmd_report(args.args)
+        elif args.command == "explain":
+            from bench.explain import explain_command
+
+            for folder in explain_command(args.args):
+                print(folder)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2

@@ -126,6 +126,7 @@ class RunConfig:
     label_smoothing: float = 0.0  # finetune: cross-entropy label smoothing
     head_init: Literal["random", "linear_probe"] = "random"  # finetune: linear_probe starts from the probe (LP-FT)
     augment: bool = True  # random left-right flips in training
+    save_model: bool = True  # finetune: keep the selected weights as model.safetensors in the run folder
     threshold: float = 0.5  # on the softmax fracture probability
 
     # execution

@@ -121,37 +121,44 @@ def _linear_layers(head: nn.Module, method: Any) -> list[nn.Module]:
                      f"linear layer ({type(head).__name__}), expected head_init=random")
 
 
-def probe_head(scaler: StandardScaler, clf: LogisticRegression, layers: list[nn.Module]) -> nn.Sequential:
+def probe_head_layout(head: nn.Module, method: Any) -> nn.Sequential:
+    """The head of a `head_init=linear_probe` classifier, untrained: the probe's BatchNorm (no
+    affine parameters) before the method's own head layers."""
+    layers = _linear_layers(head, method)
+    return nn.Sequential(nn.BatchNorm1d(layers[-1].in_features, affine=False, eps=1e-6), *layers)
+
+
+def probe_head(scaler: StandardScaler, clf: LogisticRegression, head: nn.Module, method: Any) -> nn.Sequential:
     """The fitted probe as the classifier head: a BatchNorm without affine parameters holding the
     probe's standardisation (MAE's linear-probe head), then the head's own layers with the probe's
     weights in its linear layer. A binary probe's single logit is split as +-1/2 over two classes, so
     the head's probabilities equal the probe's. In training the norm standardises by batch statistics,
     so the logits keep the probe's scale while the encoder's features move."""
-    linear: nn.Linear = layers[-1]
+    out = probe_head_layout(head, method)
+    norm, linear = out[0], out[-1]
     coef, bias = clf.coef_, clf.intercept_
     if len(clf.classes_) == 2:
         coef, bias = np.stack([-coef[0], coef[0]]) / 2, np.array([-bias[0], bias[0]]) / 2
     if coef.shape != tuple(linear.weight.shape):
         raise BenchError(f"head_init=linear_probe: the probe has {coef.shape[0]} classes, the head "
                          f"{linear.weight.shape[0]}; expected the training split to hold every class")
-    norm = nn.BatchNorm1d(coef.shape[1], affine=False, eps=1e-6)
     with torch.no_grad():
         norm.running_mean.copy_(torch.from_numpy(scaler.mean_))
         norm.running_var.copy_(torch.from_numpy(scaler.scale_**2 - 1e-6).clamp_min(0))
         linear.weight.copy_(torch.from_numpy(coef))
         linear.bias.copy_(torch.from_numpy(bias))
-    return nn.Sequential(norm, *layers)
+    return out
 
 
 def init_head_from_probe(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
     """Replace the classifier head by the `linear` protocol's probe of the initialised encoder (LP-FT:
     finetuning starts from a trained decision rule on the frozen features). The features are the
     cached ones both probes use; only training and validation labels are read."""
-    layers = _linear_layers(model.head, method)
+    _linear_layers(model.head, method)  # fails before any feature is extracted
     train, val, test = split_parts(data, cfg)
     x, cached, extract_s = features(method, cfg, model, data, {"train": train, "val": val, "test": test})
     scaler, clf, fitted = fit_linear(cfg, x, {"train": targets(train, cfg), "val": targets(val, cfg)})
-    model.head = probe_head(scaler, clf, layers)
+    model.head = probe_head(scaler, clf, model.head, method)
     return {"from": "linear_probe", "C": fitted["C"], "probe_val_score": fitted["val_score"],
             "extract_s": extract_s, "features_cached": cached}
 

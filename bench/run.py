@@ -88,8 +88,9 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
             "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
             "train_used": result.extra["train_used"],
         },
-        **({"probe": result.extra["probe"]} if "probe" in result.extra else {}),
+        **{key: result.extra[key] for key in ("probe", "head_init") if key in result.extra},
     }
     env = {**environment(), "started": started, "finished": now()}
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    return write_run(run_dir(cfg), resolved, metrics, result.predictions, env)
+    model_state = result.model.state_dict() if cfg.save_model and result.model is not None else None
+    return write_run(run_dir(cfg), resolved, metrics, result.predictions, env, model_state)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from bench.config import to_yaml
 
 FILES = ("config.yaml", "metrics.json", "predictions.parquet", "env.json")
+MODEL_FILE = "model.safetensors"  # the selected weights of a finetuning run (save_model=true)
 
 
 def normal_mode(path: Path, mode: int = 0o777) -> None:
@@ -76,7 +77,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], predictions: pd.DataFrame,
-              env: dict[str, Any]) -> Path:
+              env: dict[str, Any], model_state: dict[str, Any] | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     normal_mode(stage)
@@ -85,6 +86,11 @@ def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], prediction
         (stage / "metrics.json").write_text(dumps(metrics))
         predictions.to_parquet(stage / "predictions.parquet", index=False)
         (stage / "env.json").write_text(dumps(env))
+        if model_state is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()},
+                      str(stage / MODEL_FILE), metadata={"method": str(cfg.method), "regime": str(cfg.regime)})
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -28,6 +28,7 @@ class VertebraSet:
     images: np.ndarray
     table: pd.DataFrame
     name: str
+    masks: np.ndarray | None = None  # ground truth per crop (bench.datasets.cropstore), indexed like images
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in self.table.columns]
@@ -54,4 +55,4 @@ class VertebraSet:
 
     def subset(self, split: str) -> VertebraSet:
         rows = self.table[self.table["split"].to_numpy() == split]
-        return VertebraSet(self.images, rows, f"{self.name}:{split}")
+        return VertebraSet(self.images, rows, f"{self.name}:{split}", self.masks)

@@ -5,6 +5,8 @@
                             missing_fraction, spacing, checksum, centroid in RAS mm, ...
     STORE/store.json        frame, size, spacing, dtype, label map, what was skipped and why
     STORE/splits.csv        patient_id,split: written on first use, then reused
+    STORE/masks.npy         optional (N, S, S, S) uint8 ground truth per crop: bit 1 the centre
+                            vertebra (body), bit 2 its fracture deformity where known
 
 Loading a crop is a slice of the memory map: no decompression, no file open per sample.
 """
@@ -24,6 +26,7 @@ from bench.errors import BenchError
 from bench.store import normal_mode
 
 STORE_VERSION = 1
+MASKS_FILE = "masks.npy"
 
 
 def is_store(path: Path) -> bool:
@@ -41,6 +44,18 @@ def open_store(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[str, An
     if len(crops) != len(manifest):
         raise BenchError(f"crop store '{path}' is inconsistent: {len(crops)} crops, {len(manifest)} manifest rows")
     return crops, manifest, meta
+
+
+def open_masks(path: str | Path, n_crops: int) -> np.ndarray | None:
+    """The store's ground-truth masks (memory-mapped), or None when it has none."""
+    file = Path(path) / MASKS_FILE
+    if not file.is_file():
+        return None
+    masks = np.load(file, mmap_mode="r", allow_pickle=False)
+    if masks.ndim != 4 or len(masks) != n_crops or masks.dtype != np.uint8:
+        raise BenchError(f"crop store '{path}': {MASKS_FILE} holds {masks.dtype} {masks.shape}; expected uint8 "
+                         f"masks of its {n_crops} crops")
+    return masks
 
 
 class StoreWriter:
@@ -71,6 +86,16 @@ class StoreWriter:
         assert pos == n, (pos, n)
         crops.flush()
         del crops
+        mask_chunks = [self.chunk_path(i).with_suffix(".mask.npy") for i in chunk_ids]
+        if chunk_ids and all(p.is_file() for p in mask_chunks):  # ground truth, when every case has it
+            masks = np.lib.format.open_memmap(self.stage / MASKS_FILE, mode="w+", dtype=np.uint8, shape=(n, *shape))
+            pos = 0
+            for p in mask_chunks:
+                chunk = np.load(p)
+                masks[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+            masks.flush()
+            del masks
         shutil.rmtree(self.stage / "chunks")
         manifest.to_parquet(self.stage / "manifest.parquet", index=False)
         skipped.to_csv(self.stage / "skipped.csv", index=False)

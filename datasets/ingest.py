@@ -139,8 +139,11 @@ def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: in
     return crop, float(outside.mean())
 
 
-def ingest_case(case: Case, opts: IngestOptions) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Crops (n, S, S, S) in the store dtype, their manifest rows, and the skipped vertebrae."""
+def ingest_case(case: Case, opts: IngestOptions,
+                masks: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Crops (n, S, S, S) in the store dtype, their manifest rows, and the skipped vertebrae. Given a
+    list as `masks`, each crop's ground truth is appended to it: the centre vertebra's own label,
+    sampled on the crop's grid (nearest neighbour), as bit 1 of a uint8 mask."""
     label_map = get_label_map(opts.label_map)
     ct, ct_affine = load_volume(case.ct, "CT")
     mask, mask_affine = load_volume(case.mask, "mask")
@@ -177,6 +180,9 @@ def ingest_case(case: Case, opts: IngestOptions) -> tuple[np.ndarray, list[dict[
         else:
             stored = crop.astype(np.float16)
         crops.append(stored)
+        if masks is not None:
+            labels, _ = sample_crop(mask, mask_affine, centre, opts.size, opts.spacing, 0)
+            masks.append((np.rint(labels) == v.label_id).astype(np.uint8))
         rows.append({
             **base, "missing_fraction": missing, "touches_border": v.touches_border,
             "centroid_x": float(centre[0]), "centroid_y": float(centre[1]), "centroid_z": float(centre[2]),

@@ -117,9 +117,16 @@ def join_labels(manifest: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd
     return merged.drop(columns=["fracture", "_merge"]), report
 
 
+def mask_chunk(chunk: str | Path) -> str:
+    """Where a case's ground-truth masks wait next to its crops until the store is assembled."""
+    return str(chunk).removesuffix(".npy") + ".mask.npy"
+
+
 def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int, list, list, int]:
-    crops, rows, skipped = ingest_case(case, opts)
+    masks: list[np.ndarray] = []
+    crops, rows, skipped = ingest_case(case, opts, masks)
     np.save(chunk, crops)
+    np.save(mask_chunk(chunk), np.stack(masks) if masks else np.empty((0,) + crops.shape[1:], np.uint8))
     return index, rows, skipped, len(crops)
 
 

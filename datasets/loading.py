@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from bench.config import config_hash
 from bench.datasets.base import VertebraSet, crop_checksum
-from bench.datasets.cropstore import StoreWriter, is_store, open_store
+from bench.datasets.cropstore import MASKS_FILE, StoreWriter, is_store, open_masks, open_store
 from bench.datasets.splits import check_disjoint, check_no_leakage, splits_for
 from bench.envinfo import now
 from bench.errors import BenchError, choices_hint
@@ -52,7 +52,8 @@ def load_store(path: Path, cfg: DictConfig) -> VertebraSet:
     table["split"] = splits_for(table, path, cfg.synthetic.seed, cfg.splits)
     check_no_leakage(table)
     table["crop_index"] = table.index.to_numpy()  # rows of the memory map; nothing is copied
-    return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{path.name}")
+    return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{path.name}",
+                       masks=open_masks(path, len(crops)))
 
 
 _LABELLED_KEYS = ("n_patients", "n_val_patients", "n_test_patients",
@@ -77,6 +78,7 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
     writer = StoreWriter(target, overwrite=overwrite)
     s = cfg.synthetic
     cohorts = (s.n_patients, s.n_val_patients, s.n_test_patients) if labelled and s.n_test_patients else None
+    masks: list[np.ndarray] | None = [] if labelled else None
     try:
         images, table = synthetic.generate(
             n_patients=sum(cohorts) if cohorts else (s.n_patients if labelled else s.n_unlabelled_patients),
@@ -84,8 +86,10 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
             max_vertebrae=cfg.synthetic.max_vertebrae, fracture_rate=cfg.synthetic.fracture_rate,
             noise_hu=cfg.synthetic.noise_hu, fov_mm=cfg.synthetic.fov_mm,
             crop_size=cfg.crop_size, seed=cfg.synthetic.seed, progress=cfg.progress,
-            difficulty=cfg.synthetic.difficulty, labelled=labelled,
+            difficulty=cfg.synthetic.difficulty, labelled=labelled, masks=masks,
         )
+        if masks is not None:
+            np.save(writer.stage / MASKS_FILE, np.stack(masks))
         table["checksum"] = [crop_checksum(c) for c in images]
         table["split"] = ""
         table["spacing"] = cfg.synthetic.fov_mm / cfg.crop_size

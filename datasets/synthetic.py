@@ -30,7 +30,7 @@ from scipy.ndimage import gaussian_filter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: stores carry ground-truth masks (the crops are those of 2)
 LEVELS = [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
 FIRST_LABELLED = LEVELS.index("T8")  # labelled sequences start at T8 or below
 GRADE_PROBS_EASY = (0.35, 0.40, 0.25)  # among fractures: mild, moderate, severe (difficulty 0)
@@ -218,8 +218,16 @@ def _posterior_field(v: Vertebra, x, y, z):
     return bone, canal_full
 
 
-def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int) -> np.ndarray:
-    """The int16 HU crop of `size`^3 voxels centred on vertebra `center` of the patient's spine."""
+BODY, DEFORMITY = 1, 2  # bits of a ground-truth mask voxel
+
+
+def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int,
+                with_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The int16 HU crop of `size`^3 voxels centred on vertebra `center` of the patient's spine;
+    with `with_mask`, also its uint8 ground truth: bit BODY marks the centre vertebral body, bit
+    DEFORMITY (fractured vertebrae only) the collapse: the body's footprint between the collapsed
+    upper endplate (from 3 mm below it) and where the intact endplate would be. The mask draws no
+    random numbers, so the crop is the same with or without it."""
     rng = np.random.default_rng([seed, patient["index"], center + 1])
     spacing = fov_mm / size
     axis = ((np.arange(size) - (size - 1) / 2) * spacing).astype(np.float32)
@@ -263,9 +271,14 @@ def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int)
         yl = Y - body_y
         yr = np.cos(tilt) * yl - np.sin(tilt) * zl
         zr = np.sin(tilt) * yl + np.cos(tilt) * zl
-        inside, shell, dist_top, z_bot, _ = _body_field(v, X, yr, zr, rng, spacing)
+        inside, shell, dist_top, z_bot, z_top = _body_field(v, X, yr, zr, rng, spacing)
         # disc under this body, down to the next body's top endplate
         rho = np.sqrt((X / (v.width / 2)) ** 2 + (yr / (v.depth / 2)) ** 2)
+        if with_mask and i == center:
+            truth = np.where(inside, BODY, 0).astype(np.uint8)
+            if v.grade >= 1:
+                intact_top = -v.mean_height / 2 + v.height - 0.8 * np.clip(1 - rho**2, 0, 1)
+                truth[(rho < 1) & (zr > z_top - 3.0) & (zr < intact_top)] |= DEFORMITY
         disc = (rho < 0.97) & (zr < z_bot) & (zr > z_bot - v.disc_below - 1.0)
         hu[disc] = rng.uniform(70, 110)
         hu[inside] = v.trabecular_hu + trab_texture[inside]
@@ -291,7 +304,8 @@ def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int)
     hu = gaussian_filter(hu, sigma=(sigma, sigma, sigma_z))
     # correlated noise: the 0.6-voxel kernel divides sigma by ~2, so draw at twice the target
     hu += gaussian_filter(rng.normal(0, patient["noise_hu"] * 2.0, size=hu.shape), 0.6)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    crop = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return (crop, truth) if with_mask else crop
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -308,9 +322,10 @@ UNLABELLED_OFFSET = 1 << 16  # unlabelled patients are drawn from disjoint indic
 def generate(
     n_patients: int, min_vertebrae: int, max_vertebrae: int, fracture_rate: float,
     noise_hu: float, fov_mm: float, crop_size: int, seed: int, progress: bool = False,
-    difficulty: float = 0.5, labelled: bool = True,
+    difficulty: float = 0.5, labelled: bool = True, masks: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """All crops and their table (patient_id, vertebra, label, grade, morphology, ...).
+    """All crops and their table (patient_id, vertebra, label, grade, morphology, ...); given a
+    list as `masks`, each crop's ground-truth mask (see `render_crop`) is appended to it.
 
     `labelled=False` draws the unlabelled pretraining set: other patients (disjoint ids) from the
     same population, with label and grade -1 (their true values stay in `hidden_grade`).
@@ -327,7 +342,11 @@ def generate(
         for pos, (vert, in_labelled_range) in enumerate(patient["spine"]):
             if not in_labelled_range:  # the neighbours at both ends only appear as context
                 continue
-            crops.append(render_crop(patient, pos, crop_size, fov_mm, seed))
+            crop = render_crop(patient, pos, crop_size, fov_mm, seed, with_mask=masks is not None)
+            if masks is not None:
+                crop, truth = crop
+                masks.append(truth)
+            crops.append(crop)
             rows.append({
                 "patient_id": patient["patient_id"], "vertebra": vert.level,
                 "label": int(vert.grade >= 1) if labelled else -1, "grade": vert.grade if labelled else -1,

@@ -93,6 +93,21 @@ class Method:
         None: the method has no layer order and `layer_decay` < 1 is refused."""
         return None
 
+    # ---- where the model looks (bench explain) ---------------------------------------------------
+    def token_layout(self) -> tuple[int, tuple[int, ...], str] | None:
+        """Transformers: (prefix tokens, token grid in the input's axis order, pooling "cls" or
+        "mean"), so attention maps go back to voxels; None: no attention maps."""
+        return None
+
+    def cam_layer(self, model: nn.Module) -> str | None:
+        """The module Grad-CAM reads (a 5D activation); by default the last Conv3d of a model
+        without attention maps."""
+        if self.token_layout() is not None:
+            return None
+        from bench.attribution import last_conv_layer
+
+        return last_conv_layer(model)
+
     def train_batch_sampler(self, labels: np.ndarray, batch_size: int, seed: int) -> Any:
         """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""
         return None

@@ -149,6 +149,10 @@ class SwinUNETR(Method):
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.swin
 
+    def cam_layer(self, model: nn.Module) -> str:
+        """Window attention has no global map: Grad-CAM on the last stage's 5D output."""
+        return "encoder.swin.layers4"
+
     def layer_groups(self) -> dict:
         """Patch embedding, then the four stages (each with its patch merging)."""
         return {"stem": r"^encoder\.swin\.patch_embed", "blocks": r"^encoder\.swin\.layers(\d)"}

@@ -253,6 +253,10 @@ class _VideoMethod(Method):
     def layer_groups(self) -> dict:
         return VIT_LAYER_GROUPS
 
+    def token_layout(self) -> tuple[int, tuple[int, ...], str]:
+        grid = self._vit(self.frame_size()).grid  # tubelets: (frames / 2, size / patch, size / patch)
+        return 1, tuple(grid), "mean"
+
     def pretext_data(self, stage: str) -> str:
         return "video" if stage == "public" else "slices"
 

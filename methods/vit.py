@@ -225,6 +225,9 @@ class ViTMethod(Method):
     def layer_groups(self) -> dict:
         return VIT_LAYER_GROUPS
 
+    def token_layout(self) -> tuple[int, tuple[int, ...], str]:
+        return 1, (self.cfg.crop_size // self.params.patch_size,) * 3, "cls"
+
 
 @register_method("vit_b")
 class ViTB(ViTMethod):

@@ -137,6 +137,9 @@ class ViTUNETR(Method):
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.vit
 
+    def token_layout(self) -> tuple[int, tuple[int, ...], str]:
+        return 1, (self.cfg.crop_size // self.params.patch_size,) * 3, "cls"
+
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.vit\.(?:cls_token|patch_embedding)", "blocks": r"^encoder\.vit\.blocks\.(\d+)"}
 

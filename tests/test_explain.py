@@ -1,0 +1,214 @@
+"""Where the models look: attribution maps that can fail, closed-form rollout, ground-truth masks,
+kept models, and `bench explain` on runs of every model family."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from bench import attribution
+from bench.datasets import synthetic
+from bench.explain import baselines, choose, mask_scores
+from tests_helpers import SHARED_DATA, run_cli
+
+
+class _Gate(nn.Module):
+    def __init__(self, region: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("region", torch.from_numpy(region.astype(np.float32)))
+
+    def forward(self, x):
+        return x * self.region
+
+
+class _RegionModel(nn.Module):
+    """A classifier whose fracture logit reads only the voxels of `region` (a boolean cube): its
+    feature maps (the Grad-CAM layer `features`) are zero elsewhere."""
+
+    def __init__(self, region: np.ndarray) -> None:
+        super().__init__()
+        conv = nn.Conv3d(1, 2, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, 0, 1, 1, 1] = torch.tensor([-1.0, 1.0])  # the voxel itself, one sign per class
+            conv.bias.zero_()
+        self.features = nn.Sequential(conv, _Gate(region))
+        self.size = float(region.sum())
+
+    def forward(self, x):
+        return 20 * self.features(x).sum(dim=(2, 3, 4)) / self.size
+
+
+def _region(shape=(16, 16, 16), lo=2, hi=7):
+    r = np.zeros(shape, bool)
+    r[lo:hi, lo:hi, lo:hi] = True
+    return r
+
+
+def _input(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 + 0.2 * torch.rand(1, 1, 16, 16, 16, generator=g)
+
+
+def _mass(m: np.ndarray, region: np.ndarray) -> float:
+    return float(m[region].sum() / m.sum())
+
+
+def test_gradcam_and_occlusion_put_their_mass_where_the_model_reads():
+    region = _region()
+    model = _RegionModel(region).eval()
+    x = _input()
+    cam = attribution.gradcam(model, x, "features")[0].numpy()
+    occ = attribution.occlusion(model, x, mask_size=3)[0].numpy()
+    assert _mass(cam, region) > 0.95
+    assert _mass(occ, region) > 0.6
+    chance = region.mean()
+    random = baselines(region.shape, 0)["random"]
+    assert abs(_mass(random, region) - chance) < 0.02
+
+
+def test_a_model_that_ignores_the_region_scores_like_chance():
+    region, elsewhere = _region(), _region(lo=9, hi=14)
+    model = _RegionModel(elsewhere).eval()  # reads another cube entirely
+    cam = attribution.gradcam(model, _input(), "features")[0].numpy()
+    assert _mass(cam, region) < region.mean() + 0.05
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    assert not region[peak]
+    truth = region.astype(np.uint8)
+    assert mask_scores(cam / cam.sum(), truth, 1)["point_body"] == 0.0
+    right = _RegionModel(region).eval()
+    good = attribution.gradcam(right, _input(), "features")[0].numpy()
+    assert mask_scores(good / good.sum(), truth, 1)["point_body"] == 1.0
+
+
+def test_rollout_of_identity_attention_is_the_identity():
+    n, layers = 5, 3
+    eye = torch.eye(n).expand(2, 4, n, n)
+    np.testing.assert_allclose(attribution.attention_rollout([eye] * layers)[0].numpy(), np.eye(n), atol=1e-6)
+
+
+def test_rollout_of_uniform_attention_has_its_closed_form():
+    """(0.5 U + 0.5 I)^L = 0.5^L I + (1 - 0.5^L) U, U the uniform (idempotent) matrix."""
+    n, layers = 6, 4
+    uniform = torch.full((1, 3, n, n), 1.0 / n)
+    got = attribution.attention_rollout([uniform] * layers)[0].numpy()
+    expected = 0.5**layers * np.eye(n) + (1 - 0.5**layers) * np.full((n, n), 1.0 / n)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    relevance = attribution.token_relevance(torch.from_numpy(expected)[None], prefix=1, pooling="cls")
+    np.testing.assert_allclose(relevance.numpy(), np.full((1, n - 1), (1 - 0.5**layers) / n), atol=1e-6)
+
+
+def test_synthetic_masks_mark_the_body_and_only_fractures_deform():
+    masks: list[np.ndarray] = []
+    images, table = synthetic.generate(8, 3, 4, 0.4, 20, 96, 24, seed=5, masks=masks)
+    again, _ = synthetic.generate(8, 3, 4, 0.4, 20, 96, 24, seed=5)
+    np.testing.assert_array_equal(images, again)  # the masks draw no random numbers
+    masks = np.stack(masks)
+    centre = tuple(s // 2 for s in images.shape[1:])
+    assert all((m[centre] & 1) for m in masks)  # the crop centre lies in the centre body
+    deformed = np.array([(m & 2).any() for m in masks])
+    assert deformed[table.label.to_numpy() == 1].all() and not deformed[table.label.to_numpy() == 0].any()
+
+
+def test_choose_takes_the_most_confident_of_each_kind_and_is_stable():
+    p = pd.DataFrame({"label": [1, 1, 1, 0, 0, 0, 1], "prediction": [1, 1, 0, 1, 1, 0, 0],
+                      "score": [0.9, 0.95, 0.1, 0.8, 0.6, 0.1, 0.3]})
+    chosen = choose(p, 1)
+    assert chosen.kind.tolist() == ["TP", "FN", "FP"] and chosen.row.tolist() == [1, 2, 3]
+    assert choose(p, 2).equals(choose(p, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, bench_cache):
+    out = tmp_path_factory.mktemp("explain-runs")
+    for method in ("resnet18", "vit_b", "video_mae", "r3d_18"):
+        result = run_cli("run", f"method={method}", "regime=scratch", "preset=tiny", f"out={out}", "progress=false",
+                         "epochs=1")
+        assert result.returncode == 0, result.stderr
+    return out / "single"
+
+
+def test_runs_keep_their_model_unless_told_not_to(tiny_runs, tmp_path):
+    assert (tiny_runs / "resnet18-scratch-s0" / "model.safetensors").is_file()
+    result = run_cli("run", "method=resnet18", "regime=scratch", "preset=tiny", f"out={tmp_path}", "progress=false",
+                     "epochs=1", "save_model=false")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "single" / "resnet18-scratch-s0" / "model.safetensors").exists()
+
+
+def test_explain_cli_on_every_model_family(tiny_runs):
+    folders = [tiny_runs / f"{m}-scratch-s0" for m in ("resnet18", "vit_b", "video_mae", "r3d_18")]
+    before = {f: sorted(p.name for p in f.iterdir()) for f in folders}
+    result = run_cli("explain", *map(str, folders), "n=1")
+    assert result.returncode == 0, result.stderr
+    expected_maps = {"resnet18": "gradcam", "vit_b": "rollout", "video_mae": "rollout", "r3d_18": "gradcam"}
+    for folder in folders:
+        assert sorted(p.name for p in folder.iterdir()) == sorted(before[folder] + ["explain"])
+        report = json.loads((folder / "explain" / "explain.json").read_text())
+        method = folder.name.split("-")[0]
+        assert expected_maps[method] in report["maps"] and "occlusion" in report["maps"]
+        assert set(report["baselines"]) == {"random", "gaussian"}
+        assert report["vertebrae"], "nothing explained"
+        first = report["vertebrae"][0]
+        assert first["has_mask"] and 0 <= first["scores"]["random"]["mass_body"] <= 1
+        crop_edge = 32  # tiny preset crops
+        image = nib.load(folder / "explain" / first["files"][expected_maps[method]])
+        assert image.shape == (crop_edge,) * 3
+        assert (folder / "explain" / first["files"]["png"]).stat().st_size > 1000
+        summary = report["summary"][expected_maps[method]]["deletion"]
+        assert summary["n"] == len(report["vertebrae"]) and np.isfinite(summary["mean"])
+    again = run_cli("explain", str(folders[0]), "n=1")
+    assert again.returncode == 0
+    same = json.loads((folders[0] / "explain" / "explain.json").read_text())
+    assert [v["patient_id"] for v in same["vertebrae"]] == [
+        v["patient_id"] for v in json.loads((folders[0] / "explain" / "explain.json").read_text())["vertebrae"]]
+
+
+def test_explain_bad_input_is_one_line(tiny_runs, tmp_path):
+    not_run = run_cli("explain", str(tmp_path))
+    assert not_run.returncode == 2 and "is not a run folder" in not_run.stderr
+    assert len(not_run.stderr.strip().splitlines()) == 1
+    import shutil
+
+    copy = tmp_path / "resnet18-scratch-s0"
+    shutil.copytree(tiny_runs / "resnet18-scratch-s0", copy, ignore=shutil.ignore_patterns("explain"))
+    (copy / "model.safetensors").unlink()
+    missing = run_cli("explain", str(copy))
+    assert missing.returncode == 2 and "has no model.safetensors" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    (copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = run_cli("explain", str(copy))
+    assert broken.returncode == 2 and "not a readable safetensors file" in broken.stderr
+    bad_n = run_cli("explain", str(tiny_runs / "resnet18-scratch-s0"), "n=0")
+    assert bad_n.returncode == 2 and "'n'" in bad_n.stderr
+
+
+def test_real_crop_map_opens_in_the_crops_frame_and_is_scored(tiny_runs, tmp_path):
+    """An ingested crop from ../shared/data carries its centre vertebra's mask; its map is a NIfTI
+    on the crop's grid and the mask-based scores run."""
+    from bench.datasets.cropstore import open_masks, open_store
+    from bench.datasets.ingest import Case, IngestOptions
+    from bench.datasets.ingest_many import ingest
+    from bench.explain import _write_outputs, load_run, maps_of
+
+    store, _ = ingest([Case(str(SHARED_DATA / "totalseg_example_ct.nii.gz"),
+                            str(SHARED_DATA / "totalseg_example_ct_vertebrae_seg.nii.gz"), "p1")],
+                      IngestOptions(label_map="totalseg_v2", size=32, spacing=3.0), str(tmp_path / "store"),
+                      workers=1, progress=False)
+    crops, manifest, _ = open_store(store)
+    masks = open_masks(store, len(crops))
+    assert masks is not None and masks.shape == crops.shape
+    assert all(m[16, 16, 16] & 1 for m in masks)  # each crop centres on its own vertebra
+    cfg, method, model, _ = load_run(tiny_runs / "resnet18-scratch-s0")
+    crop, truth = np.asarray(crops[0]), np.asarray(masks[0])
+    maps = maps_of(method, cfg, model, crop)
+    scores = mask_scores(maps["gradcam"], truth, 0)
+    assert 0 <= scores["mass_body"] <= 1 and scores["point_body"] in (0.0, 1.0)
+    files = _write_outputs(tmp_path, "real", crop, truth, maps, 3.0)
+    image = nib.load(tmp_path / files["gradcam"])
+    assert image.shape == crop.shape and np.allclose(np.diag(image.affine)[:3], 3.0)
