@@ -58,7 +58,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, mask_size: int, n_batch: int = 
     spatial = x.shape[2:]
     size = [min(mask_size, s) for s in spatial]
     occ = OcclusionSensitivity(nn_module=model, mask_size=size, n_batch=n_batch, verbose=False, mode="gaussian",
-                               overlap=0.25, activate=False)
+                               overlap=0.0, activate=False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
         base = fracture_log_odds(model(x))

@@ -20,7 +20,7 @@ from typing import Any
 from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
-              "ray.max_concurrent", "methods", "train_fractions", "protocols")
+              "ray.max_concurrent", "methods", "train_fractions", "protocols", "explain")
 
 
 def quiet_ray_env() -> None:
@@ -184,6 +184,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
     except ValueError:
         raise BenchError(f"bad value for 'seeds': '{overrides['seeds']}'; expected a whole number") from None
     resume = overrides.get("resume", "false").lower() in ("true", "1", "yes")
+    explain = _flag(overrides.get("explain", suite.get("explain", False)), "explain")
     out = Path(overrides.get("out", "runs")).resolve()
     cpus = float(overrides.get("ray.cpus_per_trial", "1"))
     gpus = float(overrides.get("ray.gpus_per_trial", "0"))
@@ -225,7 +226,29 @@ def run_suite(overrides: dict[str, str]) -> Path:
                                           callbacks=[_progress_callback(len(runs))]),
             )
         results = tuner.fit()
-    return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0)
+    return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain)
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise BenchError(f"bad value for '{key}': {value!r}; expected true or false")
+
+
+def _explain_finished(folders: list[str]) -> None:
+    """`explain=true`: the finished finetuning runs explained one after the other (bench.explain)."""
+    from bench.explain import explain_run
+
+    for folder in folders:
+        path = Path(folder)
+        if not (path / "model.safetensors").is_file():  # probes, or runs with save_model=false
+            continue
+        try:
+            explain_run(path)
+        except BenchError as exc:
+            print(f"explain {path.name}: {exc}", file=sys.stderr)
 
 
 def error_line(error: BaseException) -> str:
@@ -237,7 +260,7 @@ def error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {first}"[:300]
 
 
-def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: float) -> Path:
+def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: float, explain: bool = False) -> Path:
     """suite.json, the report (failed runs are cells marked "failed"), and an error when any run failed."""
     from bench.reports.build import build_report
     from bench.store import dumps, write_text_atomic
@@ -251,6 +274,8 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
                                                         "runs": summary}))
     print(f"suite {name}: {len(runs) - len(errors)} of {len(runs)} runs finished in {wall_s:.0f} s", file=sys.stderr)
     report = None
+    if explain:
+        _explain_finished([r["folder"] for r in summary if r["folder"] and not r["error"]])
     if len(errors) < len(runs):
         target = out.parent / "reports" / name if out.name == "runs" else out / "reports" / name
         report = build_report([out / name], target, name)

@@ -14,6 +14,7 @@ from bench import regimes
 from bench.protocols import PROTOCOLS
 from bench.reports import plots
 from bench.reports.collect import load_failures, load_runs
+from bench.reports.explain_section import explain_section
 from bench.reports.stats import (
     GRADE_COLUMNS,
     METRICS,
@@ -207,6 +208,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
         "effect": _effect_rows(runs, n_boot) if not runs.empty else [], "failures": failures,
         "not_learned": [{"run": Path(r.folder).name, "reason": r.not_learned} for r in runs.itertuples()
                         if r.not_learned],
+        "explained": explain_section(everything),
     })
     target = out / "index.html"
     write_text_atomic(target, html)

@@ -50,8 +50,11 @@ def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys
     assert printed.err.count(": AUC ") == 4  # one line per finished run
     assert (tmp_path / "reports" / "mini" / "index.html").exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")}
-    assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}", "resume=true"]) == 0
+    assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}", "resume=true",
+                 "explain=true"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")} == stamps
+    assert len(list(out.glob("mini/*/explain/explain.json"))) == 4  # explain=true: every finetuning run
+    assert "Where the models look" in (tmp_path / "reports" / "mini" / "index.html").read_text()
 
 
 def test_tune_searches_the_methods_space_with_asha_on_validation_only(ray_session, tmp_path, capsys):
