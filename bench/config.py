@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Optional
@@ -237,6 +238,8 @@ _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "
                  "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
                  "synthetic.n_videos", "synthetic.n_val_patients", "synthetic.n_test_patients")
 _UNIT_OPEN = ("synthetic.fracture_rate", "threshold")
+_SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.+=-]+")  # one path component, never '.' or '..'
+
 
 
 def validate(cfg: DictConfig) -> None:
@@ -252,6 +255,11 @@ def validate(cfg: DictConfig) -> None:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected in (0, 1)")
     if not cfg.probe.c_grid or any(c <= 0 for c in cfg.probe.c_grid):
         raise BenchError(f"bad value for 'probe.c_grid': {list(cfg.probe.c_grid)}; expected positive numbers")
+    if cfg.variant and not _SAFE_NAME.fullmatch(cfg.variant):
+        raise BenchError(f"bad value for 'variant': '{cfg.variant}'; expected letters, digits, '_', '.', '+', '=' "
+                         f"or '-' (it names a folder inside out=; no '/' or '..')")
+    if not _SAFE_NAME.fullmatch(str(cfg.suite)):
+        raise BenchError(f"bad value for 'suite': '{cfg.suite}'; expected letters, digits, '_', '.', '+', '=' or '-'")
     if not 0 < cfg.layer_decay <= 1:
         raise BenchError(f"bad value for 'layer_decay': {cfg.layer_decay}; expected in (0, 1] (1 disables it)")
     if not 0 <= cfg.label_smoothing < 1:

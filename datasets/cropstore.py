@@ -65,6 +65,9 @@ class StoreWriter:
         self.target = Path(target)
         if self.target.exists() and not overwrite:
             raise BenchError(f"out '{self.target}' already exists; choose another out= or pass overwrite=true")
+        if self.target.exists() and not is_store(self.target):
+            raise BenchError(f"out '{self.target}' exists and is not a crop store (no store.json and crops.npy); "
+                             f"overwrite=true only replaces a crop store, choose another out=")
         self._created = [p for p in reversed(self.target.parents) if not p.exists()]
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.staging-", dir=self.target.parent))

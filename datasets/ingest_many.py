@@ -117,6 +117,18 @@ def join_labels(manifest: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd
     return merged.drop(columns=["fracture", "_merge"]), report
 
 
+def _check_inputs(cases: list[Case], out: str, labels: str) -> None:
+    """Refuse inputs that the store would replace, and a CT given as its own mask."""
+    target = Path(out).resolve()
+    for case in cases:
+        if Path(case.ct).resolve() == Path(case.mask).resolve():
+            raise BenchError(f"ct and mask are the same path '{case.ct}'; expected a CT and its vertebra mask")
+        for given in (case.ct, case.mask, case.centroids, labels):
+            if given and target in (Path(given).resolve(), *Path(given).resolve().parents):
+                raise BenchError(f"out '{out}' holds the input '{given}'; writing the store there would replace it, "
+                                 f"choose another out=")
+
+
 def mask_chunk(chunk: str | Path) -> str:
     """Where a case's ground-truth masks wait next to its crops until the store is assembled."""
     return str(chunk).removesuffix(".npy") + ".mask.npy"
@@ -135,6 +147,7 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", w
     """Ingest every case into the store at `out`; returns its path and a summary."""
     opts.validate()
     label_table = read_labels(labels) if labels else None
+    _check_inputs(cases, out, labels)
     writer = StoreWriter(out, overwrite=overwrite)
     try:
         workers = workers or min(len(cases), os.cpu_count() or 1)

@@ -49,3 +49,12 @@ def test_config_hash_is_stable_and_sensitive():
     b = OmegaConf.create({"y": {"z": [1, 2]}, "x": 1})
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(OmegaConf.create({"x": 2, "y": {"z": [1, 2]}}))
+
+
+@pytest.mark.parametrize("value", ["x/../../../victim", "..", "a/b", "../x"])
+def test_variant_cannot_leave_the_results_folder(value):
+    from bench.errors import BenchError
+    from bench.run import resolve_runs
+
+    with pytest.raises(BenchError, match="bad value for 'variant'"):
+        resolve_runs({"method": "resnet18", "regime": "scratch", "preset": "tiny", "variant": value})

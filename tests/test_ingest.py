@@ -227,3 +227,31 @@ def test_folder_of_cases_in_parallel(tmp_path):
     crops, manifest, meta = open_store(tmp_path / "s")
     assert meta["cases"] == 2 and manifest.patient_id.tolist() == ["a", "b"]  # case order, not finish order
     np.testing.assert_array_equal(crops[0], crops[1])
+
+
+def test_overwrite_never_replaces_what_is_not_a_crop_store(tmp_path):
+    """overwrite=true replaces a crop store only: not a folder of inputs, not the folder holding the CT."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    keep = folder / "notes.txt"
+    keep.write_text("mine")
+    ct, mask = folder / "ct.nii.gz", folder / "mask.nii.gz"
+    ct.write_bytes(TS_CT.read_bytes())
+    mask.write_bytes(TS_VERT.read_bytes())
+    for out in (folder, tmp_path):  # the inputs' own folder, and a folder above it
+        code = main(["data", "ingest", f"ct={ct}", f"mask={mask}", "label_map=totalseg_v2", f"out={out}",
+                     "overwrite=true", "progress=false"])
+        assert code == 2
+    assert keep.read_text() == "mine" and ct.is_file() and mask.is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    assert main(["data", "ingest", f"ct={ct}", f"mask={mask}", "label_map=totalseg_v2", f"out={other}",
+                 "overwrite=true", "progress=false"]) == 2
+    assert (other / "x.txt").read_text() == "x"
+
+
+def test_ct_given_as_its_own_mask_is_refused(tmp_path, capsys):
+    assert main(["data", "ingest", f"ct={TS_CT}", f"mask={TS_CT}", "label_map=totalseg_v2", f"out={tmp_path / 's'}",
+                 "progress=false"]) == 2
+    assert "same path" in capsys.readouterr().err
