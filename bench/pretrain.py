@@ -129,6 +129,16 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     return folder
 
 
+def _beyond_encoder(method: Any, pretext: nn.Module) -> tuple[str, ...]:
+    """Pretext keys a previous stage's artifact may leave at their initialisation: everything
+    outside the encoder (decoders differ between stages) and the method's optional encoder keys."""
+    encoder = method.pretext_encoder(pretext)
+    prefix = next(name for name, module in pretext.named_modules() if module is encoder)
+    prefix = f"{prefix}." if prefix else ""
+    optional = {prefix + k for k in method.optional_encoder_keys()}
+    return tuple(k for k in pretext.state_dict() if not k.startswith(prefix) or k in optional)
+
+
 def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict[str, Any] | None) -> dict:
     if not parent:
         return {"init": "random"}
@@ -136,10 +146,11 @@ def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict
         name = Path(parent["artifact"]).name
         state = method.transfer(load_file(str(Path(parent["artifact"]) / "pretext.safetensors")), pretext)
         return {"init": f"artifact {name}", "load_report": load_into(pretext, state, f"artifact {name}",
+                                                                      optional=_beyond_encoder(method, pretext),
                                                                       what="pretext").summary()}
     target = method.pretext_encoder(pretext)
     state, source = public_encoder_state(method, cfg, target)
-    report = load_into(target, state, source, require_all=method.public_weights.require_all_encoder_keys)
+    report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys()))
     return {"init": source, "load_report": report.summary()}
 
 

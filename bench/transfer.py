@@ -41,7 +41,7 @@ def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tup
 
 def load_public(method: Any, cfg: DictConfig, target: nn.Module) -> dict[str, Any]:
     state, source = public_encoder_state(method, cfg, target)
-    report = load_into(target, state, source, require_all=method.public_weights.require_all_encoder_keys)
+    report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys()))
     return {"init": source, "load_report": report.summary()}
 
 
@@ -92,7 +92,7 @@ def initialise_encoder(method: Any, cfg: DictConfig, model: nn.Module, artifact:
         return {**load_public(method, cfg, target), "plan": plan}
     record = json.loads((artifact / "pretrain.json").read_text())
     state = method.transfer(method.pretext_encoder_state(pretext_from_artifact(method, artifact)), target)
-    report = load_into(target, state, f"artifact {artifact.name}")
+    report = load_into(target, state, f"artifact {artifact.name}", optional=tuple(method.optional_encoder_keys()))
     return {"init": f"artifact {artifact.name}", "artifact": str(artifact), "load_report": report.summary(),
             "plan": plan, "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],
             "pretrain_source": record["source"], "pretrain_init": record["init"]}

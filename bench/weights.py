@@ -37,7 +37,7 @@ class WeightsSpec:
     sha256: str  # "" when the publisher gives none; then the file's hash is recorded, not checked
     layout: str  # a short description, for reports
     convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-    require_all_encoder_keys: bool = False  # e.g. Swin: a partial load is a silent failure
+    require_all_encoder_keys: bool = True  # every encoder tensor must load (always enforced by load_into)
 
 
 @dataclass
@@ -165,27 +165,35 @@ def resize_pos_embed_3d(pos: torch.Tensor, new_grid: tuple[int, int, int], prefi
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
-              require_all: bool = False, what: str = "encoder") -> LoadReport:
-    """Copy matching tensors into `module`; report the rest. No match at all is an error."""
+              optional: tuple[str, ...] = (), what: str = "encoder") -> LoadReport:
+    """Copy the tensors into `module`: every one of its tensors must come from `state` by name and
+    shape, except the `optional` keys (left at their initialisation); anything less is one error
+    line listing what did not match, and nothing is loaded. Keys of `state` the module does not
+    have (decoders, heads) are reported, not loaded."""
     own = module.state_dict()
     report = LoadReport(source=source)
-    accepted = {}
+    accepted, misshapen = {}, set()
     for key, value in state.items():
         if key not in own:
             report.unexpected.append(key)
         elif own[key].shape != value.shape:
             report.shape_mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            misshapen.add(key)
         else:
             accepted[key] = value
             report.matched.append(key)
     report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
+    required = [k for k in report.missing if k not in optional and k not in misshapen]  # optional: listed, allowed
     if not report.matched:
         sample = ", ".join(list(state)[:3])
         raise BenchError(f"weights '{source}': no {what} key matched (checkpoint keys look like: {sample}); "
                          f"wrong architecture or layout")
-    if require_all and (report.missing or report.shape_mismatched):
-        first = (report.missing + report.shape_mismatched)[0]
-        raise BenchError(f"weights '{source}': {len(report.missing)} {what} key(s) missing and "
-                         f"{len(report.shape_mismatched)} of another shape, e.g. {first}")
+    if required or report.shape_mismatched:
+        bad = [f"{k} (missing)" for k in required] + report.shape_mismatched
+        shown = ", ".join(bad[:6]) + (f", ... ({len(bad)} in all)" if len(bad) > 6 else "")
+        matched = [k for k in report.matched if not k.endswith("num_batches_tracked")]
+        total = len(matched) + len(required) + len(misshapen)
+        raise BenchError(f"weights '{source}': {len(matched)} of {total} {what} tensors matched by name and "
+                         f"shape; not matched: {shown}")
     module.load_state_dict(accepted, strict=False)
     return report

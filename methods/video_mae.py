@@ -277,7 +277,8 @@ class _VideoMethod(Method):
         return crop_position_embeddings(state, target, self.params.pe_cropping)
 
     def optional_encoder_keys(self) -> tuple[str, ...]:
-        return () if self.params.pe_cropping else ("pos_embed_spatial",)  # the ablation leaves them random
+        # the ablation leaves the spatial position embeddings (encoder and decoder) random
+        return () if self.params.pe_cropping else ("pos_embed_spatial", "decoder_pos_embed")
 
     SWITCHES = ("video_pretraining", "vertebra_pretraining", "pe_cropping", "format_adaptation", "multi_view",
                 "dropout")

@@ -160,6 +160,10 @@ def convert_monai_layout(state: dict[str, torch.Tensor], target: ViT3D) -> dict[
             for old, new in renames.items():
                 key = key.replace(old, new)
             out[key] = value
+    for key in [k for k in out if k.endswith(".attn.qkv.weight")]:
+        bias = key.removesuffix("weight") + "bias"
+        if bias not in out:  # MONAI's blocks default to qkv_bias=False: no bias is a zero bias
+            out[bias] = torch.zeros(out[key].shape[0], dtype=out[key].dtype)
     return out
 
 

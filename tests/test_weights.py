@@ -72,7 +72,7 @@ def test_swinvit_partial_match_is_an_error(tmp_path):
     path = tmp_path / "partial.pt"
     torch.save({"state_dict": {k: v for k, v in public.items() if "layers4" not in k}}, path)
     method, cfg, model = _setup("swin_unetr", path, preset="paper")
-    with pytest.raises(BenchError, match=r"key\(s\) missing"):
+    with pytest.raises(BenchError, match=r"tensors matched by name and shape; not matched: layers4"):
         encoder_init(method, cfg, model)
 
 
@@ -180,3 +180,21 @@ def test_fetch_from_url_into_cache_with_sha(tmp_path):
     with pytest.raises(BenchError, match="does not match"):
         fetch(src.as_uri(), "f" * 64, tmp_path / "cache2")
     assert not any((tmp_path / "cache2").rglob("*.pt"))  # nothing half-downloaded left
+
+
+@pytest.mark.parametrize("damage", ["one_key", "wrong_shapes"])
+def test_a_partial_or_misshapen_public_load_is_one_line_not_a_silent_init(tmp_path, damage):
+    """Right names but wrong shapes, or 1 of the 48 encoder tensors (56 keys less 8 BatchNorm counters):
+    refused, naming what did not match."""
+    from bench.methods.models_genesis import ENCODER_BLOCKS, UNet3D
+
+    known = {k: v for k, v in _randomised(UNet3D().state_dict()).items() if k.startswith(ENCODER_BLOCKS)}
+    if damage == "one_key":
+        known = dict(list(known.items())[:1])
+    else:
+        known = {k: (torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.dim() > 1 else v) for k, v in known.items()}
+    path = tmp_path / "Genesis_Chest_CT.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in known.items()}}, path)
+    method, cfg, model = _setup("models_genesis", path, **{"model.width": "1.0"})
+    with pytest.raises(BenchError, match=r"of 48 encoder tensors matched by name and shape; not matched: "):
+        encoder_init(method, cfg, model)
