@@ -221,13 +221,21 @@ def _posterior_field(v: Vertebra, x, y, z):
 BODY, DEFORMITY = 1, 2  # bits of a ground-truth mask voxel
 
 
+def _ground_truth(v: Vertebra, inside, rho, z, z_top) -> np.ndarray:
+    """uint8 ground truth of the centre vertebra: bit BODY its body; bit DEFORMITY (fractured only) the
+    collapse: the body's footprint between the collapsed upper endplate (from 3 mm below it) and where
+    the intact endplate would be. It draws no random numbers, so the crop does not change with it."""
+    truth = np.where(inside, BODY, 0).astype(np.uint8)
+    if v.grade >= 1:
+        intact_top = -v.mean_height / 2 + v.height - 0.8 * np.clip(1 - rho**2, 0, 1)
+        truth[(rho < 1) & (z > z_top - 3.0) & (z < intact_top)] |= DEFORMITY
+    return truth
+
+
 def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int,
                 with_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The int16 HU crop of `size`^3 voxels centred on vertebra `center` of the patient's spine;
-    with `with_mask`, also its uint8 ground truth: bit BODY marks the centre vertebral body, bit
-    DEFORMITY (fractured vertebrae only) the collapse: the body's footprint between the collapsed
-    upper endplate (from 3 mm below it) and where the intact endplate would be. The mask draws no
-    random numbers, so the crop is the same with or without it."""
+    with `with_mask`, also its ground truth (`_ground_truth`; the crop is the same either way)."""
     rng = np.random.default_rng([seed, patient["index"], center + 1])
     spacing = fov_mm / size
     axis = ((np.arange(size) - (size - 1) / 2) * spacing).astype(np.float32)
@@ -275,10 +283,7 @@ def render_crop(patient: dict, center: int, size: int, fov_mm: float, seed: int,
         # disc under this body, down to the next body's top endplate
         rho = np.sqrt((X / (v.width / 2)) ** 2 + (yr / (v.depth / 2)) ** 2)
         if with_mask and i == center:
-            truth = np.where(inside, BODY, 0).astype(np.uint8)
-            if v.grade >= 1:
-                intact_top = -v.mean_height / 2 + v.height - 0.8 * np.clip(1 - rho**2, 0, 1)
-                truth[(rho < 1) & (zr > z_top - 3.0) & (zr < intact_top)] |= DEFORMITY
+            truth = _ground_truth(v, inside, rho, zr, z_top)
         disc = (rho < 0.97) & (zr < z_bot) & (zr > z_bot - v.disc_below - 1.0)
         hu[disc] = rng.uniform(70, 110)
         hu[inside] = v.trabecular_hu + trab_texture[inside]

@@ -9,7 +9,7 @@ import yaml
 from bench.cli import main
 from bench.config import compose
 from bench.registry import create_method, get_method
-from bench.store import FILES
+from bench.store import FILES, MODEL_FILE
 from tests_helpers import run_cli
 
 
@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_leaves_the_four_files(tiny_run):
     folder, proc = tiny_run
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FILES, MODEL_FILE])  # finetuning keeps its model
     assert str(folder) in proc.stdout
     metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("f1", "acc", "auc", "ap", "sensitivity", "specificity", "balanced_acc"):
