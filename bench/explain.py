@@ -22,7 +22,6 @@ mid-slices, a row per map), each map as NIfTI in the crop's frame, and `explain.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ from scipy import ndimage
 
 from bench import attribution
 from bench.errors import BenchError
-from bench.store import MODEL_FILE, dumps, normal_mode
+from bench.store import MODEL_FILE, dumps, normal_mode, replace_folder
 
 KINDS = ("TP", "FN", "FP")
 BASELINES = ("random", "gaussian")
@@ -244,13 +243,7 @@ def explain_run(folder: Path, n: int = 3) -> Path:
                    "maps": names, "baselines": list(BASELINES), "summary": summarise(rows, names, cfg.seed),
                    "vertebrae": rows, "deletion_fractions": list(DELETION_FRACTIONS)}
         (stage / "explain.json").write_text(dumps(summary))
-        old = None
-        if target.exists():
-            old = folder / f".explain.old-{os.getpid()}"
-            os.rename(target, old)
-        os.rename(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target

@@ -91,16 +91,22 @@ def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], prediction
 
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()},
                       str(stage / MODEL_FILE), metadata={"method": str(cfg.method), "regime": str(cfg.regime)})
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-        os.rename(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
+
+
+def replace_folder(stage: Path, target: Path) -> None:
+    """Put a finished staging folder in `target`'s place by renames; an older `target` stays whole
+    until the moment it is replaced."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(stage, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_run(folder: Path) -> dict[str, Any]:
