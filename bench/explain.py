@@ -103,10 +103,9 @@ def _inputs(method: Any, cfg: DictConfig, crops: np.ndarray, multi_view: bool) -
 
     table = pd.DataFrame({"patient_id": [f"x{i}" for i in range(len(crops))], "vertebra": "x", "label": 0,
                           "grade": 0})
-    view_cfg = cfg if multi_view else OmegaConf.merge(cfg, {"views": {"multi_view": False}})
-    dataset = make_dataset(method, view_cfg, VertebraSet(crops, table, "explain"))
+    dataset = make_dataset(method, cfg, VertebraSet(crops, table, "explain"))
     if method.input_format == "slices" and not multi_view:
-        dataset.multi_view = False
+        dataset.multi_view = False  # the centre view only: the frame maps go back to the crop from it
     return torch.stack([dataset[i][0] for i in range(len(crops))])
 
 

@@ -254,8 +254,8 @@ class _VideoMethod(Method):
         return VIT_LAYER_GROUPS
 
     def token_layout(self) -> tuple[int, tuple[int, ...], str]:
-        grid = self._vit(self.frame_size()).grid  # tubelets: (frames / 2, size / patch, size / patch)
-        return 1, tuple(grid), "mean"
+        size, patch = self.frame_size(), self.params.patch_size  # VideoViT's grid of 2-frame tubelets
+        return 1, (self.cfg.views.frames // 2, size // patch, size // patch), "mean"
 
     def pretext_data(self, stage: str) -> str:
         return "video" if stage == "public" else "slices"

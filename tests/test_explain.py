@@ -217,3 +217,19 @@ def test_real_crop_map_opens_in_the_crops_frame_and_is_scored(tiny_runs, tmp_pat
     files = _write_outputs(tmp_path, "real", crop, truth, maps, 3.0)
     image = nib.load(tmp_path / files["gradcam"])
     assert image.shape == crop.shape and np.allclose(np.diag(image.affine)[:3], 3.0)
+
+
+@pytest.mark.parametrize("name", ["vit_b", "video_mae", "vit_unetr"])
+def test_token_layout_is_the_encoders_own_grid(name):
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    cfg = resolve_runs({"method": name, "regime": "scratch", "preset": "tiny"})[0]
+    method = create_method(name, cfg)
+    prefix, layout_grid, _ = method.token_layout()
+    if method.input_format == "slices":
+        x = torch.zeros(1, 3, cfg.views.frames, method.frame_size(), method.frame_size())
+    else:
+        x = torch.zeros(1, 1, cfg.crop_size, cfg.crop_size, cfg.crop_size)
+    attentions = attribution.attention_maps(method.build_model(), x)
+    assert attentions[-1].shape[-1] == prefix + int(np.prod(layout_grid))  # tokens = prefix + grid
