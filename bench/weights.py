@@ -37,7 +37,6 @@ class WeightsSpec:
     sha256: str  # "" when the publisher gives none; then the file's hash is recorded, not checked
     layout: str  # a short description, for reports
     convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
-    require_all_encoder_keys: bool = True  # every encoder tensor must load (always enforced by load_into)
 
 
 @dataclass

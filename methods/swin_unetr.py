@@ -45,7 +45,6 @@ SWINVIT_WEIGHTS = WeightsSpec(
            "attn.relative_position_bias_table, attn.relative_position_index, attn.qkv, attn.proj, norm2, "
            "mlp.fc1, mlp.fc2}', 'module.layers{k}.0.downsample.*'}}",
     convert=convert_swinvit,
-    require_all_encoder_keys=True,
 )
 
 

@@ -112,7 +112,7 @@ def _spec(arch: str, digest: str) -> WeightsSpec:
         filename=name, url=f"https://download.pytorch.org/models/{name}",
         sha256="",  # torchvision publishes only the first 8 hex digits of the sha256, in the file name
         layout="torchvision VideoResNet state dict: stem.*, layer{1-4}.{0,1}.conv{1,2}.*, fc.* (Kinetics-400)",
-        convert=convert_torchvision, require_all_encoder_keys=True)
+        convert=convert_torchvision)
 
 
 class ContrastivePretext(nn.Module):
