@@ -3,8 +3,9 @@
 Each trial is one finetuning run (bench.run.execute). Its pretraining artifacts are built under a
 file lock, so concurrent trials that need the same artifact wait for one another instead of
 computing it twice. A trial whose run folder already holds a finished result with the same config
-reports that result and does no work, so `resume=true` (Tuner.restore) continues an interrupted
-suite without redoing finished runs, and the final store equals an uninterrupted one. Torch threads
+reports that result and does no work, and an unfinished run continues from its last epoch's
+state (EpochStates), so `resume=true` continues an interrupted suite without redoing finished runs,
+and the final store equals an uninterrupted one. Torch threads
 per trial equal the CPUs Ray gives the trial, so concurrent trials do not oversubscribe the cores.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,8 +70,10 @@ def _trial(config: dict[str, Any]) -> None:
     if done.exists() and (folder / "config.yaml").read_text() == wanted:
         skipped = True
     else:
+        states = EpochStates(folder, wanted, config["invocation"], config["resume"])
         try:
-            folder = execute(cfg, on_epoch=_checkpoint_epoch, resume=_last_state())
+            folder = execute(cfg, on_epoch=states.keep, resume=states.last())
+            states.clear()
         finally:
             _release_memory()
         skipped = False
@@ -92,32 +96,46 @@ def _release_memory() -> None:
         pass
 
 
-STATE_FILE = "training_state.pt"
+class EpochStates:
+    """The whole training state of a run's last epoch (model, optimiser, schedule, RNG states, best
+    checkpoint so far), kept in `<out>/<suite>/_state/<run>.pt` and replaced atomically each epoch.
 
+    A run continues from it when the file records the run's exact config and either this suite
+    command wrote it (Ray retrying a failed trial) or the user asked for `resume=true`. The file is
+    read with `weights_only=True`, so a results folder from elsewhere cannot run code; Ray's own
+    experiment state (a pickle) is never restored."""
 
-def _checkpoint_epoch(record: dict[str, Any], state: Any) -> None:
-    """Report an epoch to Tune with the whole training state, so a retry continues from here."""
-    import tempfile
+    def __init__(self, run_folder: Path, config_yaml: str, invocation: str, resume: bool) -> None:
+        self.path = run_folder.parent / "_state" / f"{run_folder.name}.pt"
+        self.config_yaml, self.invocation, self.resume = config_yaml, invocation, resume
 
-    import torch
-    from ray import tune
+    def keep(self, record: dict[str, Any], state: Any) -> None:
+        import torch
 
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as folder:
-        torch.save(state(), Path(folder) / STATE_FILE)
-        tune.report({"epoch": record["epoch"], "val_auc": record["val_auc"], "val_f1": record["val_f1"]},
-                    checkpoint=tune.Checkpoint.from_directory(folder))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({"config": self.config_yaml, "invocation": self.invocation, "state": state()}, staged)
+        staged.replace(self.path)
 
+    def last(self) -> dict[str, Any] | None:
+        import torch
 
-def _last_state() -> dict[str, Any] | None:
-    """The training state of this trial's last checkpoint (after a failure), or None."""
-    import torch
-    from ray import tune
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file: the run starts from epoch 0
+            print(f"{self.path}: not a training state of this suite ({type(exc).__name__}); starting over",
+                  file=sys.stderr)
+            return None
+        if not isinstance(saved, dict) or saved.get("config") != self.config_yaml:
+            return None
+        if self.resume or saved.get("invocation") == self.invocation:
+            return saved["state"]
         return None
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _progress_callback(total: int):
@@ -183,7 +201,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
         seeds = int(overrides.get("seeds", suite.get("seeds", 1)))
     except ValueError:
         raise BenchError(f"bad value for 'seeds': '{overrides['seeds']}'; expected a whole number") from None
-    resume = overrides.get("resume", "false").lower() in ("true", "1", "yes")
+    resume = _flag(overrides.get("resume", False), "resume")
     explain = _flag(overrides.get("explain", suite.get("explain", False)), "explain")
     out = Path(overrides.get("out", "runs")).resolve()
     cpus = float(overrides.get("ray.cpus_per_trial", "1"))
@@ -208,23 +226,17 @@ def run_suite(overrides: dict[str, str]) -> Path:
 
     storage = out / suite["name"] / "_ray"
     trainable = tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus})
-    param_space = {"run": tune.grid_search(runs)}
+    param_space = {"run": tune.grid_search(runs), "resume": resume, "invocation": uuid.uuid4().hex}
     t0 = time.perf_counter()
     with ray_session(address):
-        experiment = storage / "suite"
-        if resume and tune.Tuner.can_restore(str(experiment)):
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=param_space)
-        else:
-            max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
-            tuner = tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
-                run_config=tune.RunConfig(name="suite", storage_path=str(storage), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=1),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          callbacks=[_progress_callback(len(runs))]),
-            )
+        max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
+            run_config=tune.RunConfig(name="suite", storage_path=str(storage), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[_progress_callback(len(runs))]),
+        )
         results = tuner.fit()
     return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain)
 

@@ -1,6 +1,7 @@
 """Suites on Ray Tune: a shared local Ray session, resume after kill -9, and two Ray nodes."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.cli import main
 
@@ -108,10 +110,17 @@ def test_kill_9_then_resume_equals_an_uninterrupted_suite(ray_session, tmp_path)
     proc.wait()
     finished = {p: p.stat().st_mtime_ns for p in killed.glob("mini/*/metrics.json")}
     assert 1 <= len(finished) < 4, "the suite must be interrupted after some but not all runs"
+    marker = tmp_path / "executed"  # Ray's own state files are pickles: resume must never load them
+    pickles = [p for p in (killed / "mini" / "_ray").rglob("*") if p.is_file() and p.suffix in (".pkl", ".json")]
+    assert pickles
+    for path in pickles:
+        path.write_bytes(pickle.dumps(_Exploit(str(marker))))
     resumed = subprocess.run([*args, f"out={killed}", "resume=true"], env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished runs were not redone
+    assert not marker.exists() and not list((killed / "mini" / "_state").glob("*.pt"))  # states cleared
+    assert "resnet18 scratch finetune seed 0: AUC" in resumed.stderr
     assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={tmp_path / 'whole'}"]) == 0
     assert _metrics(killed) == _metrics(tmp_path / "whole")
     for name in _metrics(killed):
@@ -151,3 +160,28 @@ def test_schedule_starts_artifact_builders_first_and_keeps_sharers_apart():
                      ("vit_unetr", "public_to_vertebrae", "0"),
                      ("vit_unetr", "public", "1"), ("vit_unetr", "scratch", "1"), ("resnet18", "scratch", "1"),
                      ("vit_unetr", "public_to_vertebrae", "1")]
+
+
+def test_an_epoch_state_is_used_only_for_its_own_config_and_by_its_command_or_resume(tmp_path):
+    from bench.orchestrate import EpochStates
+
+    run = tmp_path / "suite" / "resnet18-scratch-seed0"
+    writer = EpochStates(run, "lr: 0.1\n", "first", resume=False)
+    writer.keep({"epoch": 3}, lambda: {"epoch": 3, "weights": torch.ones(2)})
+    assert writer.path == tmp_path / "suite" / "_state" / "resnet18-scratch-seed0.pt"
+    assert writer.last()["epoch"] == 3  # Ray retrying the trial within the same command
+    assert EpochStates(run, "lr: 0.1\n", "second", resume=False).last() is None  # a fresh suite command
+    assert EpochStates(run, "lr: 0.1\n", "second", resume=True).last()["epoch"] == 3
+    assert EpochStates(run, "lr: 0.2\n", "second", resume=True).last() is None  # another config
+    writer.path.write_bytes(b"not a torch file")
+    assert EpochStates(run, "lr: 0.1\n", "first", resume=True).last() is None
+    writer.clear()
+    assert not writer.path.exists()
+
+
+class _Exploit:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
