@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bench.datasets.cropstore import StoreWriter
+from bench.datasets.dicom import is_dicom_series
 from bench.datasets.ingest import FRAME, Case, IngestOptions, ingest_case
 from bench.datasets.labelmaps import check_vertebra_name
 from bench.envinfo import now
@@ -29,7 +30,8 @@ def _stem(path: Path) -> str:
 
 
 def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "", patient: str = "") -> list[Case]:
-    """Cases from ct=FILE mask=FILE, ct=DIR mask=DIR (paired by file name), or cases=CSV."""
+    """Cases from ct=FILE mask=FILE, ct=DIR mask=DIR (NIfTIs paired by file name), ct=DICOM_SERIES_DIR
+    mask=FILE, or cases=CSV (whose ct column may name DICOM series folders too)."""
     if cases:
         path = Path(cases)
         if not path.is_file():
@@ -46,6 +48,8 @@ def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "
     if not ct or not mask:
         raise BenchError("bench data ingest needs ct=PATH and mask=PATH (files or folders), or cases=CSV")
     ct_path, mask_path = Path(ct), Path(mask)
+    if is_dicom_series(ct_path) and not mask_path.is_dir():  # one CT given as a DICOM series
+        return [Case(ct, mask, patient or ct_path.name, centroids or None)]
     if ct_path.is_dir() != mask_path.is_dir():
         raise BenchError(f"ct '{ct}' and mask '{mask}' must both be files or both be folders")
     if ct_path.is_dir():

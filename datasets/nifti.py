@@ -1,4 +1,5 @@
-"""Reading NIfTI volumes with one clear error per kind of bad input."""
+"""Reading volumes (a NIfTI file, or a folder of one DICOM series) with one clear error per kind
+of bad input."""
 from __future__ import annotations
 
 import gzip
@@ -12,11 +13,16 @@ from bench.errors import BenchError
 
 
 def load_volume(path: str | Path, what: str, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(array, affine) of a 3D NIfTI, in its stored dtype (no float64 copy of a big CT).
+    """(array, affine) of a 3D NIfTI, in its stored dtype (no float64 copy of a big CT), or of the
+    DICOM series in a folder (bench.datasets.dicom).
 
     A trailing singleton 4th axis is dropped; anything else that is not 3D is refused.
     """
     path = Path(path)
+    if path.is_dir():
+        from bench.datasets.dicom import load_dicom_series
+
+        return load_dicom_series(path, what)
     if not path.is_file():
         raise BenchError(f"{what} '{path}': no such file")
     try:
@@ -38,4 +44,16 @@ def load_volume(path: str | Path, what: str, finite: bool = True) -> tuple[np.nd
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, tol_mm: float = 1e-3) -> bool:
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=tol_mm)
+    """The same voxel centres in world space, whatever the order of the voxel axes (a DICOM series
+    stored sagittally and its mask stored axially cover one grid)."""
+    (shape_a, affine_a), (shape_b, affine_b) = canonical_grid(shape_a, affine_a), canonical_grid(shape_b, affine_b)
+    return shape_a == shape_b and np.allclose(affine_a, affine_b, atol=tol_mm)
+
+
+def canonical_grid(shape, affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of the grid with its voxel axes permuted and flipped to RAS (no resampling)."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(affine)
+    canonical = affine @ inv_ornt_aff(ornt, shape)
+    return tuple(int(shape[int(i)]) for i in np.argsort(ornt[:, 0])), canonical

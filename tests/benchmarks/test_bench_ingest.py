@@ -114,3 +114,24 @@ def test_ingestion_memory_peak(big_ct, report_lines):
     report_lines.append(f"ingest memory: tracemalloc peak {peak / ct_bytes:.2f}x the CT, peak-RSS growth "
                         f"{rss_growth / ct_bytes:.2f}x the CT ({ct_bytes / 2**20:.0f} MiB int16; goal < 3x)")
     assert n == 17 and peak < 3 * ct_bytes and rss_growth < 3 * ct_bytes
+
+
+def test_dicom_series_against_the_same_ct_as_nifti(big_ct, tmp_path, report_lines):
+    """The 512 x 512 x 400 CT as 400 single-slice DICOM files: read alone and read + ingest, against
+    the same volume from its .nii.gz. Both give the same crops (to rounding: DICOM geometry is text)."""
+    import nibabel as nib
+
+    from bench.datasets.nifti import load_volume
+    from tests_helpers import write_dicom_series
+
+    ct, mask = big_ct
+    image = nib.load(str(ct))
+    series = write_dicom_series(np.asanyarray(image.dataobj), image.affine, tmp_path / "series")
+    read_nifti = min(_timed(lambda: load_volume(ct, "CT")) for _ in range(2))
+    read_dicom = min(_timed(lambda: load_volume(series, "CT")) for _ in range(2))
+    nifti_s = min(_timed(lambda: ours(ct, mask)) for _ in range(2))
+    dicom_s = min(_timed(lambda: ours(series, mask)) for _ in range(2))
+    assert np.abs(ours(series, mask).astype(int) - ours(ct, mask).astype(int)).max() <= 1
+    report_lines.append(f"DICOM series (400 files) vs .nii.gz, 512x512x400: read {read_dicom:.2f} s vs "
+                        f"{read_nifti:.2f} s ({read_dicom / read_nifti:.2f}x); read + ingest {dicom_s:.2f} s vs "
+                        f"{nifti_s:.2f} s ({dicom_s / nifti_s:.2f}x)")
