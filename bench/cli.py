@@ -107,13 +107,26 @@ def _data_ingest(overrides: dict[str, str]) -> None:
     from bench.datasets.ingest_many import find_cases, ingest
 
     cfg = structured(IngestConfig, overrides)
-    if not cfg.label_map:
+    labels = cfg.labels
+    if cfg.grades and not cfg.verse:
+        raise BenchError("grades=FILE is the VerSe'19 grades spreadsheet: it needs verse=FOLDER")
+    if cfg.verse:
+        from bench.datasets.verse import find_verse_cases, read_verse_grades
+
+        if cfg.ct or cfg.mask or cfg.cases or (cfg.labels and cfg.grades):
+            raise BenchError("verse=FOLDER finds its own cases and labels: drop ct=, mask=, cases= (and give "
+                             "either labels= or grades=)")
+        cfg.label_map = cfg.label_map or "verse"
+        cases = find_verse_cases(cfg.verse)
+        labels = read_verse_grades(cfg.grades) if cfg.grades else labels
+    elif not cfg.label_map:
         raise BenchError("bench data ingest needs label_map=NAME (verse, totalseg_v1, totalseg_v2): "
                          "label ids differ between sources")
-    cases = find_cases(cfg.ct, cfg.mask, cfg.cases, cfg.centroids, cfg.patient)
+    else:
+        cases = find_cases(cfg.ct, cfg.mask, cfg.cases, cfg.centroids, cfg.patient)
     opts = IngestOptions(label_map=cfg.label_map, size=cfg.size, spacing=cfg.spacing,
                          max_missing=cfg.max_missing, min_volume_ml=cfg.min_volume_ml, dtype=cfg.dtype)
-    path, summary = ingest(cases, opts, cfg.out, labels=cfg.labels, workers=cfg.workers,
+    path, summary = ingest(cases, opts, cfg.out, labels=labels, workers=cfg.workers,
                            overwrite=cfg.overwrite, progress=cfg.progress)
     print(f"{path}: {summary['crops']} crops from {summary['cases']} case(s), {summary['skipped']} skipped")
     for row in summary["skipped_rows"].itertuples():

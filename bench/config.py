@@ -303,6 +303,8 @@ class IngestConfig:
     cases: str = ""  # CSV: ct, mask, patient_id[, centroids]
     patient: str = ""  # patient id of a single case (default: the CT's file name)
     labels: str = ""  # CSV: patient_id, vertebra, fracture[, grade]
+    verse: str = ""  # a VerSe release folder (rawdata/, derivatives/): every case in it
+    grades: str = ""  # the VerSe'19 fracture grades spreadsheet (.xlsx or .csv)
     label_map: str = ""  # verse | totalseg_v1 | totalseg_v2
     out: str = "crops"
     size: int = 96

@@ -78,27 +78,14 @@ class StoreWriter:
         return self.stage / "chunks" / f"{index:06d}.npy"
 
     def commit(self, chunk_ids: list[int], manifest: pd.DataFrame, meta: dict[str, Any],
-               skipped: pd.DataFrame, shape: tuple[int, ...], dtype: str) -> Path:
+               skipped: pd.DataFrame, shape: tuple[int, ...], dtype: str, keep: np.ndarray | None = None) -> Path:
+        """Assemble the chunks in `chunk_ids` order into the store; `keep` (one flag per crop of the
+        chunks) leaves crops out, so that the manifest's rows and the crops stay aligned."""
         n = len(manifest)
-        crops = np.lib.format.open_memmap(self.stage / "crops.npy", mode="w+", dtype=dtype, shape=(n, *shape))
-        pos = 0
-        for i in chunk_ids:  # stream chunk by chunk: memory stays at one case's crops
-            chunk = np.load(self.chunk_path(i))
-            crops[pos:pos + len(chunk)] = chunk
-            pos += len(chunk)
-        assert pos == n, (pos, n)
-        crops.flush()
-        del crops
+        self._assemble([self.chunk_path(i) for i in chunk_ids], self.stage / "crops.npy", dtype, (n, *shape), keep)
         mask_chunks = [self.chunk_path(i).with_suffix(".mask.npy") for i in chunk_ids]
         if chunk_ids and all(p.is_file() for p in mask_chunks):  # ground truth, when every case has it
-            masks = np.lib.format.open_memmap(self.stage / MASKS_FILE, mode="w+", dtype=np.uint8, shape=(n, *shape))
-            pos = 0
-            for p in mask_chunks:
-                chunk = np.load(p)
-                masks[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-            masks.flush()
-            del masks
+            self._assemble(mask_chunks, self.stage / MASKS_FILE, np.uint8, (n, *shape), keep)
         shutil.rmtree(self.stage / "chunks")
         manifest.to_parquet(self.stage / "manifest.parquet", index=False)
         skipped.to_csv(self.stage / "skipped.csv", index=False)
@@ -112,6 +99,22 @@ class StoreWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+    @staticmethod
+    def _assemble(chunks: list[Path], target: Path, dtype: Any, shape: tuple[int, ...],
+                  keep: np.ndarray | None) -> None:
+        """Stream chunk by chunk into one memory-mapped array: memory stays at one case's crops."""
+        out = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape)
+        pos = seen = 0
+        for path in chunks:
+            chunk = np.load(path)
+            if keep is not None:
+                chunk, seen = chunk[keep[seen:seen + len(chunk)]], seen + len(chunk)
+            out[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+        assert pos == shape[0], (pos, shape[0])
+        out.flush()
+        del out
 
     def abort(self) -> None:
         """Remove the staging folder and any parent folder this writer created."""

@@ -53,6 +53,7 @@ class Case:
     mask: str
     patient_id: str
     centroids: str | None = None  # VerSe centroid JSON (voxel coordinates), optional
+    series: str | None = None  # one of several series of this patient (a vertebra seen twice is kept once)
 
 
 @dataclass
@@ -165,6 +166,8 @@ def ingest_case(case: Case, opts: IngestOptions,
     voxel_ml = abs(np.linalg.det(mask_affine[:3, :3])) / 1000.0
     for v in vertebrae:
         base = {"patient_id": case.patient_id, "vertebra": v.name, "source": str(case.ct), "voxels": v.voxels}
+        if case.series:
+            base["series"] = case.series
         volume_ml = v.voxels * voxel_ml
         if volume_ml < opts.min_volume_ml:
             skipped.append({**base, "reason": f"fragment of {volume_ml:.2f} ml (< min_volume_ml={opts.min_volume_ml})"})

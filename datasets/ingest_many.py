@@ -121,6 +121,29 @@ def join_labels(manifest: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd
     return merged.drop(columns=["fracture", "_merge"]), report
 
 
+def _one_row_per_vertebra(manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray | None, pd.DataFrame]:
+    """A vertebra seen by two series of one patient is kept from the series with less of it outside
+    the scan (the first on a tie); the other rows become skipped rows. Two cases without `series`
+    that share a patient id and a vertebra are an error: the id names two CTs."""
+    key = ["patient_id", "vertebra"]
+    dup = manifest.duplicated(key, keep=False)
+    if not dup.any():
+        return manifest, None, pd.DataFrame()
+    if "series" not in manifest or manifest.loc[dup, "series"].isna().any():
+        r = manifest[dup].iloc[0]
+        raise BenchError(f"vertebra {r.vertebra} of patient {r.patient_id} appears in two cases; patient ids must "
+                         f"name one CT each")
+    best = manifest.assign(_row=range(len(manifest))).sort_values(["missing_fraction", "_row"], kind="stable")
+    kept_rows = np.sort(best.drop_duplicates(key)["_row"].to_numpy())
+    keep = np.zeros(len(manifest), bool)
+    keep[kept_rows] = True
+    chosen = manifest[keep].set_index(key)["series"]
+    dropped = manifest[~keep]
+    also_seen = dropped.assign(reason=[f"also in series {chosen.loc[(p, v)]}, which holds more of it"
+                                       for p, v in zip(dropped.patient_id, dropped.vertebra)])
+    return manifest[keep].reset_index(drop=True), keep, also_seen[[*key, "source", "series", "reason"]]
+
+
 def _check_inputs(cases: list[Case], out: str, labels: str) -> None:
     """Refuse inputs that the store would replace, and a CT given as its own mask."""
     target = Path(out).resolve()
@@ -146,11 +169,15 @@ def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int,
     return index, rows, skipped, len(crops)
 
 
-def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", workers: int = 0,
+def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str | pd.DataFrame = "", workers: int = 0,
            overwrite: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Ingest every case into the store at `out`; returns its path and a summary."""
+    """Ingest every case into the store at `out`; returns its path and a summary. `labels` is a
+    labels CSV, or a table already read from a data set's own label file."""
     opts.validate()
-    label_table = read_labels(labels) if labels else None
+    if isinstance(labels, pd.DataFrame):
+        label_table, labels = labels, ""
+    else:
+        label_table = read_labels(labels) if labels else None
     _check_inputs(cases, out, labels)
     writer = StoreWriter(out, overwrite=overwrite)
     try:
@@ -175,12 +202,8 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", w
         skipped = pd.DataFrame([s for i in order for s in results[i][1]])
         if not rows:
             raise BenchError(f"no vertebra could be cropped from {len(cases)} case(s); {len(skipped)} skipped")
-        manifest = pd.DataFrame(rows)
-        dup = manifest.duplicated(["patient_id", "vertebra"])
-        if dup.any():
-            r = manifest[dup].iloc[0]
-            raise BenchError(f"vertebra {r.vertebra} of patient {r.patient_id} appears in two cases; patient ids must "
-                             f"name one CT each")
+        manifest, keep, also_seen = _one_row_per_vertebra(pd.DataFrame(rows))
+        skipped = pd.concat([skipped, also_seen], ignore_index=True)
         manifest, report = join_labels(manifest, label_table)
         manifest["split"] = ""
         manifest["spacing"] = opts.spacing
@@ -189,7 +212,7 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str = "", w
             "options": asdict(opts), "cases": len(cases), "crops": len(manifest),
             "skipped": len(skipped), "labels_report": report, "created": now(),
         }
-        path = writer.commit(order, manifest, meta, skipped, (opts.size,) * 3, opts.dtype)
+        path = writer.commit(order, manifest, meta, skipped, (opts.size,) * 3, opts.dtype, keep)
     except BaseException:
         writer.abort()
         raise

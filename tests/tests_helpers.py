@@ -85,3 +85,68 @@ def write_dicom_series(volume, affine_ras, folder: Path, slice_axis: int = 2, re
         ds.PixelData = np.clip(stored, -32768, 32767).astype("<i2").tobytes()
         ds.save_as(folder / f"IM{number:04d}.dcm", enforce_file_format=True)
     return folder
+
+
+TOTALSEG_V2_TO_VERSE = {27: 24, 28: 23, 29: 22, 30: 21, 31: 20, 32: 19, 33: 18}  # L5..L1, T12, T11; S1 dropped
+
+
+def make_verse_tree(root: Path) -> Path:
+    """A VerSe-layout release built from the real fixtures: sub-verse004 (its real mask and centroid
+    JSON, a CT made on the mask's grid), sub-verse501 (the TotalSegmentator pair, relabelled to VerSe
+    ids) and sub-verse502, scanned in two series (`split-`) that both see L3 (the TPTBox pair, and
+    the same CT with 6 mm cut off on the left: L3 is in both, more of it in the first)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    def put(kind: str, subject: str, name: str) -> Path:
+        folder = root / kind / subject
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    mask = nib.load(str(SHARED_DATA / "sub-verse004_seg-vert_msk.nii.gz"))
+    labels = np.asanyarray(mask.dataobj)
+    ct = np.where(labels > 0, 300, -1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(ct, mask.affine), str(put("rawdata", "sub-verse004", "sub-verse004_ct.nii.gz")))
+    shutil.copy(SHARED_DATA / "sub-verse004_seg-vert_msk.nii.gz",
+                put("derivatives", "sub-verse004", "sub-verse004_seg-vert_msk.nii.gz"))
+    shutil.copy(SHARED_DATA / "sub-verse004_seg-subreg_ctd.json",
+                put("derivatives", "sub-verse004", "sub-verse004_seg-subreg_ctd.json"))
+
+    shutil.copy(SHARED_DATA / "totalseg_example_ct.nii.gz",
+                put("rawdata", "sub-verse501", "sub-verse501_dir-ax_ct.nii.gz"))
+    seg = nib.load(str(SHARED_DATA / "totalseg_example_ct_vertebrae_seg.nii.gz"))
+    ids = np.asanyarray(seg.dataobj)
+    verse_ids = np.zeros_like(ids)
+    for total_id, verse_id in TOTALSEG_V2_TO_VERSE.items():
+        verse_ids[ids == total_id] = verse_id
+    nib.save(nib.Nifti1Image(verse_ids, seg.affine),
+             str(put("derivatives", "sub-verse501", "sub-verse501_dir-ax_seg-vert_msk.nii.gz")))
+
+    tp_ct, tp_mask = (nib.load(str(SHARED_DATA / f)) for f in ("tptbox_sub-ct_label-22_ct.nii.gz",
+                                                               "tptbox_sub-ct_seg-vert_label-22_msk.nii.gz"))
+    for series, cut in (("split-verse601", slice(None)), ("split-verse602", slice(4, None))):
+        for image, kind, suffix in ((tp_ct, "rawdata", "ct.nii.gz"), (tp_mask, "derivatives", "seg-vert_msk.nii.gz")):
+            part = image.slicer[:, :, cut]  # P,I,R: index 0 of the third axis is the far left
+            nib.save(part, str(put(kind, "sub-verse502", f"sub-verse502_{series}_{suffix}")))
+    return root
+
+
+VERSE_GRADES = [  # verse_ID, N_Fx, then T9 ... L6 (blank: not assessed)
+    (4, 2, [0, 0, 1, 0, 2, 0, 0, None, None, None]),
+    (501, 1, [None, None, 0, 0, 3, 0, 0, 0, 0, None]),
+    (502, 0, [None, None, None, None, None, 0, 0, 0, None, None]),
+]
+GRADED_LEVELS = ["T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "L6"]
+
+
+def write_verse_grades(path: Path) -> Path:
+    """The grades spreadsheet in the layout community parsers read: verse_ID, N_Fx, <level>_fx-g."""
+    import pandas as pd
+
+    rows = [{"verse_ID": vid, "N_Fx": n, **{f"{lv}_fx-g": g for lv, g in zip(GRADED_LEVELS, grades)}}
+            for vid, n, grades in VERSE_GRADES]
+    table = pd.DataFrame(rows)
+    table.to_excel(path, index=False) if path.suffix == ".xlsx" else table.to_csv(path, index=False)
+    return path
