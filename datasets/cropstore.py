@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.store import normal_mode
 
 STORE_VERSION = 1
+PLAN_FILE = "ingest-plan.json"
 MASKS_FILE = "masks.npy"
 
 
@@ -59,9 +58,14 @@ def open_masks(path: str | Path, n_crops: int) -> np.ndarray | None:
 
 
 class StoreWriter:
-    """Collects per-case chunks in a staging folder; `commit` assembles and renames into place."""
+    """Collects per-case chunks in a staging folder next to the target; `commit` assembles them and
+    renames the folder into place.
 
-    def __init__(self, target: str | Path, overwrite: bool = False) -> None:
+    The staging folder has a fixed name (`.<name>.staging`) and records the ingestion options, so an
+    interrupted ingestion into the same `out=` with the same options continues: a case whose chunk
+    is complete and whose inputs have the same content digest is not ingested again."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False, plan: dict[str, Any] | None = None) -> None:
         self.target = Path(target)
         if self.target.exists() and not overwrite:
             raise BenchError(f"out '{self.target}' already exists; choose another out= or pass overwrite=true")
@@ -70,12 +74,34 @@ class StoreWriter:
                              f"overwrite=true only replaces a crop store, choose another out=")
         self._created = [p for p in reversed(self.target.parents) if not p.exists()]
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.staging-", dir=self.target.parent))
-        normal_mode(self.stage)
-        (self.stage / "chunks").mkdir()
+        self.stage = self.target.with_name(f".{self.target.name}.staging")
+        plan_text = json.dumps({"version": STORE_VERSION, **(plan or {})}, sort_keys=True, default=str)
+        self.resumed = (self.stage / PLAN_FILE).is_file() and (self.stage / PLAN_FILE).read_text() == plan_text
+        if not self.resumed:
+            shutil.rmtree(self.stage, ignore_errors=True)  # our own staging of another ingestion
+            (self.stage / "chunks").mkdir(parents=True)
+            (self.stage / PLAN_FILE).write_text(plan_text)
 
     def chunk_path(self, index: int) -> Path:
         return self.stage / "chunks" / f"{index:06d}.npy"
+
+    def finished_chunk(self, index: int, digest: str) -> dict[str, Any] | None:
+        """The record of chunk `index` when it is complete and was made from inputs with `digest`."""
+        record_path = self.chunk_path(index).with_suffix(".json")
+        if not record_path.is_file():
+            return None
+        record = json.loads(record_path.read_text())
+        return record if record.get("digest") == digest else None
+
+    def finish_chunk(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Mark chunk `index` complete (its arrays are written): the record is written last,
+        atomically. Returns the record as read back, the form a resumed ingestion sees."""
+        path = self.chunk_path(index).with_suffix(".json")
+        staged = path.with_suffix(".json.tmp")
+        text = json.dumps(record, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+        staged.write_text(text)
+        staged.replace(path)
+        return json.loads(text)
 
     def commit(self, chunk_ids: list[int], manifest: pd.DataFrame, meta: dict[str, Any],
                skipped: pd.DataFrame, shape: tuple[int, ...], dtype: str, keep: np.ndarray | None = None) -> Path:
@@ -87,6 +113,7 @@ class StoreWriter:
         if chunk_ids and all(p.is_file() for p in mask_chunks):  # ground truth, when every case has it
             self._assemble(mask_chunks, self.stage / MASKS_FILE, np.uint8, (n, *shape), keep)
         shutil.rmtree(self.stage / "chunks")
+        (self.stage / PLAN_FILE).unlink()
         manifest.to_parquet(self.stage / "manifest.parquet", index=False)
         skipped.to_csv(self.stage / "skipped.csv", index=False)
         (self.stage / "store.json").write_text(json.dumps({"version": STORE_VERSION, **meta}, indent=2,

@@ -1,7 +1,9 @@
 """Many cases into one crop store: case discovery, parallel ingestion, the labels join."""
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -169,33 +171,59 @@ def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int,
     return index, rows, skipped, len(crops)
 
 
+def case_digest(case: Case) -> str:
+    """A digest of a case's input bytes (CT file or DICOM folder, mask, centroids) and identity."""
+    h = hashlib.blake2b(f"{case.patient_id}|{case.series}".encode(), digest_size=16)
+    for given in (case.ct, case.mask, case.centroids):
+        path = Path(given) if given else None
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path and path.is_dir() else [path]
+        for file in files:
+            if file is not None and file.is_file():
+                h.update(file.name.encode())
+                with open(file, "rb") as handle:
+                    h.update(hashlib.file_digest(handle, "blake2b").digest())
+    return h.hexdigest()
+
+
 def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str | pd.DataFrame = "", workers: int = 0,
            overwrite: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Ingest every case into the store at `out`; returns its path and a summary. `labels` is a
-    labels CSV, or a table already read from a data set's own label file."""
+    labels CSV, or a table already read from a data set's own label file. An interrupted
+    ingestion into the same `out=` with the same options continues where it stopped."""
     opts.validate()
     if isinstance(labels, pd.DataFrame):
         label_table, labels = labels, ""
     else:
         label_table = read_labels(labels) if labels else None
     _check_inputs(cases, out, labels)
-    writer = StoreWriter(out, overwrite=overwrite)
+    writer = StoreWriter(out, overwrite=overwrite, plan={"options": asdict(opts)})
     try:
-        workers = workers or min(len(cases), os.cpu_count() or 1)
+        digests = [case_digest(c) for c in cases]
         results: dict[int, tuple[list, list, int]] = {}
-        bar = tqdm(total=len(cases), desc="ingest", unit="case", disable=not progress)
+        for i, digest in enumerate(digests):
+            record = writer.finished_chunk(i, digest)
+            if record is not None:
+                results[i] = (record["rows"], record["skipped"], record["n"])
+        if results:
+            print(f"resuming an interrupted ingestion: {len(results)} of {len(cases)} case(s) already done",
+                  file=sys.stderr)
+        todo = [i for i in range(len(cases)) if i not in results]
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        bar = tqdm(total=len(cases), initial=len(results), desc="ingest", unit="case", disable=not progress)
+
+        def done(i: int, rows: list, skipped: list, n: int) -> None:
+            record = writer.finish_chunk(i, {"digest": digests[i], "rows": rows, "skipped": skipped, "n": n})
+            results[i] = (record["rows"], record["skipped"], n)  # as a resumed run will read them
+            bar.update()
+
         if workers <= 1:
-            for i, case in enumerate(cases):
-                _, rows, skipped, n = _work(i, case, opts, str(writer.chunk_path(i)))
-                results[i] = (rows, skipped, n)
-                bar.update()
+            for i in todo:
+                done(*_work(i, cases[i], opts, str(writer.chunk_path(i))))
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_work, i, c, opts, str(writer.chunk_path(i))) for i, c in enumerate(cases)]
+                futures = [pool.submit(_work, i, cases[i], opts, str(writer.chunk_path(i))) for i in todo]
                 for fut in as_completed(futures):
-                    i, rows, skipped, n = fut.result()
-                    results[i] = (rows, skipped, n)
-                    bar.update()
+                    done(*fut.result())
         bar.close()
         order = sorted(results)
         rows = [r for i in order for r in results[i][0]]
@@ -213,6 +241,8 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str | pd.Da
             "skipped": len(skipped), "labels_report": report, "created": now(),
         }
         path = writer.commit(order, manifest, meta, skipped, (opts.size,) * 3, opts.dtype, keep)
+    except KeyboardInterrupt:  # finished cases stay staged: the same command continues from them
+        raise
     except BaseException:
         writer.abort()
         raise

@@ -255,3 +255,44 @@ def test_ct_given_as_its_own_mask_is_refused(tmp_path, capsys):
     assert main(["data", "ingest", f"ct={TS_CT}", f"mask={TS_CT}", "label_map=totalseg_v2", f"out={tmp_path / 's'}",
                  "progress=false"]) == 2
     assert "same path" in capsys.readouterr().err
+
+
+def test_a_killed_ingestion_resumes_to_the_uninterrupted_store(tmp_path):
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cts, masks = tmp_path / "cts", tmp_path / "masks"
+    cts.mkdir(), masks.mkdir()
+    for i in range(8):
+        shutil.copy(TS_CT, cts / f"case{i}.nii.gz")
+        shutil.copy(TS_VERT, masks / f"case{i}.nii.gz")
+    args = [sys.executable, "-m", "bench.cli", "data", "ingest", f"ct={cts}", f"mask={masks}", "label_map=totalseg_v2",
+            "workers=1", "progress=false"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, f"out={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = tmp_path / ".killed.staging" / "chunks"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(chunks.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(chunks.glob("*.json")))
+    assert 2 <= done < 8 and not killed.exists()
+    resumed = subprocess.run([*args, f"out={killed}"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming an interrupted ingestion: {done} of 8 case(s) already done" in resumed.stderr
+    assert main(["data", "ingest", f"ct={cts}", f"mask={masks}", "label_map=totalseg_v2", "workers=2",
+                 "progress=false", f"out={tmp_path / 'whole'}"]) == 0
+    for name in ("crops.npy", "masks.npy"):
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(killed / "manifest.parquet"),
+                                  pd.read_parquet(tmp_path / "whole" / "manifest.parquet"))
+    meta = [json.loads((root / "store.json").read_text()) for root in (killed, tmp_path / "whole")]
+    assert [{k: v for k, v in m.items() if k != "created"} for m in meta] == [
+        {k: v for k, v in meta[1].items() if k != "created"}] * 2
+    assert not (tmp_path / ".killed.staging").exists()
