@@ -102,6 +102,7 @@ class RunConfig:
     preset: Literal["tiny", "small", "paper"] = "small"
     seed: int = 0
     data: str = "synthetic"  # a registered data set name or the path of a crop store
+    pretrain_data: str = ""  # crop store(s), comma-separated, that the `vertebrae` stage pretrains on
     splits: str = ""  # patient_id,split CSV; default: the data's own splits file, made once
     out: str = "runs"
     suite: str = "single"

@@ -38,7 +38,8 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
         method = create_method(cfg.method, cfg)
         for stage in method.pretraining_plan(cfg.regime):
             if stage == "vertebrae":
-                add("unlabelled", cfg, synthetic_spec(cfg, False))
+                if not cfg.pretrain_data:  # separate pretraining stores need no synthetic unlabelled set
+                    add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
                 kind = "video" if method.pretext_data("public") == "video" else "body_ct"
                 add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus

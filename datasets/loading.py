@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
 
 from bench.config import config_hash
@@ -100,8 +101,6 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
                 "dtype": "int16", "source": "synthetic", "generator": synthetic_spec(cfg, labelled),
                 "cases": int(table.patient_id.nunique()),
                 "crops": len(table), "skipped": 0, "created": now()}
-        import pandas as pd
-
         return writer.commit([0], table, meta, pd.DataFrame(), (cfg.crop_size,) * 3, "int16")
     except BaseException:
         writer.abort()
@@ -149,7 +148,10 @@ class SyntheticDataset:
 
 
 def load_unlabelled(cfg: DictConfig) -> VertebraSet:
-    """Unlabelled vertebrae for self-supervised pretraining, disjoint from the labelled patients."""
+    """Unlabelled vertebrae for self-supervised pretraining, disjoint from the labelled patients:
+    the stores named by `pretrain_data`, else the unlabelled crops of the data itself."""
+    if cfg.pretrain_data:
+        return load_pretrain_stores(cfg)
     if cfg.data in DATASETS.names():
         source = DATASETS.get(cfg.data)()
         if not hasattr(source, "load_unlabelled"):
@@ -162,6 +164,66 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
     check_disjoint(manifest.loc[manifest["label"] >= 0, "patient_id"], unlabelled["patient_id"])
     table = unlabelled.assign(split="pretrain", crop_index=unlabelled.index.to_numpy())
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{Path(cfg.data).name}:unlabelled")
+
+
+class StackedCrops:
+    """Several stores' crop arrays (memory maps) read as one, without copying: crop `i` is a crop of
+    the store whose range holds `i`."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = parts[0].ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - self.starts[part]]
+
+
+def load_pretrain_stores(cfg: DictConfig) -> VertebraSet:
+    """Every crop of the `pretrain_data` stores (their labels are not used), after checking that no
+    patient id and no crop content of the labelled data is among them."""
+    paths = [Path(p.strip()) for p in str(cfg.pretrain_data).split(",") if p.strip()]
+    arrays, tables, geometry = [], [], {}
+    for path in paths:
+        crops, manifest, meta = open_store(path)
+        geometry[str(path)] = (meta["size"], meta["spacing_mm"])
+        table = manifest.assign(crop_index=manifest.index.to_numpy() + sum(len(a) for a in arrays),
+                                store=str(path), split="pretrain", label=-1, grade=-1)
+        if "checksum" not in table:
+            table["checksum"] = [crop_checksum(crops[i]) for i in range(len(crops))]
+        arrays.append(crops)
+        tables.append(table)
+    if len(set(geometry.values())) > 1:
+        raise BenchError(f"pretrain_data: the stores differ in crop size or spacing ({geometry}); ingest them "
+                         f"with the same size= and spacing=")
+    table = pd.concat(tables, ignore_index=True)
+    check_pretraining_is_apart(load_data(cfg), table, cfg.data)
+    images = arrays[0] if len(arrays) == 1 else StackedCrops(arrays)
+    return VertebraSet(images, table, name="pretrain_data:" + ",".join(p.name for p in paths))
+
+
+def check_pretraining_is_apart(labelled: VertebraSet, pretraining: pd.DataFrame, data: str) -> None:
+    """Refuse pretraining stores that hold a patient id or a crop (by content checksum) of the
+    labelled data, naming the store and the labelled data set."""
+    table = labelled.table
+    shared = sorted(set(table["patient_id"]) & set(pretraining["patient_id"]))
+    if shared:
+        store = pretraining.loc[pretraining["patient_id"] == shared[0], "store"].iloc[0]
+        raise BenchError(f"patient leakage: {len(shared)} patient id(s) are in both data '{data}' and pretrain_data "
+                         f"'{store}', e.g. '{shared[0]}'; a pretraining store must hold other patients")
+    checksums = table["checksum"] if "checksum" in table else pd.Series(
+        [crop_checksum(labelled.images[i]) for i in labelled.crop_indices])
+    same = pretraining[pretraining["checksum"].isin(set(checksums))]
+    if len(same):
+        r = same.iloc[0]
+        raise BenchError(f"leakage: {len(same)} crop(s) of pretrain_data '{r.store}' have the content of crops in "
+                         f"data '{data}', e.g. {r.patient_id} {r.vertebra}; the same scan is in both")
 
 
 def corpus_spec(cfg: DictConfig, kind: str) -> dict:
