@@ -108,6 +108,8 @@ def _data_ingest(overrides: dict[str, str]) -> None:
 
     cfg = structured(IngestConfig, overrides)
     labels = cfg.labels
+    if cfg.masks and not cfg.rsna:
+        raise BenchError("masks=FOLDER holds masks for the studies of rsna=FOLDER: it needs rsna=FOLDER")
     if cfg.grades and not cfg.verse:
         raise BenchError("grades=FILE is the VerSe'19 grades spreadsheet: it needs verse=FOLDER")
     if cfg.verse:
@@ -119,11 +121,22 @@ def _data_ingest(overrides: dict[str, str]) -> None:
         cfg.label_map = cfg.label_map or "verse"
         cases = find_verse_cases(cfg.verse)
         labels = read_verse_grades(cfg.grades) if cfg.grades else labels
+    elif cfg.rsna:
+        from bench.datasets.rsna import SEGMENTATION_LABEL_MAP, find_rsna_cases, read_rsna_labels
+
+        if cfg.ct or cfg.mask or cfg.cases:
+            raise BenchError("rsna=FOLDER finds its own cases and labels: drop ct=, mask=, cases=")
+        cfg.label_map = cfg.label_map or SEGMENTATION_LABEL_MAP
+        cases, without = find_rsna_cases(cfg.rsna, cfg.masks, cfg.masks_label_map)
+        labels = labels or read_rsna_labels(cfg.rsna)
+        if without:
+            print(f"{len(without)} of {len(cases) + len(without)} studies have no mask (segmentations/ or masks=) "
+                  f"and are not ingested, e.g. {without[0]}", file=sys.stderr)
     elif not cfg.label_map:
         raise BenchError("bench data ingest needs label_map=NAME (verse, totalseg_v1, totalseg_v2): "
                          "label ids differ between sources")
     else:
-        cases = find_cases(cfg.ct, cfg.mask, cfg.cases, cfg.centroids, cfg.patient)
+        cases = find_cases(cfg.ct, cfg.mask, cfg.cases, cfg.centroids, cfg.patient, cfg.mask_suffix)
     opts = IngestOptions(label_map=cfg.label_map, size=cfg.size, spacing=cfg.spacing,
                          max_missing=cfg.max_missing, min_volume_ml=cfg.min_volume_ml, dtype=cfg.dtype)
     path, summary = ingest(cases, opts, cfg.out, labels=labels, workers=cfg.workers,

@@ -303,9 +303,13 @@ class IngestConfig:
     centroids: str = ""  # VerSe centroid JSON for a single case
     cases: str = ""  # CSV: ct, mask, patient_id[, centroids]
     patient: str = ""  # patient id of a single case (default: the CT's file name)
+    mask_suffix: str = ""  # ct=DIR mask=DIR: a mask is named as its CT plus this before the extension
     labels: str = ""  # CSV: patient_id, vertebra, fracture[, grade]
     verse: str = ""  # a VerSe release folder (rawdata/, derivatives/): every case in it
     grades: str = ""  # the VerSe'19 fracture grades spreadsheet (.xlsx or .csv)
+    rsna: str = ""  # the RSNA 2022 cervical spine data folder (train_images/, train.csv, segmentations/)
+    masks: str = ""  # rsna: masks for studies without a segmentation, <StudyInstanceUID>.nii[.gz]
+    masks_label_map: str = "totalseg_v2"  # the label map of the masks= folder
     label_map: str = ""  # verse | totalseg_v1 | totalseg_v2
     out: str = "crops"
     size: int = 96

@@ -54,6 +54,7 @@ class Case:
     patient_id: str
     centroids: str | None = None  # VerSe centroid JSON (voxel coordinates), optional
     series: str | None = None  # one of several series of this patient (a vertebra seen twice is kept once)
+    label_map: str | None = None  # this case's mask ids, where they differ from the ingestion's label_map
 
 
 @dataclass
@@ -145,7 +146,8 @@ def ingest_case(case: Case, opts: IngestOptions,
     """Crops (n, S, S, S) in the store dtype, their manifest rows, and the skipped vertebrae. Given a
     list as `masks`, each crop's ground truth is appended to it: the centre vertebra's own label,
     sampled on the crop's grid (nearest neighbour), as bit 1 of a uint8 mask."""
-    label_map = get_label_map(opts.label_map)
+    map_name = case.label_map or opts.label_map
+    label_map = get_label_map(map_name)
     ct, ct_affine = load_volume(case.ct, "CT")
     mask, mask_affine = load_volume(case.mask, "mask")
     if not same_grid(ct.shape, ct_affine, mask.shape, mask_affine):
@@ -157,7 +159,7 @@ def ingest_case(case: Case, opts: IngestOptions,
     if not vertebrae:
         present = sorted(int(v) for v in np.unique(mask) if v)[:12]
         raise BenchError(
-            f"mask '{case.mask}': no vertebra labels of label map '{opts.label_map}' "
+            f"mask '{case.mask}': no vertebra labels of label map '{map_name}' "
             f"(labels present: {present or 'none, the mask is empty'})"
         )
     given = read_verse_centroids(case.centroids, mask_affine, mask.shape, label_map) if case.centroids else {}

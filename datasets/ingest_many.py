@@ -31,8 +31,10 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "", patient: str = "") -> list[Case]:
-    """Cases from ct=FILE mask=FILE, ct=DIR mask=DIR (NIfTIs paired by file name), ct=DICOM_SERIES_DIR
+def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "", patient: str = "",
+               mask_suffix: str = "") -> list[Case]:
+    """Cases from ct=FILE mask=FILE, ct=DIR mask=DIR (NIfTIs paired by file name, the mask's name with
+    `mask_suffix` before its extension: CTSpine1K-style `X.nii.gz` + `X_seg.nii.gz`), ct=DICOM_SERIES_DIR
     mask=FILE, or cases=CSV (whose ct column may name DICOM series folders too)."""
     if cases:
         path = Path(cases)
@@ -56,7 +58,7 @@ def find_cases(ct: str = "", mask: str = "", cases: str = "", centroids: str = "
         raise BenchError(f"ct '{ct}' and mask '{mask}' must both be files or both be folders")
     if ct_path.is_dir():
         cts = sorted(p for p in ct_path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-        pairs = [(p, mask_path / p.name) for p in cts]
+        pairs = [(p, mask_path / p.name.replace(_stem(p), _stem(p) + mask_suffix, 1)) for p in cts]
         unpaired = [str(m) for _, m in pairs if not m.exists()]
         if unpaired:
             raise BenchError(f"mask folder '{mask}' lacks {len(unpaired)} file(s) named as in '{ct}', e.g. "

@@ -296,3 +296,15 @@ def test_a_killed_ingestion_resumes_to_the_uninterrupted_store(tmp_path):
     assert [{k: v for k, v in m.items() if k != "created"} for m in meta] == [
         {k: v for k, v in meta[1].items() if k != "created"}] * 2
     assert not (tmp_path / ".killed.staging").exists()
+
+
+def test_a_ctspine1k_style_collection_pairs_by_suffix_and_stays_unlabelled(tmp_path):
+    cts, masks = tmp_path / "data" / "HNSCC", tmp_path / "label" / "HNSCC"
+    cts.mkdir(parents=True), masks.mkdir(parents=True)
+    for name in ("case1", "case2"):
+        (cts / f"{name}.nii.gz").write_bytes(TP_CT.read_bytes())
+        (masks / f"{name}_seg.nii.gz").write_bytes(TP_MASK.read_bytes())
+    assert main(["data", "ingest", f"ct={cts}", f"mask={masks}", "mask_suffix=_seg", "label_map=verse",
+                 f"out={tmp_path / 's'}", "workers=1", "progress=false"]) == 0
+    _, manifest, _ = open_store(tmp_path / "s")
+    assert manifest.patient_id.tolist() == ["case1", "case2"] and set(manifest.label) == {-1}
