@@ -47,8 +47,6 @@ def load_store(path: Path, cfg: DictConfig) -> VertebraSet:
     labelled = manifest[manifest["label"] >= 0]
     if labelled.empty:
         raise BenchError(f"crop store '{path}' has no labelled crops; ingest it with labels=CSV")
-    unlabelled = manifest[manifest["label"] < 0]
-    check_disjoint(labelled["patient_id"], unlabelled["patient_id"], "unlabelled crops of the same store")
     table = labelled.drop(columns=["split"], errors="ignore").copy()
     table["split"] = splits_for(table, path, cfg.synthetic.seed, cfg.splits)
     check_no_leakage(table)
@@ -158,10 +156,12 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
             raise BenchError(f"data set '{cfg.data}' has no unlabelled vertebrae for pretraining")
         return source.load_unlabelled(cfg)
     crops, manifest, _ = open_store(cfg.data)
-    unlabelled = manifest[manifest["label"] < 0]
+    labelled_patients = set(manifest.loc[manifest["label"] >= 0, "patient_id"])
+    # a labelled patient's ungraded vertebrae (VerSe levels left blank) belong to that patient: never pretrained on
+    unlabelled = manifest[(manifest["label"] < 0) & ~manifest["patient_id"].isin(labelled_patients)]
     if unlabelled.empty:
-        raise BenchError(f"crop store '{cfg.data}' has no unlabelled crops (label -1) to pretrain on")
-    check_disjoint(manifest.loc[manifest["label"] >= 0, "patient_id"], unlabelled["patient_id"])
+        raise BenchError(f"crop store '{cfg.data}' has no unlabelled crops (label -1) of patients without labels to "
+                         f"pretrain on; name a separate store with pretrain_data=")
     table = unlabelled.assign(split="pretrain", crop_index=unlabelled.index.to_numpy())
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{Path(cfg.data).name}:unlabelled")
 
