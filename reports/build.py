@@ -15,6 +15,7 @@ from bench.protocols import PROTOCOLS
 from bench.reports import plots
 from bench.reports.collect import load_failures, load_runs
 from bench.reports.explain_section import explain_section
+from bench.reports.export import CELL_COLUMNS, cell_rows, write_cells
 from bench.reports.stats import (
     GRADE_COLUMNS,
     METRICS,
@@ -151,7 +152,8 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
         learned_runs = runs[runs.not_learned == ""]
         delong = delong_vs_best(learned_runs, sub[sub.not_learned == ""])
         tables.append({"title": title + suffix, "caption": caption, "key_label": key_label, "size": size,
-                       "rows": _rows(keys, sub, paper, key_of, delong, failed)})
+                       "rows": _rows(keys, sub, paper, key_of, delong, failed),
+                       "cells": cell_rows(title + suffix, protocol, fraction, keys, sub, key_of, delong, size)})
 
     order = regimes.order
     t3_keys = [(m, r, "full" if m == "video_ct_mae" else "") for m in TABLE3
@@ -212,6 +214,8 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
     })
     target = out / "index.html"
     write_text_atomic(target, html)
+    frames = [t["cells"] for t in tables if not t["cells"].empty]
+    write_cells(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CELL_COLUMNS)), out)
     return target
 
 

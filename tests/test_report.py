@@ -45,6 +45,32 @@ def test_cells_are_mean_sd_and_ci_over_seeds(html):
     assert "<td>3</td>" in text  # three seeds per cell
 
 
+def test_cells_leave_the_html_as_csv_parquet_latex_and_the_api(html, store):
+    import pandas as pd
+
+    from bench import results
+    from bench.reports.export import _tex
+
+    folder = html[1].parent
+    cells = results.cells(folder)
+    csv = pd.read_csv(folder / "cells.csv", keep_default_na=False)
+    assert list(csv.columns) == list(cells.columns) and list(csv.method) == list(cells.method)
+    assert csv[["auc", "auc_lo", "auc_hi", "f1"]].to_numpy().tolist() == \
+        cells[["auc", "auc_lo", "auc_hi", "f1"]].to_numpy().tolist()
+    assert set(cells.method) == {"_test_tiny_cnn", "<script>"} and set(cells.seeds) == {3}
+    assert cells["auc_lo"].le(cells["auc"]).all() and cells["auc"].le(cells["auc_hi"]).all()
+    runs = results.runs(store)
+    for c in cells.itertuples():  # each cell is the mean over its seeds' runs
+        assert abs(c.auc - runs.loc[runs.method == c.method, "auc"].mean()) < 1e-12
+    assert len(results.predictions(runs.folder[0])) == runs.n_test[0]
+    tex = (folder / "tables.tex").read_text()
+    rows = [line for line in tex.splitlines() if line.rstrip().endswith(r"\\") and not line.startswith("Method")]
+    assert len(rows) == len(cells) and tex.count(r"\begin{tabular}") == cells.table.nunique()
+    for c, line in zip(cells.itertuples(), rows):
+        assert _tex(c.method) in line and f"{100 * c.auc:.1f}" in line
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textless{}script\textgreater{}" in tex
+
+
 def test_markup_in_names_is_escaped(html):
     text, _ = html
     assert "&lt;script&gt;" in text and "<script>" not in text
