@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from bench.errors import BenchError
 
@@ -67,15 +68,16 @@ def _cmd_data(args: list[str]) -> None:
         given = args[0] if args else ""
         raise BenchError(f"unknown data command '{given}'; {choices_hint(given, commands)}")
     if args[0] == "info":
-        if len(args) != 2:
-            raise BenchError("usage: bench data info PATH")
-        return _data_info(args[1])
+        verify = "--verify" in args
+        rest = [a for a in args[1:] if a != "--verify"]
+        if len(rest) != 1:
+            raise BenchError("usage: bench data info PATH [--verify]")
+        return _data_info(rest[0], verify)
     commands[args[0]](parse_overrides(args[1:]))
 
 
 def _data_synth(overrides: dict[str, str]) -> None:
     """Generate the synthetic benchmark of a preset: into the cache, or into out=DIR as a store."""
-    from pathlib import Path
 
     from bench.config import compose
     from bench.datasets.loading import load_corpus, load_data, load_store, load_unlabelled, synthesize_store
@@ -150,10 +152,13 @@ def _data_ingest(overrides: dict[str, str]) -> None:
               f"{len(report['rows_without_image'])} rows without a crop, {len(report['duplicate_rows'])} duplicated")
 
 
-def _data_info(path: str) -> None:
-    from bench.datasets.cropstore import open_store
+def _data_info(path: str, verify: bool = False) -> None:
+    """A store's summary; `--verify` checks every crop against its checksum (open checks a sample)."""
+    from bench.datasets.cropstore import open_store, verify_crops
 
     crops, manifest, meta = open_store(path)
+    if verify:
+        print(f"{path}: {verify_crops(Path(path), crops, manifest)} crops match their checksums")
     print(f"{path}: {len(crops)} crops of {meta['size']}^3 at {meta['spacing_mm']} mm ({meta['dtype']}, frame "
           f"{meta['frame']}) from {manifest.patient_id.nunique()} patients; "
           f"labelled {int((manifest.label >= 0).sum())}, "
@@ -162,7 +167,6 @@ def _data_info(path: str) -> None:
 
 def _cmd_report(args: list[str]) -> None:
     """bench report [RUN_DIR ...] [out=DIR] [name=NAME] [bootstrap=N]"""
-    from pathlib import Path
 
     from bench.config import parse_overrides
 
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_explain.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
+    p_data.add_argument("--verify", action="store_true", help="data info: check every crop against its checksum")
     return parser
 
 
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_tune(parse_overrides(args.overrides)))
         elif args.command == "data":
-            _cmd_data(args.args)
+            _cmd_data(args.args + (["--verify"] if args.verify else []))
         elif args.command == "report":
             _cmd_report(args.args)
         elif args.command == "explain":
@@ -227,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(folder)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full disk, a path that cannot exist: the file and the reason
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"bench: error: cannot read or write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)

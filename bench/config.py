@@ -188,12 +188,36 @@ def _explain(exc: OmegaConfBaseException, base: DictConfig, where: str) -> str:
             f"{parent_key}.{k}" if parent_key else k
             for k in (parent.keys() if isinstance(parent, DictConfig) else [])
         ]
+        nested = _nested_matches(base, leaf)
+        if nested:
+            return f"unknown config key '{key}' ({where}); did you mean {' or '.join(repr(k) for k in nested)}?"
         return f"unknown config key '{key}' ({where}); {choices_hint(key, valid)}"
+    if isinstance(exc, ValidationError) and "Cannot convert 'DictConfig'" in first:  # `method.x=...` on a plain key
+        sub = first.split("'{'", 1)[-1].split("'", 1)[0]
+        nested = _nested_matches(base, sub) if sub else []
+        hint = f"; did you mean {' or '.join(repr(k) for k in nested)}?" if nested else ""
+        return f"'{key}' ({where}) is a single value, it has no sub-keys{hint}"
     if isinstance(exc, ValidationError):
         node_type = _field_type(base, key)
         expected = f"; expected {node_type}" if node_type and "expected" not in first else ""
         return f"bad value for '{key}' ({where}): {first}{expected}"
     return f"config error at '{key}' ({where}): {first}"
+
+
+def _nested_matches(base: DictConfig, leaf: str) -> list[str]:
+    """Full names of the nested keys whose last part is `leaf` (`pe_cropping` -> `model.pe_cropping`)."""
+    found = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node.keys():
+            child = node._get_node(k)  # noqa: SLF001  (no public accessor that avoids resolving values)
+            if isinstance(child, DictConfig):
+                walk(child, f"{prefix}{k}.")
+            elif k == leaf and prefix:
+                found.append(f"{prefix}{k}")
+
+    walk(base, "")
+    return found
 
 
 def _field_type(base: DictConfig, key: str) -> str:

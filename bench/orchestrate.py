@@ -44,8 +44,12 @@ def ray_session(address: str | None) -> Iterator[None]:
     started_here = not ray.is_initialized()
     if started_here:
         cache = os.environ.get("BENCH_CACHE")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True, runtime_env={"env_vars": {"BENCH_CACHE": cache}} if cache else None)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=True, runtime_env={"env_vars": {"BENCH_CACHE": cache}} if cache else None)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise BenchError(f"ray.address '{address}': cannot start or join Ray ({first[:200]})") from None
     try:
         yield
     finally:
@@ -72,7 +76,7 @@ def _trial(config: dict[str, Any]) -> None:
     else:
         states = EpochStates(folder, wanted, config["invocation"], config["resume"])
         try:
-            folder = execute(cfg, on_epoch=states.keep, resume=states.last())
+            folder = execute(cfg, on_epoch=states.keep, resume=states.last(), command=config["command"])
             states.clear()
         finally:
             _release_memory()
@@ -194,18 +198,16 @@ def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def run_suite(overrides: dict[str, str]) -> Path:
     from bench.run import resolve_runs
-    from bench.suites import expand, load_suite
+    from bench.suites import expand, load_suite, seeds_count
 
     suite = load_suite(overrides["suite"])
-    try:
-        seeds = int(overrides.get("seeds", suite.get("seeds", 1)))
-    except ValueError:
-        raise BenchError(f"bad value for 'seeds': '{overrides['seeds']}'; expected a whole number") from None
+    seeds = seeds_count(overrides["seeds"], "'seeds'") if "seeds" in overrides else int(suite.get("seeds", 1))
     resume = _flag(overrides.get("resume", False), "resume")
     explain = _flag(overrides.get("explain", suite.get("explain", False)), "explain")
     out = Path(overrides.get("out", "runs")).resolve()
-    cpus = float(overrides.get("ray.cpus_per_trial", "1"))
-    gpus = float(overrides.get("ray.gpus_per_trial", "0"))
+    cpus = _number(overrides, "ray.cpus_per_trial", "1", minimum=0.01)
+    gpus = _number(overrides, "ray.gpus_per_trial", "0", minimum=0.0)
+    max_conc = int(_number(overrides, "ray.max_concurrent", "0", minimum=0.0, whole=True)) or None
     address = overrides.get("ray.address") or None
     common = {k: v for k, v in overrides.items() if k not in SUITE_KEYS}
     common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
@@ -226,10 +228,10 @@ def run_suite(overrides: dict[str, str]) -> Path:
 
     storage = out / suite["name"] / "_ray"
     trainable = tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus})
-    param_space = {"run": tune.grid_search(runs), "resume": resume, "invocation": uuid.uuid4().hex}
+    param_space = {"run": tune.grid_search(runs), "resume": resume, "invocation": uuid.uuid4().hex,
+                   "command": list(sys.argv)}  # the user's command line, recorded in each run's env.json
     t0 = time.perf_counter()
     with ray_session(address):
-        max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
@@ -239,6 +241,19 @@ def run_suite(overrides: dict[str, str]) -> Path:
         )
         results = tuner.fit()
     return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain)
+
+
+def _number(overrides: dict[str, str], key: str, default: str, minimum: float, whole: bool = False) -> float:
+    """A numeric `ray.*` key, checked before Ray starts."""
+    text = str(overrides.get(key, default))
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum or (whole and not value.is_integer()):
+        kind = "a whole number" if whole else "a number"
+        raise BenchError(f"bad value for '{key}': {text!r}; expected {kind} >= {minimum:g}")
+    return value
 
 
 def _flag(value: Any, key: str) -> bool:

@@ -60,9 +60,11 @@ def initialised_model(method: Any, cfg: DictConfig) -> tuple[nn.Module, dict[str
     return model, initialise_encoder(method, cfg, model, artifact)
 
 
-def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None) -> Path:
+def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None,
+            command: list[str] | None = None) -> Path:
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
-    through to the protocol (per-epoch checkpoints of suite trials)."""
+    through to the protocol (per-epoch checkpoints of suite trials); `command` is the user's command
+    line when this process is not the one the user started (a Ray worker)."""
     from bench.datasets.loading import load_data
     from bench.protocols import protocol
     from bench.registry import create_method
@@ -91,6 +93,8 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
         **{key: result.extra[key] for key in ("probe", "head_init") if key in result.extra},
     }
     env = {**environment(), "started": started, "finished": now()}
+    if command is not None:
+        env["argv"] = list(command)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     model_state = result.model.state_dict() if cfg.save_model and result.model is not None else None
     return write_run(run_dir(cfg), resolved, metrics, result.predictions, env, model_state)

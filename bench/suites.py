@@ -43,8 +43,48 @@ def load_suite(name: str) -> dict[str, Any]:
         raise BenchError(f"suite '{name}': not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(suite, dict) or "runs" not in suite:
         raise BenchError(f"suite '{name}': expected a mapping with 'runs' (a list, or 'all')")
+    _check_fields(suite, name)
     suite["name"] = label
     return suite
+
+
+ENTRY_FIELDS = {"method": str, "regimes": list, "variant": str, "overrides": list}
+
+
+def _check_fields(suite: dict[str, Any], name: str) -> None:
+    """Every field of a suite file has the type the format above gives it, or one line says which."""
+    known = {"description", "seeds", "runs", "train_fractions", "protocols", "explain"}
+    unknown = sorted(set(suite) - known)
+    if unknown:
+        raise BenchError(f"suite '{name}': unknown field '{unknown[0]}'; {choices_hint(unknown[0], sorted(known))}")
+    runs = suite["runs"]
+    if runs != "all" and not isinstance(runs, list):
+        raise BenchError(f"suite '{name}': 'runs' is {type(runs).__name__} {runs!r}; expected a list of entries "
+                         f"or 'all'")
+    for i, entry in enumerate(runs if isinstance(runs, list) else [], start=1):
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise BenchError(f"suite '{name}': entry {i} is {entry!r}; expected a mapping with a method")
+        for key, value in entry.items():
+            if key not in ENTRY_FIELDS:
+                raise BenchError(f"suite '{name}': entry {i} has unknown field '{key}'; "
+                                 f"{choices_hint(str(key), list(ENTRY_FIELDS))}")
+            wanted = ENTRY_FIELDS[key]
+            if not isinstance(value, wanted) or (wanted is list and not all(isinstance(v, str) for v in value)):
+                kind = "a string" if wanted is str else "a list of strings"
+                raise BenchError(f"suite '{name}': entry {i} field '{key}' is {value!r}; expected {kind}")
+    if "seeds" in suite:
+        seeds_count(suite["seeds"], f"suite '{name}' field 'seeds'")
+
+
+def seeds_count(value: Any, where: str = "seeds") -> int:
+    """A number of seeds: a whole number >= 1."""
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1 or str(value).strip() != str(n):
+        raise BenchError(f"bad value for {where}: {value!r}; expected a whole number >= 1")
+    return n
 
 
 def _number_list(value: Any, key: str) -> list[float]:

@@ -37,12 +37,49 @@ def open_store(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[str, An
     if not is_store(path):
         raise BenchError(f"'{path}' is not a crop store (expected store.json and crops.npy; make one with `bench data "
                          f"ingest`)")
-    meta = json.loads((path / "store.json").read_text())
-    crops = np.load(path / "crops.npy", mmap_mode="r")
-    manifest = pd.read_parquet(path / "manifest.parquet")
+    try:
+        meta = json.loads((path / "store.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"crop store '{path}': store.json is unreadable ({exc}); re-ingest the store") from None
+    try:
+        crops = np.load(path / "crops.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # a truncated file cannot be memory-mapped at its header's size
+        raise BenchError(f"crop store '{path}': crops.npy is unreadable or truncated ({exc}); re-ingest the "
+                         f"store") from None
+    try:
+        manifest = pd.read_parquet(path / "manifest.parquet")
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"crop store '{path}': manifest.parquet is unreadable ({type(exc).__name__}); re-ingest "
+                         f"the store") from None
     if len(crops) != len(manifest):
         raise BenchError(f"crop store '{path}' is inconsistent: {len(crops)} crops, {len(manifest)} manifest rows")
+    verify_crops(path, crops, manifest, sample=VERIFY_SAMPLE)
     return crops, manifest, meta
+
+
+VERIFY_SAMPLE = 16
+
+
+def verify_crops(path: Path, crops: np.ndarray, manifest: pd.DataFrame, sample: int | None = None) -> int:
+    """Check crops against the manifest's content checksums: all of them, or `sample` rows (the first,
+    the last and a fixed spread between), which catches reordered or altered crops at open for the
+    cost of reading a few. Returns how many were checked."""
+    from bench.datasets.base import crop_checksum
+
+    if "checksum" not in manifest or not len(manifest):
+        return 0
+    rows = np.arange(len(manifest)) if sample is None else np.unique(
+        np.linspace(0, len(manifest) - 1, num=min(sample, len(manifest))).round().astype(int))
+    for row in rows:
+        expected = manifest["checksum"].iloc[row]
+        if isinstance(expected, str) and expected and crop_checksum(crops[row]) != expected:
+            r = manifest.iloc[row]
+            raise BenchError(f"crop store '{path}': crop {row} ({r.get('patient_id')} {r.get('vertebra')}) does not "
+                             f"match its checksum in manifest.parquet (crops reordered or altered); re-ingest the "
+                             f"store")
+    return len(rows)
 
 
 def open_masks(path: str | Path, n_crops: int) -> np.ndarray | None:

@@ -74,7 +74,12 @@ def read_labels(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise BenchError(f"labels '{path}': no such file")
-    table = pd.read_csv(p, dtype={"patient_id": str, "vertebra": str})
+    try:
+        table = pd.read_csv(p, dtype={"patient_id": str, "vertebra": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BenchError(f"labels '{path}': not a readable CSV ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); expected patient_id, vertebra, "
+                         f"fracture[, grade]") from None
     missing = {"patient_id", "vertebra", "fracture"} - set(table.columns)
     if missing:
         raise BenchError(f"labels '{path}': missing column(s) {', '.join(sorted(missing))}; expected patient_id, "

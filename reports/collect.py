@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,12 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
             metrics = json.loads((folder / "metrics.json").read_text())
             config = yaml.safe_load((folder / "config.yaml").read_text())
             env = json.loads((folder / "env.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise BenchError(f"run '{folder}' is unreadable ({exc})") from None
+            broken = _broken(folder, metrics, config, env)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            broken = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        if broken:  # one broken folder must not take the whole report down
+            print(f"bench report: skipping run '{folder}': {broken}", file=sys.stderr)
+            continue
         test = metrics.get("test", {})
         init = metrics.get("pretraining", {})
         rows.append({
@@ -69,6 +74,19 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
     if not rows:
         raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")
     return pd.DataFrame(rows)
+
+
+def _broken(folder: Path, metrics: Any, config: Any, env: Any) -> str:
+    """Why a run folder cannot enter a report, or "" when it can."""
+    if not isinstance(config, dict) or not {"method", "regime", "seed"} <= set(config):
+        return "config.yaml is empty or lacks method, regime and seed"
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
+        return "metrics.json has no test metrics"
+    if not isinstance(env, dict):
+        return "env.json is not a mapping"
+    if not (folder / "predictions.parquet").is_file():
+        return "predictions.parquet is missing"
+    return ""
 
 
 def load_failures(roots: list[Path]) -> list[dict[str, Any]]:

@@ -51,17 +51,24 @@ def test_user_splits_are_used_and_checked(store, tmp_path):
         load_data(compose({"preset": "tiny", "data": str(store), "splits": str(user)}))
 
 
-def test_labelled_and_unlabelled_crops_of_one_patient_are_refused(store, tmp_path):
+def test_a_labelled_patients_unlabelled_crop_is_never_pretrained_on(store, tmp_path):
+    """Ungraded levels of a graded scan (VerSe) are unlabelled crops of a labelled patient: the store
+    loads, and the vertebrae stage never sees them (that would leak the patient into pretraining)."""
     import shutil
+
+    from bench.datasets.loading import load_unlabelled
 
     copy = tmp_path / "mixed"
     shutil.copytree(store, copy)
     manifest = pd.read_parquet(copy / "manifest.parquet")
-    first = manifest.patient_id[0]
+    first, other = manifest.patient_id[manifest.label >= 0].unique()[:2]
     manifest.loc[manifest.index[manifest.patient_id == first][0], "label"] = -1
+    manifest.loc[manifest.patient_id == other, "label"] = -1  # a patient without labels
     manifest.to_parquet(copy / "manifest.parquet", index=False)
-    with pytest.raises(BenchError, match=f"patient leakage: 1 patient.*'{first}'"):
-        load_data(compose({"preset": "tiny", "data": str(copy)}))
+    cfg = compose({"preset": "tiny", "data": str(copy)})
+    assert first in set(load_data(cfg).table.patient_id)
+    pretraining = load_unlabelled(cfg).table
+    assert set(pretraining.patient_id) == {other}
 
 
 def test_unknown_data_is_one_line(capsys, tmp_path):

@@ -1,0 +1,173 @@
+"""Hostile and careless input on every surface: each is one line naming the file, key or value at
+fault, exit status 2, and nothing written under out=."""
+import gzip
+import shutil
+import struct
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from tests_helpers import SHARED_DATA
+
+TP_CT = SHARED_DATA / "tptbox_sub-ct_label-22_ct.nii.gz"
+TP_MASK = SHARED_DATA / "tptbox_sub-ct_seg-vert_label-22_msk.nii.gz"
+SUITE = "runs:\n  - {method: resnet18, regimes: [scratch]}\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "store"
+    assert main(["data", "synth", "preset=tiny", f"out={path}"]) == 0
+    return path
+
+
+def _copy(store, tmp_path, damage):
+    target = tmp_path / "damaged"
+    shutil.copytree(store, target)
+    damage(target)
+    return target
+
+
+def _truncate(folder):
+    data = (folder / "crops.npy").read_bytes()
+    (folder / "crops.npy").write_bytes(data[: len(data) // 3])
+
+
+def _reorder(folder):
+    crops = np.load(folder / "crops.npy")
+    np.save(folder / "crops.npy", crops[::-1].copy())
+
+
+def _bad_manifest(folder):
+    (folder / "manifest.parquet").write_bytes(b"PAR1 not really a parquet file")
+
+
+def _bad_json(folder):
+    (folder / "store.json").write_text("{oops")
+
+
+def _json_list(folder):
+    (folder / "store.json").write_text("[]")
+
+
+def _huge(tmp_path, gz):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    nib.save(img, str(tmp_path / "small.nii"))
+    raw = bytearray((tmp_path / "small.nii").read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, 1500, 1500, 1500, 1, 1, 1, 1)  # dim: 1500^3, 6.3 GiB of int16
+    path = tmp_path / ("huge.nii.gz" if gz else "huge.nii")
+    path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw[:360]))
+    return path
+
+
+def _suite(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return f"suite={path}"
+
+
+CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the one line)
+    "seeds_zero": (lambda t, s: ["run", _suite(t, SUITE), "seeds=0"], "bad value for 'seeds': '0'"),
+    "seeds_negative": (lambda t, s: ["run", _suite(t, SUITE), "seeds=-1"], "expected a whole number >= 1"),
+    "seeds_text": (lambda t, s: ["run", _suite(t, SUITE), "seeds=many"], "bad value for 'seeds': 'many'"),
+    "ray_cpus_text": (lambda t, s: ["run", _suite(t, SUITE), "ray.cpus_per_trial=abc"],
+                      "bad value for 'ray.cpus_per_trial': 'abc'"),
+    "ray_gpus_negative": (lambda t, s: ["run", _suite(t, SUITE), "ray.gpus_per_trial=-1"],
+                          "bad value for 'ray.gpus_per_trial'"),
+    "ray_concurrent_fraction": (lambda t, s: ["run", _suite(t, SUITE), "ray.max_concurrent=1.5"],
+                                "expected a whole number >= 0"),
+    "resume_word": (lambda t, s: ["run", _suite(t, SUITE), "resume=maybe"], "bad value for 'resume'"),
+    "explain_word": (lambda t, s: ["run", _suite(t, SUITE), "explain=perhaps"], "bad value for 'explain'"),
+    "suite_runs_number": (lambda t, s: ["run", _suite(t, "runs: 5\n")], "'runs' is int 5"),
+    "suite_method_list": (lambda t, s: ["run", _suite(t, "runs:\n  - {method: [a]}\n")],
+                          "entry 1 field 'method' is ['a']; expected a string"),
+    "suite_regimes_string": (lambda t, s: ["run", _suite(t, "runs:\n  - {method: resnet18, regimes: scratch}\n")],
+                             "field 'regimes' is 'scratch'; expected a list of strings"),
+    "suite_overrides_string": (lambda t, s: ["run", _suite(t, "runs:\n  - {method: resnet18, overrides: lr=1}\n")],
+                               "field 'overrides' is 'lr=1'"),
+    "suite_unknown_field": (lambda t, s: ["run", _suite(t, "seed: 3\n" + SUITE)], "unknown field 'seed'"),
+    "suite_entry_unknown_field": (lambda t, s: ["run", _suite(t, "runs:\n  - {method: resnet18, regime: x}\n")],
+                                  "entry 1 has unknown field 'regime'"),
+    "suite_seeds_text": (lambda t, s: ["run", _suite(t, "seeds: abc\n" + SUITE)], "field 'seeds': 'abc'"),
+    "suite_entry_not_mapping": (lambda t, s: ["run", _suite(t, "runs:\n  - resnet18\n")],
+                                "entry 1 is 'resnet18'; expected a mapping"),
+    "nested_key_without_section": (lambda t, s: ["run", "method=video_ct_mae", "pe_cropping=false"],
+                                   "did you mean 'model.pe_cropping'?"),
+    "sub_key_of_a_value": (lambda t, s: ["run", "method=video_ct_mae", "method.pe_cropping=false"],
+                           "'method' (command line) is a single value"),
+    "store_truncated_crops": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _truncate)}"],
+                              "crops.npy is unreadable or truncated"),
+    "store_corrupt_manifest": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _bad_manifest)}"],
+                               "manifest.parquet is unreadable"),
+    "store_corrupt_json": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _bad_json)}"],
+                           "store.json is unreadable"),
+    "store_json_list": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _json_list)}"],
+                        "store.json is unreadable"),
+    "store_reordered_crops": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _reorder)}"],
+                              "does not match its checksum"),
+    "info_verify_reordered": (lambda t, s: ["data", "info", str(_copy(s, t, _reorder)), "--verify"],
+                              "does not match its checksum"),
+    "pretrain_data_missing": (lambda t, s: ["run", "method=mae3d", "regime=vertebrae", f"data={s}",
+                                            f"pretrain_data={t / 'nowhere'}"], "is not a crop store"),
+    "labels_empty": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
+                                   f"labels={_write(t / 'e.csv', b'')}"], "not a readable CSV (EmptyDataError"),
+    "labels_binary": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
+                                    f"labels={_write(t / 'b.csv', bytes(range(200, 256)) * 4)}"],
+                      "not a readable CSV (UnicodeDecodeError"),
+    "huge_header_nii": (lambda t, s: ["data", "ingest", f"ct={_huge(t, False)}", f"mask={TP_MASK}",
+                                      "label_map=verse"], "the header declares (1500, 1500, 1500) voxels"),
+    "huge_header_nii_gz": (lambda t, s: ["data", "ingest", f"ct={_huge(t, True)}", f"mask={TP_MASK}",
+                                         "label_map=verse"], "the header declares (1500, 1500, 1500) voxels"),
+    "grades_without_verse": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
+                                           f"grades={t / 'g.xlsx'}"], "it needs verse=FOLDER"),
+    "masks_without_rsna": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
+                                         f"masks={t}"], "it needs rsna=FOLDER"),
+    "verse_empty_folder": (lambda t, s: ["data", "ingest", f"verse={t}"], "expected the folders rawdata/"),
+    "rsna_empty_folder": (lambda t, s: ["data", "ingest", f"rsna={t}"], "expected the folder train_images/"),
+    "out_cannot_exist": (lambda t, s: ["run", "method=resnet18", "epochs=1", "out=/proc/vertebench-out"],
+                         "cannot read or write '/proc/vertebench-out'"),
+}
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_input_is_one_line_exit_2_and_writes_nothing(case, store, tmp_path, capsys):
+    build, expected = CASES[case]
+    args = build(tmp_path, store)
+    out = tmp_path / "out"
+    if not any(a.startswith("out=") for a in args) and args[:2] != ["data", "info"]:
+        args.append(f"out={out}")
+    if args[0] == "run":
+        args += ["preset=tiny", f"cache_dir={tmp_path / 'cache'}"] if not args[1].startswith("suite=") else \
+            ["preset=tiny"]
+    if args[:2] == ["data", "ingest"]:
+        args += ["progress=false", "workers=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench: error: ") and expected in err[0], err
+    assert not out.exists()
+
+
+def test_report_skips_a_broken_run_folder_with_a_warning(store, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        assert main(["run", "method=_test_tiny_cnn", "preset=tiny", "epochs=1", f"seed={seed}", f"data={store}",
+                     f"out={runs}", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    first, second = sorted((runs / "single").iterdir())
+    (first / "predictions.parquet").unlink()
+    (second / "config.yaml").write_text("")
+    assert main(["report", str(runs), f"out={tmp_path / 'report'}", "bootstrap=10"]) == 2  # nothing left to show
+    err = capsys.readouterr().err
+    assert f"skipping run '{first}': predictions.parquet is missing" in err
+    assert f"skipping run '{second}': config.yaml is empty" in err
+    assert main(["run", "method=_test_tiny_cnn", "preset=tiny", "epochs=1", "seed=5", f"data={store}",
+                 f"out={runs}", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    assert main(["report", str(runs), f"out={tmp_path / 'report'}", "bootstrap=10"]) == 0
+    assert pd.read_parquet(tmp_path / "report" / "cells.parquet")["seeds"].tolist() == [1]
