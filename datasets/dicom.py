@@ -90,8 +90,8 @@ def load_dicom_series(folder: str | Path, what: str = "CT") -> tuple[np.ndarray,
     step = _regular_step(positions, normal, folder, what)
     rows, columns = int(slices[0][1].Rows), int(slices[0][1].Columns)
     row_gap, column_gap = _floats(slices[0][1], "PixelSpacing", slices[0][0], 2)
-    volume, whole = [], True
-    for path, ds in slices:
+    volume, whole = np.empty((columns, rows, len(slices)), np.float32), True  # filled slice by slice
+    for k, (path, ds) in enumerate(slices):
         if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
             raise BenchError(f"{what} '{path}': {ds.Rows}x{ds.Columns} pixels; the series' first slice has "
                              f"{rows}x{columns}")
@@ -103,10 +103,10 @@ def load_dicom_series(folder: str | Path, what: str = "CT") -> tuple[np.ndarray,
             raise BenchError(f"{what} '{path}': pixel data not readable ({type(exc).__name__}: {exc})") from None
         slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
         whole &= slope.is_integer() and intercept.is_integer()
-        volume.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    array = np.stack(volume, axis=-1).transpose(1, 0, 2)  # (row, column, slice) -> (column, row, slice)
-    if whole and array.min() >= -32768 and array.max() <= 32767:
-        array = array.astype(np.int16)
+        volume[:, :, k] = pixels.T * np.float32(slope) + np.float32(intercept)  # (row, column) -> (column, row)
+    array = volume
+    if whole and volume.min() >= -32768 and volume.max() <= 32767:
+        array = volume.astype(np.int16)
     affine = np.eye(4)
     affine[:3, 0] = along_row * column_gap
     affine[:3, 1] = along_column * row_gap

@@ -180,7 +180,7 @@ def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int,
 
 def case_digest(case: Case) -> str:
     """A digest of a case's input bytes (CT file or DICOM folder, mask, centroids) and identity."""
-    h = hashlib.blake2b(f"{case.patient_id}|{case.series}".encode(), digest_size=16)
+    h = hashlib.blake2b(f"{case.patient_id}|{case.series}|{case.label_map}".encode(), digest_size=16)
     for given in (case.ct, case.mask, case.centroids):
         path = Path(given) if given else None
         files = sorted(p for p in path.iterdir() if p.is_file()) if path and path.is_dir() else [path]
