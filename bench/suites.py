@@ -2,7 +2,7 @@
 
     description: ...
     seeds: 3                      # default number of seeds (seeds=N overrides)
-    runs: all                     # every registered method x every regime it supports
+    runs: all                     # every registered method x every regime it runs without weights.public
     runs:                         # or explicit entries
       - {method: NAME, regimes: [..], variant: NAME, overrides: [key=value, ...]}
     train_fractions: [0.1, 1.0]   # optional: every run at each share of the training patients
@@ -118,8 +118,8 @@ def expand(suite: dict[str, Any], seeds: int, methods: str = "", train_fractions
     from bench.registry import get_method, list_methods
 
     if suite["runs"] == "all":
-        entries = [{"method": m, "regimes": list(get_method(m).regimes)} for m in list_methods()
-                   if not m.startswith("_")]
+        entries = [{"method": m, "regimes": [r for r in get_method(m).regimes if get_method(m).runs_without_a_file(r)]}
+                   for m in list_methods() if not m.startswith("_")]
     else:
         entries = suite["runs"]
     if methods:

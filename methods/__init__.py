@@ -9,4 +9,5 @@ from bench.methods import (  # noqa: F401
     video_mae,
     vit,
     vit_unetr,
+    voco,
 )

@@ -127,6 +127,14 @@ class Method:
         "slices" (bench.datasets.pretext); None: the method has no pretext task."""
         return None
 
+    @classmethod
+    def runs_without_a_file(cls, regime: str) -> bool:
+        """Whether `regime` runs without `weights.public`: it pretrains nothing, or the method has a
+        pretext task to build its stages with (suites with `runs: all` run only these)."""
+        from bench.regimes import stages
+
+        return not stages(regime) or cls.pretext_data is not Method.pretext_data
+
     @property
     def has_pretext(self) -> bool:
         return self.pretext_data("vertebrae") is not None or self.pretext_data("public") is not None

@@ -8,24 +8,11 @@ import torch
 from monai.networks.nets import MaskedAutoEncoderViT, ViTAutoEnc
 from monai.networks.nets.swin_unetr import SwinTransformer
 
-from bench.config import compose
 from bench.errors import BenchError
-from bench.registry import create_method, get_method
 from bench.weights import fetch, read_checkpoint, resize_pos_embed_3d, sha256_of
-from tests_helpers import encoder_init
+from tests_helpers import encoder_init, randomised, setup_public
 
-
-def _setup(name, path, preset="tiny", **extra):
-    overrides = {"preset": preset, "method": name, "regime": "public", "weights.public": str(path), **extra}
-    cfg = compose(overrides, get_method(name))
-    method = create_method(name, cfg)
-    model = method.build_model()
-    return method, cfg, model
-
-
-def _randomised(state):
-    g = torch.Generator().manual_seed(0)
-    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()) for k, v in state.items()}
+_setup, _randomised = setup_public, randomised
 
 
 def test_genesis_chest_ct_layout(tmp_path):

@@ -150,3 +150,23 @@ def write_verse_grades(path: Path) -> Path:
     table = pd.DataFrame(rows)
     table.to_excel(path, index=False) if path.suffix == ".xlsx" else table.to_csv(path, index=False)
     return path
+
+
+def setup_public(name: str, path, preset: str = "tiny", **extra):
+    """(method, cfg, model) of a `public` run of `name` whose weights.public is the file at `path`."""
+    from bench.config import compose
+    from bench.registry import create_method, get_method
+
+    overrides = {"preset": preset, "method": name, "regime": "public", "weights.public": str(path), **extra}
+    cfg = compose(overrides, get_method(name))
+    method = create_method(name, cfg)
+    return method, cfg, method.build_model()
+
+
+def randomised(state):
+    """The same keys and shapes with seeded random values (integer buffers kept), so a load can be
+    checked tensor by tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()) for k, v in state.items()}
