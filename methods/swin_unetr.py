@@ -48,10 +48,10 @@ SWINVIT_WEIGHTS = WeightsSpec(
 )
 
 
-def make_swin(p) -> SwinTransformer:
+def make_swin(p, use_v2: bool = False) -> SwinTransformer:
     return SwinTransformer(in_chans=1, embed_dim=p.feature_size, window_size=(p.window_size,) * 3,
                            patch_size=(2, 2, 2), depths=tuple(p.depths), num_heads=tuple(p.num_heads),
-                           spatial_dims=3, use_v2=False)
+                           spatial_dims=3, use_v2=use_v2)
 
 
 class SwinEncoder(nn.Module):
@@ -117,8 +117,33 @@ class SwinParams:
     num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
 
 
+class SwinClassifier(Method):
+    """What every MONAI-Swin-encoder method shares: the encoder with a pooled linear head, the
+    module that receives pretrained weights, Grad-CAM's layer and the layer-decay groups."""
+
+    use_v2: bool = False
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        if self.cfg.crop_size % 32:
+            from bench.errors import BenchError
+
+            raise BenchError(f"{self.name} needs crop_size divisible by 32, got {self.cfg.crop_size}")
+        return SwinEncoder(make_swin(self.params, self.use_v2)), 16 * self.params.feature_size
+
+    def finetune_encoder(self, model: nn.Module) -> nn.Module:
+        return model.encoder.swin
+
+    def cam_layer(self, model: nn.Module) -> str:
+        """Window attention has no global map: Grad-CAM on the last stage's 5D output."""
+        return "encoder.swin.layers4"
+
+    def layer_groups(self) -> dict:
+        """Patch embedding, then the four stages (each with its patch merging, and v2's residual block)."""
+        return {"stem": r"^encoder\.swin\.patch_embed", "blocks": r"^encoder\.swin\.layers(\d)"}
+
+
 @register_method("swin_unetr")
-class SwinUNETR(Method):
+class SwinUNETR(SwinClassifier):
     description = "MONAI Swin encoder SSL (rotation + contrastive + inpainting) (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = SwinParams
@@ -132,26 +157,8 @@ class SwinUNETR(Method):
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
 
-    def build_encoder(self) -> tuple[nn.Module, int]:
-        if self.cfg.crop_size % 32:
-            from bench.errors import BenchError
-
-            raise BenchError(f"swin_unetr needs crop_size divisible by 32, got {self.cfg.crop_size}")
-        return SwinEncoder(make_swin(self.params)), 16 * self.params.feature_size
-
     def pretext_data(self, stage: str) -> str:
         return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         return SwinSSL(make_swin(self.params), self.params.feature_size)
-
-    def finetune_encoder(self, model: nn.Module) -> nn.Module:
-        return model.encoder.swin
-
-    def cam_layer(self, model: nn.Module) -> str:
-        """Window attention has no global map: Grad-CAM on the last stage's 5D output."""
-        return "encoder.swin.layers4"
-
-    def layer_groups(self) -> dict:
-        """Patch embedding, then the four stages (each with its patch merging)."""
-        return {"stem": r"^encoder\.swin\.patch_embed", "blocks": r"^encoder\.swin\.layers(\d)"}

@@ -17,15 +17,10 @@ VoCo's own pretext (base-crop contrast) is not implemented, so the regimes are `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
-from bench.methods.base import Method
-from bench.methods.swin_unetr import SwinEncoder
-from bench.methods.vit import TRANSFORMER_FINETUNE
+from bench.methods.swin_unetr import SwinClassifier, SwinParams, SwinUNETR
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -53,45 +48,11 @@ VOCO_WEIGHTS = WeightsSpec(
 )
 
 
-@dataclass
-class VoCoParams:
-    feature_size: int = 48  # 48 (VoCo-B), 96 (L), 192 (H)
-    window_size: int = 7
-    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-
-
-def make_swin_v2(p) -> SwinTransformer:
-    return SwinTransformer(in_chans=1, embed_dim=p.feature_size, window_size=(p.window_size,) * 3,
-                           patch_size=(2, 2, 2), depths=tuple(p.depths), num_heads=tuple(p.num_heads),
-                           spatial_dims=3, use_v2=True)
-
-
 @register_method("voco")
-class VoCo(Method):
+class VoCo(SwinClassifier):
     description = "VoCo volume-contrast Swin UNETR v2 encoder (public checkpoints B/L/H)"
     regimes = ("scratch", "public")
-    Params = VoCoParams
+    Params = SwinParams  # feature size 48 (VoCo-B), 96 (L), 192 (H); window 7, depths 2-2-2-2, heads 3-6-12-24
     public_weights = VOCO_WEIGHTS
-    presets = {  # as swin_unetr: crops divisible by 32, 12 channels per head on the CPU presets
-        "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
-        "small": {**TRANSFORMER_FINETUNE, "crop_size": 32, "amp": True,
-                  "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
-    }
-
-    def build_encoder(self) -> tuple[nn.Module, int]:
-        if self.cfg.crop_size % 32:
-            from bench.errors import BenchError
-
-            raise BenchError(f"voco needs crop_size divisible by 32, got {self.cfg.crop_size}")
-        return SwinEncoder(make_swin_v2(self.params)), 16 * self.params.feature_size
-
-    def finetune_encoder(self, model: nn.Module) -> nn.Module:
-        return model.encoder.swin
-
-    def cam_layer(self, model: nn.Module) -> str:
-        return "encoder.swin.layers4"
-
-    def layer_groups(self) -> dict:
-        """Patch embedding, then the four stages (each with its v2 residual block and merging)."""
-        return {"stem": r"^encoder\.swin\.patch_embed", "blocks": r"^encoder\.swin\.layers(\d)"}
+    presets = SwinUNETR.presets  # the CPU presets' sizes and recipe are swin_unetr's
+    use_v2 = True
