@@ -180,7 +180,8 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
         (staging / f".{STATE_FILE}.tmp").replace(staging / STATE_FILE)
 
     result = loop.run(on_epoch=keep, resume=_resume_state(staging))
-    save_file({k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()},
+    # cloned: safetensors refuses keys that alias one tensor (nnU-Net blocks name a conv twice)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in loop.model.state_dict().items()},
               str(staging / "pretext.safetensors"))
     record = {"spec": spec, "source": stage, "init": init, "curve": result.history, "steps": result.steps,
               "train_s": result.train_s, "s_per_epoch": result.train_s / max(p.epochs - result.first_epoch, 1),

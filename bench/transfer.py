@@ -34,8 +34,13 @@ def public_file(method: Any, cfg: DictConfig) -> tuple[Path, str]:
 def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
     """The encoder tensors of the real public file, in the layout of `target`."""
     path, digest = public_file(method, cfg)
-    raw = unwrap_state_dict(read_checkpoint(path))
-    state = method.transfer(method.public_weights.convert(raw, target), target)
+    spec = method.public_weights
+    try:
+        raw = (spec.unwrap or unwrap_state_dict)(read_checkpoint(path))
+    except BenchError as exc:
+        message = str(exc)
+        raise BenchError(message if message.startswith("weights '") else f"weights '{path}': {message}") from None
+    state = method.transfer(spec.convert(raw, target), target)
     return state, f"{path} (sha256 {digest[:12]})"
 
 

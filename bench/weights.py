@@ -37,6 +37,9 @@ class WeightsSpec:
     sha256: str  # "" when the publisher gives none; then the file's hash is recorded, not checked
     layout: str  # a short description, for reports
     convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+    # the checkpoint's contents -> its tensor dict; containers that say where the encoder is (an
+    # adaptation plan) read it here, before the tensors are separated from it
+    unwrap: Callable[[Any], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass

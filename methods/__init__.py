@@ -1,9 +1,12 @@
 """Built-in methods. Importing this package registers them (one module per method family)."""
 from bench.methods import (  # noqa: F401
     cnn,
+    ctfm,
     mae3d,
     models_genesis,
+    openmind,
     supcon,
+    suprem,
     swin_unetr,
     video_cnn,
     video_mae,
