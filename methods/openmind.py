@@ -178,10 +178,11 @@ class OpenMindResEncL(Method):
         from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
         kwargs = resenc_kwargs(self.params)
-        if self.cfg.crop_size % 2 ** (kwargs["n_stages"] - 1) or self.cfg.crop_size < 2 ** kwargs["n_stages"]:
-            raise BenchError(f"{self.name}: crop_size {self.cfg.crop_size} must be a multiple of "
-                             f"{2 ** (kwargs['n_stages'] - 1)} and leave at least 2 voxels after "
-                             f"{kwargs['n_stages'] - 1} downsamplings (model.features_per_stage has {kwargs['n_stages']} stages)")
+        n = kwargs["n_stages"]
+        if self.cfg.crop_size % 2 ** (n - 1) or self.cfg.crop_size < 2**n:
+            raise BenchError(f"{self.name}: crop_size {self.cfg.crop_size} must be a multiple of {2 ** (n - 1)} and "
+                             f"leave at least 2 voxels after {n - 1} downsamplings (model.features_per_stage has "
+                             f"{n} stages)")
         return ResEncPooled(ResidualEncoder(**kwargs)), self.params.features_per_stage[-1]
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:

@@ -114,8 +114,8 @@ def test_wrong_family_and_plainer_files_are_one_line(tmp_path):
     with pytest.raises(BenchError, match="not an nnssl checkpoint"):
         encoder_init(method, cfg, model)
     # through the CLI: one line, exit 2, nothing written
-    out = run_cli("run", "method=openmind_primusm", "regime=public", "preset=tiny", f"weights.public={tmp_path}/bare.pth",
-                  f"out={tmp_path}/runs")
+    out = run_cli("run", "method=openmind_primusm", "regime=public", "preset=tiny",
+                  f"weights.public={tmp_path}/bare.pth", f"out={tmp_path}/runs")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "not an nnssl checkpoint" in out.stderr and not (tmp_path / "runs").exists()
 

@@ -1,0 +1,128 @@
+"""SuPreM (Li et al., "How well do supervised 3D models transfer to medical imaging tasks?", ICLR
+2024; AbdomenAtlas): supervised segmentation pretraining of 3D backbones on 9,262 annotated CTs:
+`suprem` (the Swin UNETR backbone) and `suprem_unet` (the U-Net backbone).
+
+Networks: the Swin UNETR encoder is MONAI's `SwinTransformer` (feature size 48, the same network
+as `swin_unetr`); the U-Net is the Models Genesis UNet3D (`down_tr64` .. `down_tr512`, conv +
+BatchNorm `bn1`), whose encoder `models_genesis` builds with the same key names. Finetuning pools
+the last stage globally into a linear head.
+
+Checkpoints, confirmed in MrGiovanni/SuPreM (commit 76e1a64; `supervised_pretraining/train.py`
+saves them, `target_applications/totalsegmentator/train.py` loads them):
+- `supervised_suprem_{swinunetr,unet}_2100.pth`: `{'net': state, 'optimizer', 'scheduler',
+  'epoch'}` with the state of the whole universal model under DataParallel, keys
+  `module.backbone.<backbone key>` (`*_backbone.pth` saves the backbone's own keys); the text and
+  controller branches are dropped here.
+- `self_supervised_nv_swin_unetr_50000.pth` (the MONAI self-supervised Swin weights SuPreM compares
+  with): `{'model': state}` with `encoder.patch_embed.*` and `encoder.layers<k>.0.0.*` for MONAI's
+  `swinViT.layers<k>.0.*`; `encoder.mask_token`, `encoder.norm.*` and `out.*` are not encoder keys.
+Every tensor of the encoder must come from the file (bench.weights.load_into).
+
+Preprocessing as SuPreM's: RAS orientation (the harness's own), intensities windowed to
+[-175, 250] HU then scaled to [0, 1] (`model.hu_window`); voxels of 1.5 mm in pretraining.
+Supervised pretraining is not reproduced here, so the regimes are `scratch` and `public`, the
+latter with `weights.public=PATH`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bench.methods.base import Method
+from bench.methods.inputs import HUWindow, hu_window
+from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, _c
+from bench.methods.swin_unetr import SwinClassifier, SwinEncoder, SwinParams, SwinUNETR, make_swin
+from bench.registry import register_method
+from bench.weights import WeightsSpec
+
+SSL_STAGE = re.compile(r"^encoder\.(layers\d+)\.0\.0\.")
+
+
+def convert_suprem(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Either SuPreM layout (`module.` already stripped) -> the backbone encoder's own keys."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("backbone.")
+        if key.startswith("swinViT."):
+            out[key[len("swinViT."):]] = value
+        elif SSL_STAGE.match(key):
+            out[SSL_STAGE.sub(r"\1.0.", key)] = value
+        elif key.startswith("encoder.patch_embed."):
+            out[key[len("encoder."):]] = value
+        elif key.startswith(ENCODER_BLOCKS):
+            out[key] = value
+    return out
+
+
+SUPREM_LAYOUT = ("{'net': {'module.backbone.swinViT.*' (Swin UNETR) | 'module.backbone.down_tr{64,128,256,512}.*' "
+                 "(U-Net), 'module.backbone.encoder*/decoder*', 'module.organ_embedding', 'module.controller.*', ...}, "
+                 "'optimizer', 'scheduler', 'epoch'} or {'model': {'encoder.patch_embed.*', "
+                 "'encoder.layers{1-4}.0.0.*', 'encoder.norm.*', 'encoder.mask_token', 'out.*'}}")
+
+
+@dataclass
+class SuPreMSwinParams(SwinParams):
+    hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+
+
+class Windowed(nn.Module):
+    """The checkpoint's intensity window in front of an encoder."""
+
+    def __init__(self, window: HUWindow, encoder: nn.Module) -> None:
+        super().__init__()
+        self.window = window
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.window(x))
+
+
+@register_method("suprem")
+class SuPreM(SwinClassifier):
+    description = "SuPreM supervised Swin UNETR backbone, AbdomenAtlas (Li et al., ICLR 2024)"
+    regimes = ("scratch", "public")
+    Params = SuPreMSwinParams
+    presets = SwinUNETR.presets  # the CPU presets' sizes and recipe are swin_unetr's
+    public_weights = WeightsSpec(filename="supervised_suprem_swinunetr_2100.pth", url="", sha256="",
+                                 layout=SUPREM_LAYOUT, convert=convert_suprem)
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        _, features = super().build_encoder()  # checks the crop size
+        encoder = SwinEncoder(make_swin(self.params))
+        return Windowed(hu_window(self.params.hu_window), encoder), features
+
+    def finetune_encoder(self, model: nn.Module) -> nn.Module:
+        return model.encoder.encoder.swin
+
+    def cam_layer(self, model: nn.Module) -> str:
+        return "encoder.encoder.swin.layers4"
+
+    def layer_groups(self) -> dict:
+        return {"stem": r"^encoder\.encoder\.swin\.patch_embed", "blocks": r"^encoder\.encoder\.swin\.layers(\d)"}
+
+
+@dataclass
+class SuPreMUNetParams:
+    width: float = 1.0  # the public weights need 1.0; the CPU presets narrow every channel count
+    hu_window: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+
+
+@register_method("suprem_unet")
+class SuPreMUNet(Method):
+    description = "SuPreM supervised U-Net (UNet3D) backbone, AbdomenAtlas (Li et al., ICLR 2024)"
+    regimes = ("scratch", "public")
+    Params = SuPreMUNetParams
+    channels_last = True
+    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"amp": True, "model": {"width": 0.125}}}
+    public_weights = WeightsSpec(filename="supervised_suprem_unet_2100.pth", url="", sha256="",
+                                 layout=SUPREM_LAYOUT, convert=convert_suprem)
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        encoder = GenesisEncoder(self.params.width)
+        return Windowed(hu_window(self.params.hu_window), GenesisEncoderPooled(encoder)), _c(512, self.params.width)
+
+    def finetune_encoder(self, model: nn.Module) -> nn.Module:
+        return model.encoder.encoder.encoder

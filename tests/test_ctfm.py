@@ -1,0 +1,75 @@
+"""CT-FM: the Hub safetensors file (the encoder's own keys) and the Lightning checkpoint (`backbone.`
+under `state_dict`) load every encoder tensor by value; the input is CT-FM's (SPL, [-1024, 2048] HU);
+another network's file is one line."""
+import pytest
+import torch
+from monai.networks.nets.segresnet_ds import SegResEncoder
+from safetensors.torch import save_file
+
+from bench.errors import BenchError
+from bench.methods.ctfm import CTFMEncoder, CTFMParams
+from tests_helpers import encoder_init, randomised, run_cli, setup_public
+
+
+def _encoder_state(**kwargs):
+    net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=32, blocks_down=(1, 2, 2, 4, 4), **kwargs)
+    return randomised(net.state_dict())
+
+
+def _check(method, model, known):
+    loaded = method.finetune_encoder(model).state_dict()
+    assert set(known) == set(loaded)
+    for key, value in known.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+def test_hub_safetensors_file_loads_every_encoder_tensor(tmp_path):
+    known = _encoder_state()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in known.items()}, str(path))
+    method, cfg, model = setup_public("ctfm", path, preset="paper")
+    report = encoder_init(method, cfg, model)["load_report"]
+    assert report["matched"] == len(known) and not report["missing"]
+    _check(method, model, known)
+
+
+def test_lightning_checkpoint_with_backbone_prefix_loads(tmp_path):
+    known = _encoder_state()
+    path = tmp_path / "epoch=449-step=225000-v1-no-norm.ckpt"
+    head = {"criterion.projection.0.weight": torch.randn(128, 512)}  # SimCLR's projection head: not the encoder
+    torch.save({"epoch": 449, "global_step": 225000,
+                "state_dict": {**{f"backbone.{k}": v for k, v in known.items()}, **head}}, path)
+    method, cfg, model = setup_public("ctfm", path, preset="paper")
+    encoder_init(method, cfg, model)
+    _check(method, model, known)
+
+
+def test_a_file_of_another_network_is_one_line(tmp_path):
+    instance_norm = _encoder_state(norm="instance")  # no running statistics: keys missing
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in instance_norm.items()}, str(path))
+    method, cfg, model = setup_public("ctfm", path, preset="paper")
+    with pytest.raises(BenchError, match="encoder tensors matched by name and shape; not matched: .*running_mean"):
+        encoder_init(method, cfg, model)
+
+
+def test_input_is_spl_in_ctfms_window():
+    encoder = CTFMEncoder(CTFMParams(init_filters=4, blocks_down=[1]))
+    x = torch.zeros(1, 1, 2, 3, 4)
+    x[0, 0, 1, 0, 0] = 1.0  # the voxel at the patient's right (x=1), posterior (y=0), inferior (z=0): +1000 HU
+    seen = encoder.orient(encoder.window(x))
+    assert seen.shape == (1, 1, 4, 3, 2)  # axes S, P, L
+    # axis 0 increases towards superior (z = 0 stays 0), axis 1 towards posterior (y = 0 -> 2), axis 2
+    # towards the left (x = 1, the right side -> 0)
+    assert seen[0, 0, 0, 2, 0] == pytest.approx((1000 + 1024) / 3072)
+    assert seen[0, 0, 1, 1, 1] == pytest.approx((-1000 + 1024) / 3072)
+
+
+@pytest.mark.e2e
+def test_public_regime_through_the_cli_at_tiny(tmp_path):
+    net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=4, blocks_down=(1, 1, 1, 1))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in randomised(net.state_dict()).items()}, str(path))
+    out = run_cli("run", "method=ctfm", "regime=public", "preset=tiny", "epochs=1", f"weights.public={path}",
+                  f"out={tmp_path}/runs")
+    assert out.returncode == 0, out.stderr
