@@ -17,19 +17,28 @@ Every encoder tensor must come from the file (bench.weights.load_into).
 
 Preprocessing as CT-FM's: orientation SPL (the harness's RAS crops permuted and flipped), intensities
 windowed to [-1024, 2048] HU and scaled to [0, 1] (`model.hu_window`); the harness's crops stop at
-1000 HU, so brighter bone stays at that value. CT-FM's SimCLR pretext is not reproduced here, so
-the regimes are `scratch` and `public`, the latter with `weights.public=PATH`.
+1000 HU, so brighter bone stays at that value.
+
+Pretext (`public_to_vertebrae`, and the embedded `public` stand-in on the body-CT corpus): CT-FM's
+intra-sample SimCLR (`experiments/fm/frameworks/intrasample_simclr.yaml`, `loss/
+intrasample_ntxent_loss.py`): `model.pretext_crops` random sub-volumes of each scan (15 there; half
+the crop's edge here), two random resized views of each (scale 0.33-1, a random flip), a projection
+head, and an NT-Xent loss (temperature 0.1) whose negatives are the *other crops of the same scan*.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
 
+from bench.errors import BenchError
+from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.methods.inputs import Reorient, hu_window
+from bench.methods.models_genesis import random_cube
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -52,6 +61,8 @@ class CTFMParams:
     blocks_down: list[int] = field(default_factory=lambda: [1, 2, 2, 4, 4])
     hu_window: list[float] = field(default_factory=lambda: [-1024.0, 2048.0])
     orientation: str = "SPL"
+    pretext_crops: int = 15  # sub-volumes per scan in the intra-sample contrast
+    temperature: float = 0.1
 
 
 class CTFMEncoder(nn.Module):
@@ -66,15 +77,48 @@ class CTFMEncoder(nn.Module):
         return self.net(self.orient(self.window(x)))[-1].mean(dim=(2, 3, 4))
 
 
+def intra_sample_nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, K, D) projections of two views of K crops per scan: for each crop, its other view is the
+    positive and both views of the scan's other K-1 crops are the negatives (CT-FM's loss, batched)."""
+    z0, z1 = F.normalize(z0.float(), dim=-1), F.normalize(z1.float(), dim=-1)
+    k = z0.shape[1]
+    own = torch.eye(k, dtype=torch.bool, device=z0.device)
+    positive = (z0 * z1).sum(-1, keepdim=True)
+    negatives = torch.cat([(z0 @ z0.transpose(1, 2)).masked_fill(own, float("-inf")),
+                           (z0 @ z1.transpose(1, 2)).masked_fill(own, float("-inf"))], dim=-1)
+    logits = torch.cat([positive, negatives], dim=-1) / temperature
+    return F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * k, dtype=torch.long,
+                                                              device=logits.device))
+
+
+class IntraSampleSimCLR(nn.Module):
+    def __init__(self, encoder: CTFMEncoder, features: int, crops: int, temperature: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, 128))
+        self.crops, self.temperature = crops, temperature
+        self.views = TwoViews(min_scale=0.33)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, edge = x.shape[0], x.shape[-1] // 2
+        regions = torch.stack([random_cube(s, edge) for s in x for _ in range(self.crops)])  # (B*K, 1, e, e, e)
+        v0, v1 = self.views(regions)
+        z0, z1 = (self.projector(self.encoder(v)).view(b, self.crops, -1) for v in (v0, v1))
+        return {"loss": intra_sample_nt_xent(z0, z1, self.temperature)}
+
+
 @register_method("ctfm")
 class CTFM(Method):
     description = "CT-FM SegResNetDS encoder, intra-sample SimCLR on 148k CTs (Pai et al., 2025)"
-    regimes = ("scratch", "public")
+    regimes = ("scratch", "public", "public_to_vertebrae")
     Params = CTFMParams
     channels_last = True
+    # SegResEncoder's first level runs at the crop's full resolution: the CPU preset takes 32^3 crops
+    # (3 mm voxels over 96 mm), as swin_unetr's does
     presets = {
-        "tiny": {"model": {"init_filters": 4, "blocks_down": [1, 1, 1, 1]}},
-        "small": {"amp": True, "model": {"init_filters": 8, "blocks_down": [1, 2, 2, 2]}},
+        "tiny": {"model": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "pretext_crops": 3}},
+        "small": {"amp": True, "crop_size": 32,
+                  "model": {"init_filters": 8, "blocks_down": [1, 2, 2, 2], "pretext_crops": 4}},
     }
     public_weights = WeightsSpec(
         filename="model.safetensors (project-lighter/ct_fm_feature_extractor)", url="", sha256="",
@@ -92,3 +136,17 @@ class CTFM(Method):
 
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.net\.conv_init", "blocks": r"^encoder\.net\.layers\.(\d+)"}
+
+    def pretext_data(self, stage: str) -> str:
+        return "volume"
+
+    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
+        p = self.params
+        if p.pretext_crops < 2:
+            raise BenchError(f"bad value for 'model.pretext_crops': {p.pretext_crops}; expected >= 2 (the other "
+                             f"crops of a scan are the negatives)")
+        encoder, features = self.build_encoder()
+        return IntraSampleSimCLR(encoder, features, p.pretext_crops, p.temperature)
+
+    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
+        return pretext.encoder.net

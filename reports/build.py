@@ -30,6 +30,8 @@ from bench.reports.stats import (
 from bench.store import write_text_atomic
 
 TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "video_ct_mae")
+# today's public 3D CT checkpoints, shown beside Table 3 under the same protocol
+TODAY = ("openmind_resencl", "openmind_primusm", "voco", "suprem", "suprem_unet", "ctfm")
 TABLE4 = ("densenet121", "densenet169", "resnet18", "resnet50", "vit_b", "vit_l", "engstler")
 TABLE2 = ("no_video_pretraining", "no_vertebra_pretraining", "no_multi_view", "no_pe_cropping",
           "no_format_adaptation", "no_vertebra_pretraining_no_pe_cropping", "full")
@@ -161,13 +163,17 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
                                set(table[table.method == m].regime), key=order)]
     add("Table 3: pretraining regimes", "Each method from scratch, with public weights, and adapted to vertebrae.",
         t3_keys, "pretraining", lambda r, v: r)
+    today_keys = [(m, r, "") for m in TODAY
+                  for r in sorted(set(table[table.method == m].regime) | {k[1] for k in failed if k[0] == m}, key=order)]
+    add("Today's checkpoints", "The public 3D CT checkpoints of 2024-2025 (OpenMind/nnssl, VoCo, SuPreM, CT-FM), "
+        "each from scratch and from its own pretraining, beside Table 3.", today_keys, "pretraining", lambda r, v: r)
     t4_keys = [(m, "scratch", "") for m in TABLE4] + [("video_ct_mae", "public_to_vertebrae", "full")]
     add("Table 4: baselines", "Trained from scratch, against Video-CT MAE (public_to_vertebrae).",
         t4_keys, "pretraining", lambda r, v: r)
     t2_keys = [("video_ct_mae", "public_to_vertebrae", v) for v in TABLE2]
     add("Table 2: Video-CT MAE ablations", "Each row removes one component of the full method (public_to_vertebrae).",
         t2_keys, "variant", lambda r, v: v)
-    shown = set(t3_keys) | set(t4_keys) | set(t2_keys)
+    shown = set(t3_keys) | set(today_keys) | set(t4_keys) | set(t2_keys)
     other = sorted({k for k in [*zip(table.method, table.regime, table.variant), *failed] if k not in shown},
                    key=lambda k: (k[0], order(k[1]), k[2]))
     if other:

@@ -66,10 +66,39 @@ def test_input_is_spl_in_ctfms_window():
 
 
 @pytest.mark.e2e
-def test_public_regime_through_the_cli_at_tiny(tmp_path):
+def test_public_regime_through_the_cli_at_tiny_and_in_the_report(tmp_path):
     net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=4, blocks_down=(1, 1, 1, 1))
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in randomised(net.state_dict()).items()}, str(path))
     out = run_cli("run", "method=ctfm", "regime=public", "preset=tiny", "epochs=1", f"weights.public={path}",
                   f"out={tmp_path}/runs")
     assert out.returncode == 0, out.stderr
+    out = run_cli("report", f"{tmp_path}/runs", f"out={tmp_path}/report", "bootstrap=20")
+    assert out.returncode == 0, out.stderr
+    html = (tmp_path / "report" / "index.html").read_text()
+    today = html[html.index("Today&#39;s checkpoints"):]
+    assert "ctfm" in today[:today.index("</table>")] and "Other runs" not in html
+
+
+def test_intra_sample_loss_equals_ctfms_loop():
+    """The batched loss against CT-FM's per-sample, per-crop loop (IntraSampleNTXEntLoss, permute=True)."""
+    import torch.nn.functional as F
+
+    from bench.methods.ctfm import intra_sample_nt_xent
+
+    torch.manual_seed(0)
+    b, k, t = 3, 4, 0.1
+    z0, z1 = torch.randn(b, k, 8), torch.randn(b, k, 8)
+    a, c = F.normalize(z0, dim=-1), F.normalize(z1, dim=-1)
+    total = 0.0
+    for s in range(b):
+        per = 0.0
+        for i in range(k):
+            negatives = torch.stack([v for j in range(k) if j != i for v in (a[s, j], c[s, j])])
+            logits = torch.cat([(a[s, i] @ c[s, i])[None], negatives @ a[s, i]]) / t
+            per += F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long))
+        total += per / k
+    torch.testing.assert_close(intra_sample_nt_xent(z0, z1, t), total / b)
+    z1_same = z0.clone()  # identical views of well separated crops: a loss near zero
+    assert intra_sample_nt_xent(torch.eye(k).repeat(b, 1, 1), torch.eye(k).repeat(b, 1, 1), 0.05) < 1e-3
+    assert intra_sample_nt_xent(z0, z1_same, t) < intra_sample_nt_xent(z0, z1, t)
