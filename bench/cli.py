@@ -195,6 +195,45 @@ def _cmd_report(args: list[str]) -> None:
     print(build_report(dirs, out, name, n_boot))
 
 
+def _cmd_cost(args: list[str]) -> None:
+    """`bench cost [methods=a,b] [mfu=0.3] [out=FILE.md]`: one paper-preset step of every method,
+    FLOPs, memory and projected GPU time per epoch, as a Markdown table."""
+    from bench.cost import markdown, method_cost, projections
+    from bench.errors import choices_hint
+    from bench.registry import list_methods
+
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
+    stray = [a for a in args if "=" not in a] + sorted(set(opts) - {"methods", "mfu", "out", "preset"})
+    if stray:
+        raise BenchError(f"unknown cost argument '{stray[0]}'; "
+                         f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset='])}")
+    names = [m for m in list_methods() if not m.startswith("_")]
+    chosen = opts["methods"].split(",") if opts.get("methods") else names
+    for name in chosen:
+        if name not in names:
+            raise BenchError(f"unknown method '{name}' in methods=; {choices_hint(name, names)}")
+    try:
+        mfu = float(opts.get("mfu", "0.3"))
+    except ValueError:
+        mfu = -1.0
+    if not 0 < mfu <= 1:
+        raise BenchError(f"bad value for 'mfu': '{opts.get('mfu')}'; expected a fraction in (0, 1]")
+    rows = []
+    for name in chosen:
+        try:
+            rows.append(method_cost(name, opts.get("preset", "paper")))
+        except RuntimeError as exc:  # a step that cannot run at this preset is the finding, not a crash
+            preset = opts.get("preset", "paper")
+            raise BenchError(f"method '{name}' at preset {preset}: {str(exc).splitlines()[0]}") from None
+        print(f"{name}: {rows[-1]['finetune_cpu_s']:.1f} s per finetuning step on this CPU", file=sys.stderr)
+    text = markdown(projections(rows, mfu), mfu)
+    if opts.get("out"):
+        from bench.store import write_text_atomic
+
+        write_text_atomic(Path(opts["out"]), text + "\n")
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark pretraining methods for 3D CT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("args", nargs="*")
     p_explain = sub.add_parser("explain", help="explain RUN_DIR... [n=3]: attribution maps and localisation scores")
     p_explain.add_argument("args", nargs="*")
+    p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [out=FILE.md]: paper-preset steps, FLOPs, "
+                                         "projected GPU time and memory")
+    p_cost.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
     p_data.add_argument("--verify", action="store_true", help="data info: check every crop against its checksum")
@@ -230,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_data(args.args + (["--verify"] if args.verify else []))
         elif args.command == "report":
             _cmd_report(args.args)
+        elif args.command == "cost":
+            _cmd_cost(args.args)
         elif args.command == "explain":
             from bench.explain import explain_command
 

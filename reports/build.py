@@ -163,8 +163,8 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
                                set(table[table.method == m].regime), key=order)]
     add("Table 3: pretraining regimes", "Each method from scratch, with public weights, and adapted to vertebrae.",
         t3_keys, "pretraining", lambda r, v: r)
-    today_keys = [(m, r, "") for m in TODAY
-                  for r in sorted(set(table[table.method == m].regime) | {k[1] for k in failed if k[0] == m}, key=order)]
+    ran = {(m, r) for m, r in zip(table.method, table.regime)} | {(k[0], k[1]) for k in failed}
+    today_keys = [(m, r, "") for m in TODAY for r in sorted({r for mm, r in ran if mm == m}, key=order)]
     add("Today's checkpoints", "The public 3D CT checkpoints of 2024-2025 (OpenMind/nnssl, VoCo, SuPreM, CT-FM), "
         "each from scratch and from its own pretraining, beside Table 3.", today_keys, "pretraining", lambda r, v: r)
     t4_keys = [(m, "scratch", "") for m in TABLE4] + [("video_ct_mae", "public_to_vertebrae", "full")]

@@ -102,3 +102,14 @@ def test_intra_sample_loss_equals_ctfms_loop():
     z1_same = z0.clone()  # identical views of well separated crops: a loss near zero
     assert intra_sample_nt_xent(torch.eye(k).repeat(b, 1, 1), torch.eye(k).repeat(b, 1, 1), 0.05) < 1e-3
     assert intra_sample_nt_xent(z0, z1_same, t) < intra_sample_nt_xent(z0, z1, t)
+
+
+@pytest.mark.e2e
+def test_intra_sample_simclr_then_finetuning_through_the_cli(tmp_path):
+    import json
+
+    out = run_cli("run", "method=ctfm", "regime=public_to_vertebrae", "preset=tiny", "epochs=1", f"out={tmp_path}/runs")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(next((tmp_path / "runs" / "single").glob("*/metrics.json")).read_text())
+    assert metrics["pretraining"]["plan"] == ["public", "vertebrae"]
+    assert not metrics["pretraining"]["load_report"]["missing"]

@@ -88,7 +88,8 @@ def test_primusm_checkpoint_loads_with_the_plans_position_embedding_interpolated
 def test_the_plan_says_where_the_encoder_is(tmp_path):
     """A plan naming other prefixes is followed: the same tensors under `net.enc.*` still load."""
     path = tmp_path / "renamed.pth"
-    encoder = _resencl_checkpoint(path, {"features_per_stage": [4, 8, 16, 32], "n_blocks_per_stage": [1, 1, 1, 1]})
+    encoder = _resencl_checkpoint(path, {"features_per_stage": [4, 8, 16], "n_blocks_per_stage": [1, 1, 1],
+                                         "first_stride": 2})  # the tiny preset's network
     ckpt = torch.load(path, weights_only=True)
     ckpt["network_weights"] = {k.replace("encoder.stages", "net.enc").replace("encoder.stem", "net.stem0"): v
                                for k, v in ckpt["network_weights"].items()}

@@ -41,8 +41,55 @@ def test_a_voco_l_file_into_voco_b_is_one_line(tmp_path):
         encoder_init(method, cfg, model)
 
 
-def test_suites_of_all_methods_run_voco_from_scratch_only():
+def test_suites_of_all_methods_run_only_what_needs_no_file():
+    """`runs: all` runs a regime that needs public weights only where the method has a pretext to make
+    its embedded stand-in (voco: volume contrast); SuPreM's supervised pretraining is not reproduced."""
     runs = expand({"name": "all", "runs": "all"}, seeds=1)
-    assert {r["regime"] for r in runs if r["method"] == "voco"} == {"scratch"}
-    assert get_method("voco").runs_without_a_file("scratch") and not get_method("voco").runs_without_a_file("public")
-    assert get_method("swin_unetr").runs_without_a_file("public")
+    assert {r["regime"] for r in runs if r["method"] == "voco"} == {"scratch", "public", "public_to_vertebrae"}
+    assert {r["regime"] for r in runs if r["method"] == "suprem"} == {"scratch"}
+    assert get_method("voco").runs_without_a_file("public") and not get_method("suprem").runs_without_a_file("public")
+
+
+def test_overlap_labels_are_the_shares_of_each_base_crop():
+    from bench.methods.voco import overlap_labels
+
+    offsets = torch.tensor([[0, 0], [8, 0], [4, 12]])  # crops of edge 16 over a 2 x 2 grid of 16-voxel bases
+    labels = overlap_labels(offsets, 16, 2)
+    torch.testing.assert_close(labels[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(labels[1], torch.tensor([0.5, 0.0, 0.5, 0.0]))  # half on (0,0), half on (1,0)
+    torch.testing.assert_close(labels[2], torch.tensor([0.75 * 0.25, 0.75 * 0.75, 0.25 * 0.25, 0.25 * 0.75]))
+    torch.testing.assert_close(labels.sum(1), torch.ones(3))
+
+
+def test_volume_contrast_trains_and_its_teacher_follows_the_student():
+    from bench.config import compose
+
+    cfg = compose({"method": "voco", "regime": "public_to_vertebrae", "preset": "tiny"}, get_method("voco"))
+    method = get_method("voco")(cfg)
+    torch.manual_seed(0)
+    pretext = method.build_pretext()
+    out = pretext(torch.rand(2, 1, 32, 32, 32))
+    assert set(out) == {"loss", "overlap", "disjoint", "bases"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in pretext.teacher.parameters())
+    with torch.no_grad():
+        for p in pretext.encoder.parameters():
+            p.add_(1.0)
+    before = next(pretext.teacher["encoder"].parameters()).clone()
+    method.on_pretext_step(pretext, 0, 1)
+    after, student = next(pretext.teacher["encoder"].parameters()), next(pretext.encoder.parameters())
+    torch.testing.assert_close(after, 0.9 * before + 0.1 * student)
+
+
+@pytest.mark.e2e
+def test_volume_contrast_then_finetuning_through_the_cli(tmp_path):
+    import json
+
+    from tests_helpers import run_cli
+
+    out = run_cli("run", "method=voco", "regime=public_to_vertebrae", "preset=tiny", "epochs=1", f"out={tmp_path}/runs")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(next((tmp_path / "runs" / "single").glob("*/metrics.json")).read_text())
+    curve = metrics["pretraining"]["pretrain_curve"]
+    assert metrics["pretraining"]["plan"] == ["public", "vertebrae"]
+    assert {"overlap", "disjoint", "bases"} <= set(curve[0])

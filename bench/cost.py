@@ -1,0 +1,168 @@
+"""What each method costs at the `paper` preset, measured on this machine: `bench cost`.
+
+Every method is built at the paper's architecture and takes one real training step (forward,
+backward, AdamW step) at batch 1 on the input it would see (96^3 crops, slice-view clips, videos),
+and one pretext step where it has a pretext, so a shape or size problem of the paper preset shows
+here rather than on a user's GPU. While stepping, torch's FLOP counter counts the step's floating
+point operations and a saved-tensor hook adds up the activations kept for the backward pass.
+
+From those: the projected GPU time per epoch (the paper's epoch sizes: 60 % of 6,245 labelled
+vertebrae for finetuning, 27,776 unlabelled vertebrae for pretraining) at a stated fraction of the
+GPU's dense bf16 peak (MFU), and the training memory at the preset's batch sizes (fp32 weights,
+gradients and AdamW moments, plus fp32 activations times the batch: an upper bound, bf16 autocast
+keeps roughly half the activations).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
+
+GPU_PEAK_BF16 = {"A40": 149.7e12, "H100": 989.4e12}  # dense bf16 tensor-core FLOP/s, vendor datasheets
+FINETUNE_SAMPLES = round(0.6 * 6245)  # the paper's labelled training split (60 % of 6,245 vertebrae)
+PRETRAIN_SAMPLES = 27776  # the paper's unlabelled vertebrae
+PAPER_A40_FINETUNE_MIN = 9.0  # Video-CT MAE finetuning, minutes per epoch on one A40 (the paper, Table 2)
+
+
+@dataclass
+class StepCost:
+    flops: float  # forward + backward, per sample
+    activation_bytes: float  # saved for backward, per sample
+    seconds: float  # this machine, batch 1
+
+
+def _step(model: torch.nn.Module, loss_of) -> StepCost:
+    """One forward/backward/AdamW step of `model` with `loss_of(model)`, counted."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    start = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of(model)
+        loss.backward()
+    optimiser.step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {float(loss)}")
+    return StepCost(float(counter.get_total_flops()), float(saved[0]), time.perf_counter() - start)
+
+
+def _finetune_sample(method: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from bench.datasets.base import VertebraSet
+    from bench.evaluation import make_dataset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(-1000, 1000, (1, cfg.crop_size, cfg.crop_size, cfg.crop_size)).astype(np.int16)
+    table = pd.DataFrame({"patient_id": ["p0"], "vertebra": ["L1"], "label": [1], "grade": [2], "split": ["train"],
+                          "crop_index": [0]})
+    x, y = make_dataset(method, cfg, VertebraSet(images, table, "cost"), augment=True)[0]
+    return default_collate([x]), torch.tensor([int(y)])
+
+
+def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
+    from bench.datasets import pretext as p
+
+    rng = np.random.default_rng(0)
+    kind, s = method.pretext_data(stage), cfg.crop_size
+    crops = rng.integers(-1000, 1000, (1, s, s, s)).astype(np.int16)
+    if kind == "volume":
+        dataset = p.VolumeCorpus(crops, np.arange(1), s, 0)
+    elif kind == "video":
+        v, frames = cfg.synthetic.video_size, cfg.synthetic.video_frames
+        dataset = p.VideoCorpus(rng.integers(0, 255, (1, frames, v, v, 3)).astype(np.uint8), 0)
+    else:
+        views = cfg.views
+        dataset = p.SliceCorpus(crops, np.arange(1), np.zeros(1), s, augment=True, seed=0, axis=views.axis,
+                                frames=views.frames, channels=views.channels,
+                                frame_size=method.view_options().get("frame_size", views.frame_size))
+    sample_views = method.pretext_views(stage)
+    sample = dataset[0] if sample_views is None else p.WithViews(dataset, sample_views, 0)[0]
+    return default_collate([sample])
+
+
+def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
+    """The costs of one method at `preset` (one real step of each kind)."""
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    regime = "scratch"
+    cfg = resolve_runs({"method": name, "regime": regime, "preset": preset, "progress": "false"})[0]
+    method = create_method(name, cfg)
+    torch.manual_seed(0)
+    model = method.build_model()
+    x, y = _finetune_sample(method, cfg)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    from bench.evaluation import forward_views
+
+    def finetune_loss(m: torch.nn.Module) -> torch.Tensor:
+        if x.dim() == 6:  # multi-view clips at training time would be a single view; count one view
+            return loss_fn(forward_views(m, x[:, :1]).float(), y)
+        return method.training_loss(m, x, y, loss_fn)
+
+    finetune = _step(model, finetune_loss)
+    row: dict[str, Any] = {"method": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                           "finetune_gflop": finetune.flops / 1e9,
+                           "finetune_act_gib": finetune.activation_bytes / 2**30,
+                           "finetune_cpu_s": finetune.seconds, "batch": int(cfg.batch_size),
+                           "pretrain_batch": int(cfg.pretrain.batch_size)}
+    stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
+    if stage is not None:
+        pretext = method.build_pretext(stage)
+        batch = _pretext_sample(method, cfg, stage)
+        pre = _step(pretext, lambda m: method.pretext_step(m, batch)["loss"])
+        row.update(pretext_stage=stage, pretext_params_m=sum(p.numel() for p in pretext.parameters()) / 1e6,
+                   pretrain_gflop=pre.flops / 1e9, pretrain_act_gib=pre.activation_bytes / 2**30,
+                   pretrain_cpu_s=pre.seconds)
+    return row
+
+
+def projections(rows: list[dict[str, Any]], mfu: float) -> pd.DataFrame:
+    """Per method: minutes per epoch on each GPU at `mfu`, and training memory at the preset's batch sizes."""
+    table = pd.DataFrame(rows)
+    if "pretrain_gflop" not in table:
+        table["pretrain_gflop"] = np.nan
+        table["pretrain_act_gib"] = np.nan
+    state_gib = table.params_m * 1e6 * 16 / 2**30  # fp32 weights + gradients + two AdamW moments
+    for gpu, peak in GPU_PEAK_BF16.items():
+        table[f"finetune_min_{gpu}"] = FINETUNE_SAMPLES * table.finetune_gflop * 1e9 / (peak * mfu) / 60
+        table[f"pretrain_min_{gpu}"] = PRETRAIN_SAMPLES * table.pretrain_gflop * 1e9 / (peak * mfu) / 60
+    table["finetune_mem_gib"] = state_gib + table.finetune_act_gib * table.batch
+    pretext_params = table.get("pretext_params_m", table.params_m).fillna(table.params_m)
+    table["pretrain_mem_gib"] = pretext_params * 1e6 * 16 / 2**30 + table.pretrain_act_gib * table.pretrain_batch
+    return table
+
+
+def markdown(table: pd.DataFrame, mfu: float) -> str:
+    """The README's table."""
+    def num(v: float, digits: int = 1) -> str:
+        return "-" if pd.isna(v) else f"{v:,.{digits}f}"
+
+    lines = ["| method | params (M) | finetune GFLOP/sample | pretrain GFLOP/sample | finetune min/epoch A40 / H100 "
+             "| pretrain min/epoch A40 / H100 | memory GiB finetune (batch) / pretrain (batch) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in table.itertuples():
+        lines.append(f"| `{r.method}` | {num(r.params_m)} | {num(r.finetune_gflop)} | {num(r.pretrain_gflop)} | "
+                     f"{num(r.finetune_min_A40)} / {num(r.finetune_min_H100)} | "
+                     f"{num(r.pretrain_min_A40)} / {num(r.pretrain_min_H100)} | "
+                     f"{num(r.finetune_mem_gib)} ({r.batch}) / {num(r.pretrain_mem_gib)} ({r.pretrain_batch}) |")
+    ref = table[table.method == "video_ct_mae"]
+    if len(ref):
+        implied = FINETUNE_SAMPLES * float(ref.finetune_gflop.iloc[0]) * 1e9 / (
+            PAPER_A40_FINETUNE_MIN * 60 * GPU_PEAK_BF16["A40"])
+        lines.append("")
+        lines.append(f"At MFU {mfu:.0%} of dense bf16 peak (A40 149.7, H100 989.4 TFLOP/s); epochs of "
+                     f"{FINETUNE_SAMPLES:,} (finetuning) and {PRETRAIN_SAMPLES:,} (pretraining) vertebrae. The paper's "
+                     f"{PAPER_A40_FINETUNE_MIN:g} min per Video-CT MAE finetuning epoch on an A40 implies an MFU of "
+                     f"{implied:.1%} by these FLOP counts.")
+    return "\n".join(lines)
