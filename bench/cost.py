@@ -1,10 +1,11 @@
 """What each method costs at the `paper` preset, measured on this machine: `bench cost`.
 
 Every method is built at the paper's architecture and takes one real training step (forward,
-backward, AdamW step) at batch 1 on the input it would see (96^3 crops, slice-view clips, videos),
-and one pretext step where it has a pretext, so a shape or size problem of the paper preset shows
-here rather than on a user's GPU. While stepping, torch's FLOP counter counts the step's floating
-point operations and a saved-tensor hook adds up the activations kept for the backward pass.
+backward, AdamW step) at batch 2 (the smallest that BatchNorm heads train with) on the input it
+would see (96^3 crops, slice-view clips, videos), and one pretext step where it has a pretext, so
+a shape or size problem of the paper preset shows here rather than on a user's GPU. While stepping,
+torch's FLOP counter counts the step's floating point operations and a saved-tensor hook adds up
+the activations kept for the backward pass.
 
 From those: the projected GPU time per epoch (the paper's epoch sizes: 60 % of 6,245 labelled
 vertebrae for finetuning, 27,776 unlabelled vertebrae for pretraining) at a stated fraction of the
@@ -30,11 +31,14 @@ PRETRAIN_SAMPLES = 27776  # the paper's unlabelled vertebrae
 PAPER_A40_FINETUNE_MIN = 9.0  # Video-CT MAE finetuning, minutes per epoch on one A40 (the paper, Table 2)
 
 
+BATCH = 2
+
+
 @dataclass
 class StepCost:
     flops: float  # forward + backward, per sample
     activation_bytes: float  # saved for backward, per sample
-    seconds: float  # this machine, batch 1
+    seconds: float  # this machine, the whole step
 
 
 def _step(model: torch.nn.Module, loss_of) -> StepCost:
@@ -55,7 +59,7 @@ def _step(model: torch.nn.Module, loss_of) -> StepCost:
     optimiser.step()
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {float(loss)}")
-    return StepCost(float(counter.get_total_flops()), float(saved[0]), time.perf_counter() - start)
+    return StepCost(float(counter.get_total_flops()) / BATCH, float(saved[0]) / BATCH, time.perf_counter() - start)
 
 
 def _finetune_sample(method: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +67,11 @@ def _finetune_sample(method: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]
     from bench.evaluation import make_dataset
 
     rng = np.random.default_rng(0)
-    images = rng.integers(-1000, 1000, (1, cfg.crop_size, cfg.crop_size, cfg.crop_size)).astype(np.int16)
-    table = pd.DataFrame({"patient_id": ["p0"], "vertebra": ["L1"], "label": [1], "grade": [2], "split": ["train"],
-                          "crop_index": [0]})
-    x, y = make_dataset(method, cfg, VertebraSet(images, table, "cost"), augment=True)[0]
-    return default_collate([x]), torch.tensor([int(y)])
+    images = rng.integers(-1000, 1000, (BATCH, cfg.crop_size, cfg.crop_size, cfg.crop_size)).astype(np.int16)
+    table = pd.DataFrame({"patient_id": ["p0", "p1"], "vertebra": ["L1", "L2"], "label": [1, 0], "grade": [2, 0],
+                          "split": ["train", "train"], "crop_index": [0, 1]})
+    dataset = make_dataset(method, cfg, VertebraSet(images, table, "cost"), augment=True)
+    return default_collate([dataset[i] for i in range(BATCH)])
 
 
 def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
@@ -75,20 +79,21 @@ def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
 
     rng = np.random.default_rng(0)
     kind, s = method.pretext_data(stage), cfg.crop_size
-    crops = rng.integers(-1000, 1000, (1, s, s, s)).astype(np.int16)
+    crops = rng.integers(-1000, 1000, (BATCH, s, s, s)).astype(np.int16)
     if kind == "volume":
-        dataset = p.VolumeCorpus(crops, np.arange(1), s, 0)
+        dataset = p.VolumeCorpus(crops, np.arange(BATCH), s, 0)
     elif kind == "video":
         v, frames = cfg.synthetic.video_size, cfg.synthetic.video_frames
-        dataset = p.VideoCorpus(rng.integers(0, 255, (1, frames, v, v, 3)).astype(np.uint8), 0)
+        dataset = p.VideoCorpus(rng.integers(0, 255, (BATCH, frames, v, v, 3)).astype(np.uint8), 0)
     else:
         views = cfg.views
-        dataset = p.SliceCorpus(crops, np.arange(1), np.zeros(1), s, augment=True, seed=0, axis=views.axis,
+        dataset = p.SliceCorpus(crops, np.arange(BATCH), np.zeros(BATCH), s, augment=True, seed=0, axis=views.axis,
                                 frames=views.frames, channels=views.channels,
                                 frame_size=method.view_options().get("frame_size", views.frame_size))
     sample_views = method.pretext_views(stage)
-    sample = dataset[0] if sample_views is None else p.WithViews(dataset, sample_views, 0)[0]
-    return default_collate([sample])
+    if sample_views is not None:
+        dataset = p.WithViews(dataset, sample_views, 0)
+    return default_collate([dataset[i] for i in range(BATCH)])
 
 
 def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:

@@ -115,3 +115,15 @@ def test_paper_preset_builds_the_published_resnet18():
     model = create_method("resnet18", cfg).build_model()
     n = sum(p.numel() for p in model.parameters())
     assert 33.0e6 < n < 33.3e6  # MONAI 3D ResNet-18 at full width: ~33.2M parameters
+
+
+def test_cost_steps_each_method_and_prints_the_table(tmp_path, capsys):
+    """`bench cost` at tiny (the benchmark runs it at paper): a row per method, FLOPs counted; bad keys are one line."""
+    out = tmp_path / "cost.md"
+    assert main(["cost", "methods=resnet18,mae3d", "preset=tiny", f"out={out}"]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["resnet18", "mae3d"]
+    assert rows[1].split("|")[4].strip() != "-"  # mae3d has a pretext step
+    capsys.readouterr()
+    assert main(["cost", "mfu=2"]) == 2 and "expected a fraction" in capsys.readouterr().err
+    assert main(["cost", "methods=nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The `paper` preset, proven on a CPU: every registered method is built at the paper's architecture
-and takes one training step at batch 1 on its real input (96^3 crops, slice-view clips), plus one
+and takes one training step at batch 2 on its real input (96^3 crops, slice-view clips), plus one
 pretext step where it has a pretext; and the README's cost table is what `bench cost` prints.
 
 Run with `pytest tests/benchmarks/test_bench_paper_preset.py --benchmark-enable -s` (minutes: the
