@@ -15,15 +15,14 @@ keeps roughly half the activations).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import default_collate
-from torch.utils.flop_counter import FlopCounterMode
+
+from bench.loop import measured_step
 
 GPU_PEAK_BF16 = {"A40": 149.7e12, "H100": 989.4e12}  # dense bf16 tensor-core FLOP/s, vendor datasheets
 FINETUNE_SAMPLES = round(0.6 * 6245)  # the paper's labelled training split (60 % of 6,245 vertebrae)
@@ -32,34 +31,6 @@ PAPER_A40_FINETUNE_MIN = 9.0  # Video-CT MAE finetuning, minutes per epoch on on
 
 
 BATCH = 2
-
-
-@dataclass
-class StepCost:
-    flops: float  # forward + backward, per sample
-    activation_bytes: float  # saved for backward, per sample
-    seconds: float  # this machine, the whole step
-
-
-def _step(model: torch.nn.Module, loss_of) -> StepCost:
-    """One forward/backward/AdamW step of `model` with `loss_of(model)`, counted."""
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    model.train()
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    start = time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_of(model)
-        loss.backward()
-    optimiser.step()
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"non-finite loss {float(loss)}")
-    return StepCost(float(counter.get_total_flops()) / BATCH, float(saved[0]) / BATCH, time.perf_counter() - start)
 
 
 def _finetune_sample(method: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,24 +69,23 @@ def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
 
 def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
     """The costs of one method at `preset` (one real step of each kind)."""
+    from bench.evaluation import forward_views
     from bench.registry import create_method
     from bench.run import resolve_runs
 
-    regime = "scratch"
-    cfg = resolve_runs({"method": name, "regime": regime, "preset": preset, "progress": "false"})[0]
+    cfg = resolve_runs({"method": name, "regime": "scratch", "preset": preset, "progress": "false"})[0]
     method = create_method(name, cfg)
     torch.manual_seed(0)
     model = method.build_model()
     x, y = _finetune_sample(method, cfg)
     loss_fn = torch.nn.CrossEntropyLoss()
-    from bench.evaluation import forward_views
 
     def finetune_loss(m: torch.nn.Module) -> torch.Tensor:
         if x.dim() == 6:  # multi-view clips at training time would be a single view; count one view
             return loss_fn(forward_views(m, x[:, :1]).float(), y)
         return method.training_loss(m, x, y, loss_fn)
 
-    finetune = _step(model, finetune_loss)
+    finetune = measured_step(model, finetune_loss, BATCH)
     row: dict[str, Any] = {"method": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                            "finetune_gflop": finetune.flops / 1e9,
                            "finetune_act_gib": finetune.activation_bytes / 2**30,
@@ -125,7 +95,7 @@ def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
     if stage is not None:
         pretext = method.build_pretext(stage)
         batch = _pretext_sample(method, cfg, stage)
-        pre = _step(pretext, lambda m: method.pretext_step(m, batch)["loss"])
+        pre = measured_step(pretext, lambda m: method.pretext_step(m, batch)["loss"], BATCH)
         row.update(pretext_stage=stage, pretext_params_m=sum(p.numel() for p in pretext.parameters()) / 1e6,
                    pretrain_gflop=pre.flops / 1e9, pretrain_act_gib=pre.activation_bytes / 2**30,
                    pretrain_cpu_s=pre.seconds)

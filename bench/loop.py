@@ -175,6 +175,38 @@ class Stage:
 
 
 @dataclass
+class StepCost:
+    flops: float  # forward + backward, per sample
+    activation_bytes: float  # kept for backward, per sample
+    seconds: float  # the whole step on this machine
+
+
+def measured_step(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], batch: int) -> StepCost:
+    """One forward / backward / AdamW step of `model` on `loss_of(model)`, outside a training run,
+    with its FLOPs (torch's FLOP counter) and the bytes of the tensors saved for backward, per
+    sample (`bench cost`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    start = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of(model)
+        loss.backward()
+    optimiser.step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {float(loss)}")
+    return StepCost(float(counter.get_total_flops()) / batch, float(saved[0]) / batch, time.perf_counter() - start)
+
+
+@dataclass
 class LoopResult:
     history: list[dict[str, Any]]
     steps: int

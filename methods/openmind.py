@@ -60,7 +60,7 @@ def read_adaptation_plan(obj: Any, families: tuple[str, ...], own_names: tuple[s
                          ) -> dict[str, torch.Tensor]:
     """The stem and encoder tensors of an nnssl checkpoint, found through its adaptation plan and
     renamed to this module's (stem, encoder) names; the position embedding keeps its place."""
-    if not isinstance(obj, dict) or "network_weights" not in obj or PLAN not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("network_weights"), dict) or PLAN not in obj:
         found = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
         raise BenchError(f"not an nnssl checkpoint: expected a dict with 'network_weights' and '{PLAN}' "
                          f"(found: {found})")
@@ -68,15 +68,15 @@ def read_adaptation_plan(obj: Any, families: tuple[str, ...], own_names: tuple[s
     try:
         arch = str(plan["architecture_plans"]["arch_class_name"])
         stem, encoder = str(plan["key_to_stem"]), str(plan["key_to_encoder"])
-    except (KeyError, TypeError) as exc:
-        raise BenchError(f"the checkpoint's {PLAN} lacks {exc} (expected architecture_plans.arch_class_name, "
-                         f"key_to_stem, key_to_encoder)") from None
+        channels = int(plan.get("pretrain_num_input_channels", 1))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BenchError(f"the checkpoint's {PLAN} is not readable ({type(exc).__name__}: {exc}); expected "
+                         f"architecture_plans.arch_class_name, key_to_stem, key_to_encoder") from None
     if not arch.rsplit(".", 1)[-1].startswith(families):
         raise BenchError(f"the checkpoint's adaptation plan names architecture '{arch}'; '{method}' loads "
                          f"{' / '.join(families)} checkpoints")
-    if int(plan.get("pretrain_num_input_channels", 1)) != 1:
-        raise BenchError(f"the checkpoint was pretrained on {plan['pretrain_num_input_channels']} input channels; "
-                         f"CT crops have 1")
+    if channels != 1:
+        raise BenchError(f"the checkpoint was pretrained on {channels} input channels; CT crops have 1")
     out = {}
     for key, value in obj["network_weights"].items():
         key = key.removeprefix("module.")

@@ -8,19 +8,12 @@ from safetensors.torch import save_file
 
 from bench.errors import BenchError
 from bench.methods.ctfm import CTFMEncoder, CTFMParams
-from tests_helpers import encoder_init, randomised, run_cli, setup_public
+from tests_helpers import assert_encoder_loaded, encoder_init, randomised, run_cli, setup_public
 
 
 def _encoder_state(**kwargs):
     net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=32, blocks_down=(1, 2, 2, 4, 4), **kwargs)
     return randomised(net.state_dict())
-
-
-def _check(method, model, known):
-    loaded = method.finetune_encoder(model).state_dict()
-    assert set(known) == set(loaded)
-    for key, value in known.items():
-        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
 
 
 def test_hub_safetensors_file_loads_every_encoder_tensor(tmp_path):
@@ -30,7 +23,7 @@ def test_hub_safetensors_file_loads_every_encoder_tensor(tmp_path):
     method, cfg, model = setup_public("ctfm", path, preset="paper")
     report = encoder_init(method, cfg, model)["load_report"]
     assert report["matched"] == len(known) and not report["missing"]
-    _check(method, model, known)
+    assert_encoder_loaded(method, model, known)
 
 
 def test_lightning_checkpoint_with_backbone_prefix_loads(tmp_path):
@@ -41,7 +34,7 @@ def test_lightning_checkpoint_with_backbone_prefix_loads(tmp_path):
                 "state_dict": {**{f"backbone.{k}": v for k, v in known.items()}, **head}}, path)
     method, cfg, model = setup_public("ctfm", path, preset="paper")
     encoder_init(method, cfg, model)
-    _check(method, model, known)
+    assert_encoder_loaded(method, model, known)
 
 
 def test_a_file_of_another_network_is_one_line(tmp_path):
@@ -63,21 +56,6 @@ def test_input_is_spl_in_ctfms_window():
     # towards the left (x = 1, the right side -> 0)
     assert seen[0, 0, 0, 2, 0] == pytest.approx((1000 + 1024) / 3072)
     assert seen[0, 0, 1, 1, 1] == pytest.approx((-1000 + 1024) / 3072)
-
-
-@pytest.mark.e2e
-def test_public_regime_through_the_cli_at_tiny_and_in_the_report(tmp_path):
-    net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=4, blocks_down=(1, 1, 1, 1))
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in randomised(net.state_dict()).items()}, str(path))
-    out = run_cli("run", "method=ctfm", "regime=public", "preset=tiny", "epochs=1", f"weights.public={path}",
-                  f"out={tmp_path}/runs")
-    assert out.returncode == 0, out.stderr
-    out = run_cli("report", f"{tmp_path}/runs", f"out={tmp_path}/report", "bootstrap=20")
-    assert out.returncode == 0, out.stderr
-    html = (tmp_path / "report" / "index.html").read_text()
-    today = html[html.index("Today&#39;s checkpoints"):]
-    assert "ctfm" in today[:today.index("</table>")] and "Other runs" not in html
 
 
 def test_intra_sample_loss_equals_ctfms_loop():
@@ -105,11 +83,19 @@ def test_intra_sample_loss_equals_ctfms_loop():
 
 
 @pytest.mark.e2e
-def test_intra_sample_simclr_then_finetuning_through_the_cli(tmp_path):
+def test_intra_sample_simclr_then_finetuning_through_the_cli_and_in_the_report(tmp_path):
+    """public_to_vertebrae at tiny (the public stand-in, then the vertebrae, then finetuning), and the
+    report's "Today's checkpoints" table holds the run."""
     import json
 
-    out = run_cli("run", "method=ctfm", "regime=public_to_vertebrae", "preset=tiny", "epochs=1", f"out={tmp_path}/runs")
+    out = run_cli("run", "method=ctfm", "regime=public_to_vertebrae", "preset=tiny", "epochs=1", "pretrain.epochs=1",
+                  f"out={tmp_path}/runs")
     assert out.returncode == 0, out.stderr
     metrics = json.loads(next((tmp_path / "runs" / "single").glob("*/metrics.json")).read_text())
     assert metrics["pretraining"]["plan"] == ["public", "vertebrae"]
     assert not metrics["pretraining"]["load_report"]["missing"]
+    out = run_cli("report", f"{tmp_path}/runs", f"out={tmp_path}/report", "bootstrap=20")
+    assert out.returncode == 0, out.stderr
+    html = (tmp_path / "report" / "index.html").read_text()
+    today = html[html.index("Today&#39;s checkpoints"):]
+    assert "ctfm" in today[:today.index("</table>")] and "Other runs" not in html

@@ -109,6 +109,11 @@ def test_wrong_family_and_plainer_files_are_one_line(tmp_path):
     method, cfg, model = setup_public("openmind_resencl", primus_file)
     with pytest.raises(BenchError, match="names architecture 'PrimusM'; 'openmind_resencl' loads ResEnc"):
         encoder_init(method, cfg, model)
+    garbled = tmp_path / "garbled.pth"
+    torch.save(_container(primus.state_dict(), "not a plan", "x"), garbled)
+    method, cfg, model = setup_public("openmind_primusm", garbled)
+    with pytest.raises(BenchError, match="nnssl_adaptation_plan is not readable"):
+        encoder_init(method, cfg, model)
     bare = tmp_path / "bare.pth"
     torch.save({"state_dict": primus.state_dict()}, bare)
     method, cfg, model = setup_public("openmind_primusm", bare)
@@ -136,7 +141,7 @@ def test_mae_pretext_then_finetuning_through_the_cli(tmp_path, name):
     """public_to_vertebrae at tiny: the embedded public stand-in (MAE on the body-CT corpus), MAE on
     the vertebrae, then finetuning from that encoder."""
     out = run_cli("run", f"method={name}", "regime=public_to_vertebrae", "preset=tiny", "epochs=1",
-                  f"out={tmp_path}/runs")
+                  "pretrain.epochs=1", f"out={tmp_path}/runs")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs" / "single").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())

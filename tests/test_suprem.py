@@ -8,7 +8,7 @@ from monai.networks.nets import SwinUNETR
 from bench.errors import BenchError
 from bench.methods.inputs import HUWindow
 from bench.methods.models_genesis import UNet3D
-from tests_helpers import encoder_init, randomised, run_cli, setup_public
+from tests_helpers import assert_encoder_loaded, encoder_init, randomised, run_cli, setup_public
 
 
 def _swin_state():
@@ -16,13 +16,6 @@ def _swin_state():
     known = randomised(net.state_dict())
     encoder = {k[len("swinViT."):]: v for k, v in known.items() if k.startswith("swinViT.")}
     return known, encoder
-
-
-def _check(method, model, encoder):
-    loaded = method.finetune_encoder(model).state_dict()
-    assert set(encoder) == set(loaded)
-    for key, value in encoder.items():
-        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
 
 
 def test_supervised_swinunetr_file_loads_every_encoder_tensor(tmp_path):
@@ -36,7 +29,7 @@ def test_supervised_swinunetr_file_loads_every_encoder_tensor(tmp_path):
     method, cfg, model = setup_public("suprem", path, preset="paper")
     report = encoder_init(method, cfg, model)["load_report"]
     assert report["matched"] == len(encoder) and not report["missing"]
-    _check(method, model, encoder)
+    assert_encoder_loaded(method, model, encoder)
 
 
 def test_self_supervised_swin_file_with_the_doubled_stage_index_loads(tmp_path):
@@ -51,7 +44,7 @@ def test_self_supervised_swin_file_with_the_doubled_stage_index_loads(tmp_path):
     torch.save({"model": ssl}, path)
     method, cfg, model = setup_public("suprem", path, preset="paper")
     encoder_init(method, cfg, model)
-    _check(method, model, encoder)
+    assert_encoder_loaded(method, model, encoder)
 
 
 def test_supervised_unet_file_loads_and_a_swin_file_into_the_unet_is_one_line(tmp_path):
@@ -61,7 +54,7 @@ def test_supervised_unet_file_loads_and_a_swin_file_into_the_unet_is_one_line(tm
     method, cfg, model = setup_public("suprem_unet", path, preset="paper")
     encoder_init(method, cfg, model)
     encoder = {k: v for k, v in known.items() if k.startswith("down_tr")}
-    _check(method, model, encoder)
+    assert_encoder_loaded(method, model, encoder)
     swin_file = tmp_path / "swin.pth"
     torch.save({"net": {f"module.backbone.{k}": v for k, v in _swin_state()[0].items()}}, swin_file)
     method, cfg, model = setup_public("suprem_unet", swin_file, preset="paper")

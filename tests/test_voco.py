@@ -79,17 +79,3 @@ def test_volume_contrast_trains_and_its_teacher_follows_the_student():
     method.on_pretext_step(pretext, 0, 1)
     after, student = next(pretext.teacher["encoder"].parameters()), next(pretext.encoder.parameters())
     torch.testing.assert_close(after, 0.9 * before + 0.1 * student)
-
-
-@pytest.mark.e2e
-def test_volume_contrast_then_finetuning_through_the_cli(tmp_path):
-    import json
-
-    from tests_helpers import run_cli
-
-    out = run_cli("run", "method=voco", "regime=public_to_vertebrae", "preset=tiny", "epochs=1", f"out={tmp_path}/runs")
-    assert out.returncode == 0, out.stderr
-    metrics = json.loads(next((tmp_path / "runs" / "single").glob("*/metrics.json")).read_text())
-    curve = metrics["pretraining"]["pretrain_curve"]
-    assert metrics["pretraining"]["plan"] == ["public", "vertebrae"]
-    assert {"overlap", "disjoint", "bases"} <= set(curve[0])

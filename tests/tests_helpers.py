@@ -163,6 +163,16 @@ def setup_public(name: str, path, preset: str = "tiny", **extra):
     return method, cfg, method.build_model()
 
 
+def assert_encoder_loaded(method, model, known) -> None:
+    """The finetuning encoder holds exactly the tensors `known`, value for value."""
+    import torch
+
+    loaded = method.finetune_encoder(model).state_dict()
+    assert set(known) == set(loaded), sorted(set(known) ^ set(loaded))[:5]
+    for key, value in known.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
 def randomised(state):
     """The same keys and shapes with seeded random values (integer buffers kept), so a load can be
     checked tensor by tensor."""
