@@ -119,7 +119,7 @@ def projections(rows: list[dict[str, Any]], mfu: float) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame, mfu: float) -> str:
-    """The README's table."""
+    """The Markdown table `bench cost` prints."""
     def num(v: float, digits: int = 1) -> str:
         return "-" if pd.isna(v) else f"{v:,.{digits}f}"
 
