@@ -9,36 +9,39 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.metrics import binary_metrics, grade_metrics
+from bench.metrics import grade_metrics, resampled_binary_metrics
 
 METRICS = ("f1", "acc", "auc", "ap")
 GRADE_COLUMNS = ("macro_f1", "qwk", "recall_g0", "recall_g1", "recall_g2", "recall_g3", "sensitivity", "specificity")
 
 
+def patient_draw_weights(patient_ids: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, rows) weights of a bootstrap over patients: each row's weight is how often its
+    patient was drawn, drawing as many patients as there are, with replacement."""
+    patients, codes = np.unique(np.asarray(patient_ids), return_inverse=True)
+    order = pd.unique(np.asarray(patient_ids))  # draw from the patients in order of appearance
+    position = {p: i for i, p in enumerate(patients)}
+    as_codes = np.array([position[p] for p in order])
+    rng = np.random.default_rng(seed)
+    weights = np.empty((n_boot, len(codes)))
+    for b in range(n_boot):
+        drawn = rng.choice(as_codes, size=len(as_codes), replace=True)
+        weights[b] = np.bincount(drawn, minlength=len(patients))[codes]
+    return weights
+
+
 def bootstrap_ci(predictions: list[pd.DataFrame], n_boot: int, seed: int = 0,
                  threshold: float = 0.5) -> dict[str, tuple[float, float]]:
     """95 % percentile CIs of the seed-averaged metrics, resampling patients."""
-    base = predictions[0]
-    patients = base["patient_id"].unique()
-    rng = np.random.default_rng(seed)
-    index = {p: np.flatnonzero(base["patient_id"].to_numpy() == p) for p in patients}
-    draws: dict[str, list[float]] = {m: [] for m in METRICS}
-    for _ in range(n_boot):
-        chosen = rng.choice(patients, size=len(patients), replace=True)
-        rows = np.concatenate([index[p] for p in chosen])
-        values = {m: [] for m in METRICS}
-        for pred in predictions:
-            sample = pred.iloc[rows]
-            m = binary_metrics(sample["label"].to_numpy(), sample["score"].to_numpy(), threshold)
-            for k in METRICS:
-                values[k].append(m[k])
-        for k in METRICS:
-            draws[k].append(float(np.nanmean(values[k])) if not all(np.isnan(values[k])) else np.nan)
+    weights = patient_draw_weights(predictions[0]["patient_id"].to_numpy(), n_boot, seed)
+    per_seed = [resampled_binary_metrics(p["label"].to_numpy(), p["score"].to_numpy(), weights, threshold)
+                for p in predictions]
     out = {}
-    for k, v in draws.items():
-        arr = np.asarray(v, float)
-        arr = arr[~np.isnan(arr)]
-        out[k] = (float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))) if len(arr) else (np.nan, np.nan)
+    for k in METRICS:
+        values = np.vstack([m[k] for m in per_seed])  # (seeds, n_boot)
+        defined = ~np.isnan(values).all(axis=0)
+        arr = np.nanmean(values[:, defined], axis=0)
+        out[k] = _percentiles(arr)
     return out
 
 
@@ -205,14 +208,9 @@ def pretraining_effect(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.Dat
             if len(pair) < 10 or len(np.unique(y)) < 2:
                 continue
             a, b = pair["score_pre"].to_numpy(), pair["score_scratch"].to_numpy()
-            rng = np.random.default_rng(seed)
-            index = pair.groupby("patient_id").indices
-            patients = list(index)
-            draws = []
-            for _ in range(n_boot):
-                rows_ = np.concatenate([index[p] for p in rng.choice(patients, size=len(patients), replace=True)])
-                if len(np.unique(y[rows_])) == 2:
-                    draws.append(roc_auc_score(y[rows_], a[rows_]) - roc_auc_score(y[rows_], b[rows_]))
+            weights = patient_draw_weights(pair["patient_id"].to_numpy(), n_boot, seed)
+            draws = (resampled_binary_metrics(y, a, weights)["auc"] - resampled_binary_metrics(y, b, weights)["auc"])
+            draws = draws[~np.isnan(draws)]  # resamples with one class have no AUC
             lo, hi = _percentiles(np.asarray(draws))
             p = float(Delong_test(y, a, b, return_ci=False, return_auc=False)[1])
             rows.append({**dict(zip(keys, key)), "regime": regime, "auc_pre": roc_auc_score(y, a),
