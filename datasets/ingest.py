@@ -69,23 +69,29 @@ class Vertebra:
 def vertebra_centroids(mask: np.ndarray, affine: np.ndarray, label_map: dict[int, str]) -> list[Vertebra]:
     """Centroids of every vertebra label, cranial to caudal; other labels are ignored.
 
-    `find_objects` is one pass over the mask; each centroid then only reads its bounding box.
+    One pass over the mask finds its labelled voxels (a small share of a CT); everything else is
+    computed from those alone. The mask is read in its memory order (nibabel's arrays are Fortran-
+    ordered), so the pass makes no copy of it.
     """
     if np.issubdtype(mask.dtype, np.floating):
         if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
             raise BenchError("mask holds non-integer or non-finite values; expected integer labels")
-    ids = np.asarray(mask).astype(np.int32, copy=False) if mask.dtype.kind == "f" else mask
+    ids = np.asarray(mask).astype(np.int32, copy=False) if mask.dtype.kind == "f" else np.asarray(mask)
+    order = "F" if ids.flags.f_contiguous and not ids.flags.c_contiguous else "C"
+    flat_ids = ids.ravel(order=order)
+    where = np.flatnonzero(flat_ids)
+    values = flat_ids[where]
+    wanted = np.isin(values, list(label_map))
+    where, values = where[wanted], values[wanted]
+    coords = np.stack(np.unravel_index(where, ids.shape, order=order), axis=1)
     out = []
-    boxes = ndimage.find_objects(ids)
     for label_id, name in label_map.items():
-        if label_id > len(boxes) or boxes[label_id - 1] is None:
+        voxels = coords[values == label_id]
+        if not len(voxels):
             continue
-        box = boxes[label_id - 1]
-        idx = np.nonzero(ids[box] == label_id)
-        count = len(idx[0])
-        voxel = np.array([idx[d].mean() + box[d].start for d in range(3)])
-        touches = any(box[d].start == 0 or box[d].stop == mask.shape[d] for d in range(3))
-        out.append(Vertebra(name, label_id, count, (affine @ np.append(voxel, 1.0))[:3], touches))
+        voxel = voxels.mean(axis=0)
+        touches = bool((voxels.min(axis=0) == 0).any() or (voxels.max(axis=0) == np.array(mask.shape) - 1).any())
+        out.append(Vertebra(name, label_id, len(voxels), (affine @ np.append(voxel, 1.0))[:3], touches))
     out.sort(key=lambda v: VERTEBRAE.index(v.name))
     return out
 

@@ -93,6 +93,18 @@ def test_crop_centres_are_the_mask_centroids_in_world_coordinates(ct, mask, labe
         np.testing.assert_allclose(com, [47.5] * 3, atol=tolerance)
 
 
+def test_gz_volumes_read_through_indexed_gzip_give_the_same_bytes(monkeypatch):
+    from nibabel import _compression
+
+    from bench.datasets.nifti import load_volume
+
+    assert _compression.HAVE_INDEXED_GZIP  # a dependency: nibabel decompresses .nii.gz through it
+    fast, fast_affine = load_volume(TS_CT, "ct")
+    monkeypatch.setattr(_compression, "HAVE_INDEXED_GZIP", False)  # the standard library's gzip
+    plain, plain_affine = load_volume(TS_CT, "ct")
+    assert fast.dtype == plain.dtype and np.array_equal(fast, plain) and np.array_equal(fast_affine, plain_affine)
+
+
 @pytest.mark.parametrize("codes", [("L", "P", "S"), ("P", "I", "R"), ("S", "L", "A")])
 def test_same_crops_in_any_orientation(tmp_path, totalseg, codes):
     ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
