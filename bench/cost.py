@@ -53,6 +53,10 @@ def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
     crops = rng.integers(-1000, 1000, (BATCH, s, s, s)).astype(np.int16)
     if kind == "volume":
         dataset = p.VolumeCorpus(crops, np.arange(BATCH), s, 0)
+    elif kind == "segmentation":
+        from bench.datasets.corpora import ORGANS
+
+        dataset = p.OrganCorpus(crops, rng.integers(0, len(ORGANS), crops.shape).astype(np.uint8), 0)
     elif kind == "video":
         v, frames = cfg.synthetic.video_size, cfg.synthetic.video_frames
         dataset = p.VideoCorpus(rng.integers(0, 255, (BATCH, frames, v, v, 3)).astype(np.uint8), 0)

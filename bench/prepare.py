@@ -21,8 +21,8 @@ from bench.config import config_hash
 
 def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]]:
     """What the runs read from the synthetic data set: name -> (kind, config), one per distinct item.
-    Kinds: "labelled", "unlabelled" (vertebrae pretraining), "body_ct" and "video" (the corpora
-    of the embedded `public` regime)."""
+    Kinds: "labelled", "unlabelled" (vertebrae pretraining), "body_ct", "body_ct_organs" and "video"
+    (the corpora of the embedded `public` regime)."""
     from bench.datasets.loading import corpus_path, synthetic_spec
     from bench.registry import create_method
 
@@ -41,8 +41,10 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
                 if not cfg.pretrain_data:  # separate pretraining stores need no synthetic unlabelled set
                     add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
-                kind = "video" if method.pretext_data("public") == "video" else "body_ct"
-                add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus
+                pretext = method.pretext_data("public")
+                kinds = {"video": ["video"], "segmentation": ["body_ct", "body_ct_organs"]}.get(pretext, ["body_ct"])
+                for kind in kinds:
+                    add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus
     return jobs
 
 

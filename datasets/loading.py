@@ -43,7 +43,7 @@ def load_data(cfg: DictConfig) -> VertebraSet:
 
 def load_store(path: Path, cfg: DictConfig) -> VertebraSet:
     """The labelled crops of a store (label >= 0) with their split; unlabelled ones are left out."""
-    crops, manifest, meta = open_store(path)
+    crops, manifest, meta = open_store(path, verified_in=cache_root(cfg))
     labelled = manifest[manifest["label"] >= 0]
     if labelled.empty:
         raise BenchError(f"crop store '{path}' has no labelled crops; ingest it with labels=CSV")
@@ -155,7 +155,7 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
         if not hasattr(source, "load_unlabelled"):
             raise BenchError(f"data set '{cfg.data}' has no unlabelled vertebrae for pretraining")
         return source.load_unlabelled(cfg)
-    crops, manifest, _ = open_store(cfg.data)
+    crops, manifest, _ = open_store(cfg.data, verified_in=cache_root(cfg))
     labelled_patients = set(manifest.loc[manifest["label"] >= 0, "patient_id"])
     # a labelled patient's ungraded vertebrae (VerSe levels left blank) belong to that patient: never pretrained on
     unlabelled = manifest[(manifest["label"] < 0) & ~manifest["patient_id"].isin(labelled_patients)]
@@ -191,7 +191,7 @@ def load_pretrain_stores(cfg: DictConfig) -> VertebraSet:
     paths = [Path(p.strip()) for p in str(cfg.pretrain_data).split(",") if p.strip()]
     arrays, tables, geometry = [], [], {}
     for path in paths:
-        crops, manifest, meta = open_store(path)
+        crops, manifest, meta = open_store(path, verified_in=cache_root(cfg))
         geometry[str(path)] = (meta["size"], meta["spacing_mm"])
         table = manifest.assign(crop_index=manifest.index.to_numpy() + sum(len(a) for a in arrays),
                                 store=str(path), split="pretrain", label=-1, grade=-1)
@@ -228,7 +228,8 @@ def check_pretraining_is_apart(labelled: VertebraSet, pretraining: pd.DataFrame,
 
 def corpus_spec(cfg: DictConfig, kind: str) -> dict:
     """Everything that makes a corpus (its cache file is named by the hash of it)."""
-    return {"kind": kind, "n": {"body_ct": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}[kind],
+    n = {"body_ct": cfg.synthetic.n_body_ct, "body_ct_organs": cfg.synthetic.n_body_ct, "video": cfg.synthetic.n_videos}
+    return {"kind": kind, "n": n[kind],
             "size": cfg.synthetic.video_size if kind == "video" else cfg.crop_size, "fov_mm": cfg.synthetic.fov_mm,
             "frames": cfg.synthetic.video_frames, "seed": cfg.synthetic.seed, "version": 1}
 
@@ -238,7 +239,8 @@ def corpus_path(cfg: DictConfig, kind: str) -> Path:
 
 
 def load_corpus(cfg: DictConfig, kind: str) -> np.ndarray:
-    """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches or
+    """An out-of-domain corpus, generated on first use: "body_ct" (N, S, S, S) int16 HU patches,
+    "body_ct_organs" their (N, S, S, S) uint8 organ label maps (bench.datasets.corpora.ORGANS) or
     "video" (N, T, V, V, 3) uint8 clips (S = crop size, V = synthetic.video_size)."""
     path = corpus_path(cfg, kind)
     with locked(path):  # concurrent trials wait for one generator
@@ -254,6 +256,8 @@ def _write_corpus(cfg: DictConfig, kind: str, n: int, size: int, path: Path) -> 
     seed, frames = cfg.synthetic.seed, cfg.synthetic.video_frames
     if kind == "body_ct":
         items = [corpora.body_ct_patch(i, size, cfg.synthetic.fov_mm, seed) for i in range(n)]
+    elif kind == "body_ct_organs":
+        items = [corpora.body_ct_patch(i, size, cfg.synthetic.fov_mm, seed, organs=True)[1] for i in range(n)]
     else:
         items = [corpora.video_clip(i, frames, size, seed) for i in range(n)]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

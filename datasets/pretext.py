@@ -5,7 +5,9 @@
 - "video": (3, T, V, V) clips of the out-of-domain video corpus in [0, 1]; random horizontal flip
   (`public` stage only);
 - "slices": the unlabelled vertebrae as slice-view clips (3, T, H, W), as the video methods see
-  vertebrae (`vertebrae` stage only).
+  vertebrae (`vertebrae` stage only);
+- "segmentation": body-CT patches (1, S, S, S) with their organ label maps (S, S, S), the same random
+  flips on both, for supervised pretraining stand-ins (`public` stage only).
 
 A method's `pretext_views(stage)` (optional) turns each sample into the views its pretext compares
 (two augmented crops, multi-crop), with a generator seeded per (seed, epoch, index), so the views
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset
 from bench.datasets.torch_data import SliceViewDataset, load_crop
 from bench.errors import BenchError, choices_hint
 
-KINDS = ("volume", "video", "slices")
+KINDS = ("volume", "video", "slices", "segmentation")
 Views = Callable[[torch.Tensor, np.random.Generator], Any]
 
 
@@ -44,6 +46,26 @@ class VolumeCorpus(Dataset):
             if rng.random() < 0.5:
                 x = np.flip(x, axis)
         return torch.from_numpy(np.ascontiguousarray(x)[None])
+
+
+class OrganCorpus(Dataset):
+    """((1, S, S, S) patch in [0, 1], (S, S, S) int64 organ labels), the same random flips on both."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
+        if images.shape != labels.shape:
+            raise BenchError(f"organ corpus: {images.shape} patches but {labels.shape} label maps")
+        self.images, self.labels, self.seed, self.epoch = images, labels, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = load_crop(self.images, index, None), np.asarray(self.labels[index])
+        rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        for axis in range(3):
+            if rng.random() < 0.5:
+                x, y = np.flip(x, axis), np.flip(y, axis)
+        return torch.from_numpy(np.ascontiguousarray(x)[None]), torch.from_numpy(y.astype(np.int64))
 
 
 class VideoCorpus(Dataset):
@@ -108,15 +130,20 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
             raise BenchError(f"regime public on data '{cfg.data}' needs weights.public=PATH_OR_URL "
                              "(the embedded public corpus belongs to data=synthetic)")
         if kind == "slices":
-            raise BenchError(f"method '{method.name}': the public stage reads 'volume' or 'video', not 'slices'")
-        corpus = "video" if kind == "video" else "body_ct"
-        items = load_corpus(cfg, corpus)
+            raise BenchError(f"method '{method.name}': the public stage reads 'volume', 'video' or 'segmentation', "
+                             "not 'slices'")
+        corpus = {"video": "video", "segmentation": "body_ct_organs"}.get(kind, "body_ct")
+        items = load_corpus(cfg, "body_ct" if kind == "segmentation" else corpus)
         spec = {"corpus": corpus, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size}
-        dataset = VideoCorpus(items, seed) if kind == "video" else VolumeCorpus(items, np.arange(len(items)),
-                                                                                  cfg.crop_size, seed)
-    else:
         if kind == "video":
-            raise BenchError(f"method '{method.name}': the vertebrae stage reads 'volume' or 'slices', not 'video'")
+            dataset = VideoCorpus(items, seed)
+        elif kind == "segmentation":
+            dataset = OrganCorpus(items, load_corpus(cfg, "body_ct_organs"), seed)
+        else:
+            dataset = VolumeCorpus(items, np.arange(len(items)), cfg.crop_size, seed)
+    else:
+        if kind in ("video", "segmentation"):
+            raise BenchError(f"method '{method.name}': the vertebrae stage reads 'volume' or 'slices', not '{kind}'")
         data = load_unlabelled(cfg)
         spec = {"corpus": "unlabelled_vertebrae", "name": data.name, "fingerprint": data.fingerprint(),
                 "crop_size": cfg.crop_size}

@@ -8,8 +8,8 @@ storage.
 Self-supervised pretraining is a declared surface of hooks, all optional except `pretext_data` and
 `build_pretext` (a method without them has no pretext task):
 
-- what the pretext reads: `pretext_data(stage)` ("volume", "video" or "slices", see
-  bench.datasets.pretext) and how each sample becomes views: `pretext_views(stage)`;
+- what the pretext reads: `pretext_data(stage)` ("volume", "video", "slices" or "segmentation",
+  see bench.datasets.pretext) and how each sample becomes views: `pretext_views(stage)`;
 - the pretext module: `build_pretext(stage)`, whose forward returns {"loss": ..., other parts}, or
   a custom `pretext_step(pretext, batch)`;
 - what is trained: `pretext_param_groups(pretext)` (per-group `lr_scale`, `weight_decay`; frozen
@@ -123,8 +123,8 @@ class Method:
 
     # ---- self-supervised pretraining -------------------------------------------------------------
     def pretext_data(self, stage: str) -> str | None:
-        """What the pretext of a stage ("public" or "vertebrae") reads: "volume", "video" or
-        "slices" (bench.datasets.pretext); None: the method has no pretext task."""
+        """What the pretext of a stage ("public" or "vertebrae") reads: "volume", "video", "slices"
+        or "segmentation" (bench.datasets.pretext); None: the method has no pretext task."""
         return None
 
     @classmethod

@@ -20,8 +20,13 @@ Every tensor of the encoder must come from the file (bench.weights.load_into).
 
 Preprocessing as SuPreM's: RAS orientation (the harness's own), intensities windowed to
 [-175, 250] HU then scaled to [0, 1] (`model.hu_window`); voxels of 1.5 mm in pretraining.
-Supervised pretraining is not reproduced here, so the regimes are `scratch` and `public`, the
-latter with `weights.public=PATH`.
+
+Regimes `scratch` and `public` (supervised pretraining has no vertebra stage). `public` loads the
+file given as `weights.public`; without one, the embedded stand-in pretrains as SuPreM did, in
+miniature: the backbone with its segmentation decoder (MONAI's Swin UNETR; the U-Net's own
+up-path), one output per organ of the body-CT corpus (bench.datasets.corpora.ORGANS), Dice +
+cross-entropy (MONAI `DiceCELoss`, SuPreM's loss) on the corpus's organ label maps. The encoder's
+tensors go on to finetuning; the decoder stays behind, as SuPreM's backbone files leave it.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
 
+from bench.datasets.corpora import ORGANS
 from bench.methods.base import Method
 from bench.methods.inputs import HUWindow, hu_window
-from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, _c
+from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, UNet3D, _c
 from bench.methods.swin_unetr import SwinClassifier, SwinEncoder, SwinParams, SwinUNETR, make_swin
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -80,6 +87,36 @@ class Windowed(nn.Module):
         return self.encoder(self.window(x))
 
 
+class OrganSegmentation(nn.Module):
+    """The supervised stand-in's pretext: the checkpoint's intensity window, a segmentation network
+    with one logit map per organ, and Dice + cross-entropy against the organ labels."""
+
+    def __init__(self, window: HUWindow, network: nn.Module) -> None:
+        super().__init__()
+        self.window = window
+        self.network = network
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, organs = batch
+        logits = self.network(self.window(x)).float()
+        return {"loss": self.loss(logits, organs[:, None])}
+
+
+def swin_segmentation(p, crop_size: int) -> nn.Module:
+    """MONAI's Swin UNETR around the classifier's own Swin encoder (`swinViT`). Its decoder normalises
+    by instance, as SuPreM's, where the bottleneck has more than one voxel; the CPU presets' 32^3
+    crops leave it one, which instance norm cannot train on, so the (discarded) decoder normalises by
+    batch there."""
+    from monai.networks.nets import SwinUNETR as SwinUNETRNet
+
+    network = SwinUNETRNet(in_channels=1, out_channels=len(ORGANS), feature_size=p.feature_size,
+                           depths=tuple(p.depths), num_heads=tuple(p.num_heads), window_size=p.window_size,
+                           norm_name="instance" if crop_size >= 64 else "batch")
+    network.swinViT = make_swin(p)
+    return network
+
+
 @register_method("suprem")
 class SuPreM(SwinClassifier):
     description = "SuPreM supervised Swin UNETR backbone, AbdomenAtlas (Li et al., ICLR 2024)"
@@ -96,6 +133,15 @@ class SuPreM(SwinClassifier):
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder.swin
+
+    def pretext_data(self, stage: str) -> str | None:
+        return "segmentation" if stage == "public" else None
+
+    def build_pretext(self, stage: str = "public") -> nn.Module:
+        return OrganSegmentation(hu_window(self.params.hu_window), swin_segmentation(self.params, self.cfg.crop_size))
+
+    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
+        return pretext.network.swinViT
 
     def cam_layer(self, model: nn.Module) -> str:
         return "encoder.encoder.swin.layers4"
@@ -126,3 +172,14 @@ class SuPreMUNet(Method):
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder.encoder
+
+    def pretext_data(self, stage: str) -> str | None:
+        return "segmentation" if stage == "public" else None
+
+    def build_pretext(self, stage: str = "public") -> nn.Module:
+        network = UNet3D(self.params.width)
+        network.out_tr = nn.Conv3d(_c(64, self.params.width), len(ORGANS), kernel_size=1)  # a logit per organ
+        return OrganSegmentation(hu_window(self.params.hu_window), network)
+
+    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in pretext.network.state_dict().items() if k.startswith(ENCODER_BLOCKS)}
