@@ -12,6 +12,7 @@ Loading a crop is a slice of the memory map: no decompression, no file open per 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,10 @@ def is_store(path: Path) -> bool:
     return (path / "store.json").is_file() and (path / "crops.npy").is_file()
 
 
-def open_store(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+def open_store(path: str | Path, verified_in: Path | None = None) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """The crops (a memory map), the manifest and store.json of a store, checked: a sample of crops
+    against their checksums on every open, and, with `verified_in` (the cache), every crop once per
+    version of the store's files (`ensure_verified`)."""
     path = Path(path)
     if not is_store(path):
         raise BenchError(f"'{path}' is not a crop store (expected store.json and crops.npy; make one with `bench data "
@@ -56,6 +60,8 @@ def open_store(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[str, An
     if len(crops) != len(manifest):
         raise BenchError(f"crop store '{path}' is inconsistent: {len(crops)} crops, {len(manifest)} manifest rows")
     verify_crops(path, crops, manifest, sample=VERIFY_SAMPLE)
+    if verified_in is not None:
+        ensure_verified(path, crops, manifest, verified_in)
     return crops, manifest, meta
 
 
@@ -80,6 +86,38 @@ def verify_crops(path: Path, crops: np.ndarray, manifest: pd.DataFrame, sample: 
                              f"match its checksum in manifest.parquet (crops reordered or altered); re-ingest the "
                              f"store")
     return len(rows)
+
+
+def _file_version(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def ensure_verified(path: Path, crops: np.ndarray, manifest: pd.DataFrame, cache: Path) -> bool:
+    """Check every crop against its checksum once per version of crops.npy and manifest.parquet
+    (size, modification time, inode), recorded under `cache`/verified/; returns whether it checked.
+
+    The runs' data fingerprint hashes the manifest's checksums; with every crop checked against them
+    whenever either file changed, it stands for the crops' bytes, while an unchanged store is read in
+    full only once. A cache that cannot be written means checking again next time, nothing worse."""
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    record = cache / "verified" / f"{key}.json"
+    version = {"store": str(path.resolve()),
+               **{name: _file_version(path / name) for name in ("crops.npy", "manifest.parquet")}}
+    try:
+        if json.loads(record.read_text()) == version:
+            return False
+    except (OSError, ValueError):
+        pass
+    verify_crops(path, crops, manifest)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(version))
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return True
 
 
 def open_masks(path: str | Path, n_crops: int) -> np.ndarray | None:

@@ -41,6 +41,17 @@ def _reorder(folder):
     np.save(folder / "crops.npy", crops[::-1].copy())
 
 
+def _swap_unsampled(folder):
+    """Swap two crops that the sampled check on open does not read: only the full check finds them."""
+    from bench.datasets.cropstore import VERIFY_SAMPLE
+
+    crops = np.load(folder / "crops.npy")
+    sampled = set(np.linspace(0, len(crops) - 1, num=VERIFY_SAMPLE).round().astype(int))
+    i, j = [r for r in range(len(crops)) if r not in sampled][:2]
+    crops[[i, j]] = crops[[j, i]]
+    np.save(folder / "crops.npy", crops)
+
+
 def _bad_manifest(folder):
     (folder / "manifest.parquet").write_bytes(b"PAR1 not really a parquet file")
 
@@ -108,6 +119,8 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
                         "store.json is unreadable"),
     "store_reordered_crops": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _reorder)}"],
                               "does not match its checksum"),
+    "store_swapped_unsampled_crops": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _swap_unsampled)}"],
+                                      "does not match its checksum"),
     "info_verify_reordered": (lambda t, s: ["data", "info", str(_copy(s, t, _reorder)), "--verify"],
                               "does not match its checksum"),
     "pretrain_data_missing": (lambda t, s: ["run", "method=mae3d", "regime=vertebrae", f"data={s}",
@@ -171,3 +184,17 @@ def test_report_skips_a_broken_run_folder_with_a_warning(store, tmp_path, capsys
                  f"out={runs}", f"cache_dir={tmp_path / 'cache'}"]) == 0
     assert main(["report", str(runs), f"out={tmp_path / 'report'}", "bootstrap=10"]) == 0
     assert pd.read_parquet(tmp_path / "report" / "cells.parquet")["seeds"].tolist() == [1]
+
+
+def test_every_crop_is_checked_once_per_version_of_the_store(store, tmp_path):
+    from bench.datasets.cropstore import ensure_verified, open_store
+    from bench.errors import BenchError
+
+    copy = _copy(store, tmp_path, lambda folder: None)
+    crops, manifest, _ = open_store(copy)
+    assert ensure_verified(copy, crops, manifest, tmp_path / "cache")  # first sight: every crop read
+    assert not ensure_verified(copy, crops, manifest, tmp_path / "cache")  # unchanged: not again
+    _swap_unsampled(copy)
+    crops, manifest, _ = open_store(copy)  # the sample on open does not see the swap
+    with pytest.raises(BenchError, match="does not match its checksum"):
+        ensure_verified(copy, crops, manifest, tmp_path / "cache")
