@@ -14,6 +14,11 @@ looks like (a random map, a centred Gaussian), and scores:
   2-50 % of voxels by the map are replaced by a blurred copy of the crop (lower: the map found what
   the model uses; it needs no mask).
 
+For a run whose encoder came from a masked-reconstruction pretext (a method with
+`pretext_reconstruction`, e.g. `mae3d` in `vertebrae`), the pretrained pretext model also
+reconstructs each explained crop from a masked copy (the run's seed fixes the mask): a PNG with the
+original, the masked input and the reconstruction, and the reconstruction as NIfTI.
+
 Masks come from the crop store (`masks.npy`: the synthetic generator writes the body and the
 deformity, ingestion the centre vertebra). Outputs go to `RUN_DIR/explain/` (written in a staging
 folder, then renamed; nothing else in the run changes): one PNG per vertebra (three orthogonal
@@ -238,14 +243,80 @@ def explain_run(folder: Path, n: int = 3) -> Path:
                          "label": int(pick.label), "score": float(pick.score), "files": files, "scores": scores,
                          "has_mask": truth is not None})
         names = list(rows[0]["scores"]) if rows else []
+        crops = {r["files"]["png"][:-4]: np.asarray(test.images[int(test.table["crop_index"].iloc[int(pick.row)])])
+                 for r, (_, pick) in zip(rows, chosen.iterrows())}
+        reconstruction = mae_reconstructions(method, cfg, folder, crops, stage)
+        if reconstruction is not None:
+            for r in rows:
+                r["files"].update(reconstruction["files"].get(r["files"]["png"][:-4], {}))
         summary = {"run": folder.name, "method": cfg.method, "regime": cfg.regime, "n_per_kind": n,
                    "maps": names, "baselines": list(BASELINES), "summary": summarise(rows, names, cfg.seed),
-                   "vertebrae": rows, "deletion_fractions": list(DELETION_FRACTIONS)}
+                   "vertebrae": rows, "deletion_fractions": list(DELETION_FRACTIONS),
+                   "reconstruction": None if reconstruction is None else reconstruction["summary"]}
         (stage / "explain.json").write_text(dumps(summary))
         replace_folder(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
+
+
+def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[str, np.ndarray],
+                        stage: Path) -> dict[str, Any] | None:
+    """The pretrained pretext's reconstruction of each crop (stem -> crop), written into `stage`;
+    None when the run's encoder did not come from a reconstructing pretext."""
+    from bench.datasets.torch_data import load_crop
+    from bench.methods.base import Method
+    from bench.transfer import pretext_from_artifact
+
+    if type(method).pretext_reconstruction is Method.pretext_reconstruction:
+        return None
+    init = json.loads((folder / "metrics.json").read_text()).get("pretraining") or {}
+    if not init.get("artifact"):
+        return None
+    artifact = Path(init["artifact"])
+    if not (artifact / "pretext.safetensors").is_file():
+        return {"files": {}, "summary": {"skipped": f"pretraining artifact '{artifact}' is no longer in the cache"}}
+    pretext = pretext_from_artifact(method, artifact).eval()
+    files: dict[str, dict[str, str]] = {}
+    errors = []
+    for stem, crop in crops.items():
+        x = torch.from_numpy(load_crop(crop[None], 0, cfg.crop_size))[None, None].float()
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            masked, recon = method.pretext_reconstruction(pretext, x)
+        original, masked, recon = (t[0, 0].float().numpy() for t in (x, masked, recon))
+        errors.append(float(np.mean((recon - original) ** 2)))
+        files[stem] = _write_reconstruction(stage, stem, original, masked, recon)
+    return {"files": files, "summary": {"artifact": artifact.name, "mse": float(np.mean(errors)),
+                                         "inputs": "crops scaled to [0, 1] at crop_size, as the pretext saw them"}}
+
+
+def _write_reconstruction(stage: Path, stem: str, original: np.ndarray, masked: np.ndarray,
+                          recon: np.ndarray) -> dict[str, str]:
+    """Original / masked / reconstruction, three orthogonal mid-slices each, and the reconstruction as NIfTI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(recon.astype(np.float32), np.eye(4)), stage / f"{stem}_mae_reconstruction.nii.gz")
+    centre = [s // 2 for s in original.shape]
+    fig, axes = plt.subplots(3, 3, figsize=(6, 6), squeeze=False)
+    for r, (name, volume) in enumerate((("original", original), ("masked", masked), ("reconstruction", recon))):
+        for c, title in enumerate(("sagittal", "coronal", "axial")):
+            sl = [slice(None)] * 3
+            sl[c] = centre[c]
+            axes[r, c].imshow(np.rot90(volume[tuple(sl)]), cmap="gray", vmin=0.0, vmax=1.0)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stage / f"{stem}_mae.png", dpi=60)
+    plt.close(fig)
+    return {"mae_png": f"{stem}_mae.png", "mae_reconstruction": f"{stem}_mae_reconstruction.nii.gz"}
 
 
 def _write_outputs(stage: Path, stem: str, crop: np.ndarray, truth: np.ndarray | None,

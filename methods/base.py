@@ -165,6 +165,11 @@ class Method:
         """Before each epoch (e.g. set a temperature); returned values are logged in the loss curve."""
         return None
 
+    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Masked-reconstruction pretexts: (masked input, reconstruction) of a pretext batch `x`, shaped
+        like `x`, which `bench explain` shows; None: the pretext reconstructs nothing to show."""
+        return None
+
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
         """The part of the pretext model that public weights initialise."""
         return pretext.encoder

@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear, patchify, take
+from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear, patchify, take, unpatchify
 from bench.registry import register_method
 
 
@@ -97,6 +97,31 @@ class MAE3D(nn.Module):
         return {"loss": masked_patch_loss(pred, take(patches, masking.hidden), self.norm_pix_loss)}
 
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked input, reconstruction) of a batch, both (B, 1, D, H, W): the hidden patches blanked,
+        and the visible patches kept with the decoder's prediction at the hidden ones. Normalised-pixel
+        predictions are mapped back with each target patch's own mean and variance, as MAE's
+        visualisation does."""
+        p = self.encoder.patch_size
+        patches = patchify(x, p)
+        masking = random_masking(len(x), self.encoder.num_patches, self.mask_ratio, x.device)
+        tokens = self.encode(patches, masking)
+        for block in self.decoder_blocks:
+            tokens = block(tokens)
+        pred = self.decoder_pred(self.decoder_norm(take(tokens[:, 1:], masking.hidden))).float()
+        if self.norm_pix_loss:
+            target = take(patches, masking.hidden).float()
+            var, mean = torch.var_mean(target, dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        b, n, size = patches.shape
+        rows = (masking.hidden + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
+        full = patches.float().reshape(b * n, size).index_copy(0, rows, pred.reshape(-1, size))
+        masked = patches.float().reshape(b * n, size).index_fill(0, rows, 0.0)
+        grid = (x.shape[2] // p, x.shape[3] // p, x.shape[4] // p)
+        return unpatchify(masked.view(b, n, size), p, grid), unpatchify(full.view(b, n, size), p, grid)
+
+
 @dataclass
 class MAE3DParams(ViTParams):
     mask_ratio: float = 0.75
@@ -122,6 +147,9 @@ class MAE3DMethod(ViTMethod):
 
     def pretext_data(self, stage: str) -> str:
         return "volume"
+
+    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params

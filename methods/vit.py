@@ -31,6 +31,13 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (d // p) * (h // p) * (w // p), p**3 * c)
 
 
+def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int, int], channels: int = 1) -> torch.Tensor:
+    """(B, N, p^3 C) -> (B, C, D, H, W): the inverse of `patchify` on a (D/p, H/p, W/p) token grid."""
+    b = patches.shape[0]
+    x = patches.reshape(b, *grid, p, p, p, channels)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, channels, grid[0] * p, grid[1] * p, grid[2] * p)
+
+
 class PatchEmbed3D(nn.Module):
     """Cubic patches -> tokens. The weights keep the Conv3d layout of the public checkpoints, but the
     embedding runs as one matrix product over `patchify`'s patches: the same numbers, faster than

@@ -40,12 +40,13 @@ def explain_section(runs: pd.DataFrame) -> dict[str, Any] | None:
             first = next((v for v in found["vertebrae"] if v["kind"] == kind), None)
             if first is None:
                 continue
-            png = folder / "explain" / first["files"]["png"]
-            if png.is_file():
-                uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-                images.append({"kind": kind, "uri": uri,
-                               "caption": f"{kind} {first['patient_id']} {first['vertebra']} "
-                                          f"(score {first['score']:.2f})"})
+            for key, what in (("png", "maps"), ("mae_png", "MAE reconstruction: original, masked, reconstructed")):
+                png = folder / "explain" / first["files"].get(key, "")
+                if key in first["files"] and png.is_file():
+                    uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+                    images.append({"kind": kind, "uri": uri,
+                                   "caption": f"{kind} {first['patient_id']} {first['vertebra']} "
+                                              f"(score {first['score']:.2f}): {what}"})
         if images:
             gallery.append({"run": folder.name, "images": images})
     if not rows:

@@ -123,13 +123,19 @@ def test_choose_takes_the_most_confident_of_each_kind_and_is_stable():
     assert choose(p, 2).equals(choose(p, 2))
 
 
+FAMILIES = {"resnet18-scratch-s0": "gradcam", "vit_b-scratch-s0": "rollout", "video_mae-scratch-s0": "rollout",
+            "r3d_18-scratch-s0": "gradcam", "mae3d-vertebrae-s0": "rollout"}  # run folder -> its model's map
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, bench_cache):
+    from bench.cli import main
+
     out = tmp_path_factory.mktemp("explain-runs")
-    for method in ("resnet18", "vit_b", "video_mae", "r3d_18"):
-        result = run_cli("run", f"method={method}", "regime=scratch", "preset=tiny", f"out={out}", "progress=false",
-                         "epochs=1")
-        assert result.returncode == 0, result.stderr
+    for folder in FAMILIES:
+        method, regime, _ = folder.split("-")
+        assert main(["run", f"method={method}", f"regime={regime}", "preset=tiny", f"out={out}", "progress=false",
+                     "epochs=1", "pretrain.epochs=1"]) == 0
     return out / "single"
 
 
@@ -142,25 +148,30 @@ def test_runs_keep_their_model_unless_told_not_to(tiny_runs, tmp_path):
 
 
 def test_explain_cli_on_every_model_family(tiny_runs):
-    folders = [tiny_runs / f"{m}-scratch-s0" for m in ("resnet18", "vit_b", "video_mae", "r3d_18")]
+    folders = [tiny_runs / name for name in FAMILIES]
     before = {f: sorted(p.name for p in f.iterdir()) for f in folders}
     result = run_cli("explain", *map(str, folders), "n=1")
     assert result.returncode == 0, result.stderr
-    expected_maps = {"resnet18": "gradcam", "vit_b": "rollout", "video_mae": "rollout", "r3d_18": "gradcam"}
     for folder in folders:
         assert sorted(p.name for p in folder.iterdir()) == sorted(before[folder] + ["explain"])
         report = json.loads((folder / "explain" / "explain.json").read_text())
-        method = folder.name.split("-")[0]
-        assert expected_maps[method] in report["maps"] and "occlusion" in report["maps"]
+        expected_map = FAMILIES[folder.name]
+        assert expected_map in report["maps"] and "occlusion" in report["maps"]
         assert set(report["baselines"]) == {"random", "gaussian"}
         assert report["vertebrae"], "nothing explained"
         first = report["vertebrae"][0]
         assert first["has_mask"] and 0 <= first["scores"]["random"]["mass_body"] <= 1
         crop_edge = 32  # tiny preset crops
-        image = nib.load(folder / "explain" / first["files"][expected_maps[method]])
+        image = nib.load(folder / "explain" / first["files"][expected_map])
         assert image.shape == (crop_edge,) * 3
         assert (folder / "explain" / first["files"]["png"]).stat().st_size > 1000
-        summary = report["summary"][expected_maps[method]]["deletion"]
+        if folder.name.startswith("mae3d"):  # an MAE encoder: its pretext's reconstruction of each crop
+            assert np.isfinite(report["reconstruction"]["mse"])
+            assert (folder / "explain" / first["files"]["mae_png"]).stat().st_size > 1000
+            assert nib.load(folder / "explain" / first["files"]["mae_reconstruction"]).shape == (crop_edge,) * 3
+        else:
+            assert report["reconstruction"] is None
+        summary = report["summary"][expected_map]["deletion"]
         assert summary["n"] == len(report["vertebrae"]) and np.isfinite(summary["mean"])
     report = run_cli("report", str(tiny_runs), f"out={tiny_runs.parent / 'report'}")
     assert report.returncode == 0, report.stderr
@@ -233,3 +244,19 @@ def test_token_layout_is_the_encoders_own_grid(name):
         x = torch.zeros(1, 1, cfg.crop_size, cfg.crop_size, cfg.crop_size)
     attentions = attribution.attention_maps(method.build_model(), x)
     assert attentions[-1].shape[-1] == prefix + int(np.prod(layout_grid))  # tokens = prefix + grid
+
+
+def test_mae_reconstruction_keeps_the_visible_patches_and_fills_the_hidden_ones():
+    from bench.methods.mae3d import MAE3D
+    from bench.methods.vit import ViT3D, patchify, unpatchify
+
+    x = torch.rand(2, 1, 32, 32, 32)
+    assert torch.equal(unpatchify(patchify(x, 8), 8, (4, 4, 4)), x)
+    mae = MAE3D(ViT3D(32, 8, embed_dim=32, depth=1, num_heads=2), 16, 1, 2, mask_ratio=0.75, norm_pix_loss=True).eval()
+    torch.manual_seed(0)
+    masked, recon = mae.reconstruct(x)
+    hidden = (patchify(masked, 8) == 0).all(dim=-1)  # (B, 64) blanked patches
+    assert hidden.sum(dim=1).tolist() == [48, 48]  # 75 % of 64
+    visible = patchify(recon, 8)[~hidden]
+    assert torch.equal(visible, patchify(x, 8)[~hidden])  # visible patches are the input's own
+    assert not torch.equal(patchify(recon, 8)[hidden], patchify(x, 8)[hidden])  # hidden ones are predicted

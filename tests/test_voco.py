@@ -43,11 +43,18 @@ def test_a_voco_l_file_into_voco_b_is_one_line(tmp_path):
 
 def test_suites_of_all_methods_run_only_what_needs_no_file():
     """`runs: all` runs a regime that needs public weights only where the method has a pretext to make
-    its embedded stand-in (voco: volume contrast); SuPreM's supervised pretraining is not reproduced."""
+    its embedded stand-in (voco: volume contrast; suprem: the supervised organ segmentation); a method
+    whose public regime is a file alone runs from scratch only."""
+    from bench.methods.base import Method
+
+    class FileOnly(Method):
+        regimes = ("scratch", "public")
+
     runs = expand({"name": "all", "runs": "all"}, seeds=1)
     assert {r["regime"] for r in runs if r["method"] == "voco"} == {"scratch", "public", "public_to_vertebrae"}
-    assert {r["regime"] for r in runs if r["method"] == "suprem"} == {"scratch"}
-    assert get_method("voco").runs_without_a_file("public") and not get_method("suprem").runs_without_a_file("public")
+    assert {r["regime"] for r in runs if r["method"] == "suprem"} == {"scratch", "public"}
+    assert get_method("voco").runs_without_a_file("public") and get_method("suprem").runs_without_a_file("public")
+    assert FileOnly.runs_without_a_file("scratch") and not FileOnly.runs_without_a_file("public")
 
 
 def test_overlap_labels_are_the_shares_of_each_base_crop():
