@@ -226,7 +226,7 @@ def explain_run(folder: Path, n: int = 3) -> Path:
     stage = Path(tempfile.mkdtemp(prefix=".explain.staging-", dir=folder))
     normal_mode(stage)
     try:
-        rows = []
+        rows, crops = [], {}
         for i, pick in chosen.iterrows():
             crop_index = int(test.table["crop_index"].iloc[int(pick.row)])
             crop = np.asarray(test.images[crop_index])
@@ -237,18 +237,17 @@ def explain_run(folder: Path, n: int = 3) -> Path:
             scores = {name: {**mask_scores(m, truth, int(pick.label)), "deletion": deletion[name]}
                       for name, m in every.items()}
             stem = f"{i:02d}_{pick.kind}_{pick.patient_id}_{pick.vertebra}"
+            crops[stem] = crop
             spacing = float(test.table["spacing"].iloc[int(pick.row)]) if "spacing" in test.table else 1.0
             files = _write_outputs(stage, stem, crop, truth, maps, spacing)
             rows.append({"kind": pick.kind, "patient_id": str(pick.patient_id), "vertebra": str(pick.vertebra),
                          "label": int(pick.label), "score": float(pick.score), "files": files, "scores": scores,
                          "has_mask": truth is not None})
         names = list(rows[0]["scores"]) if rows else []
-        crops = {r["files"]["png"][:-4]: np.asarray(test.images[int(test.table["crop_index"].iloc[int(pick.row)])])
-                 for r, (_, pick) in zip(rows, chosen.iterrows())}
         reconstruction = mae_reconstructions(method, cfg, folder, crops, stage)
         if reconstruction is not None:
-            for r in rows:
-                r["files"].update(reconstruction["files"].get(r["files"]["png"][:-4], {}))
+            for stem, row in zip(crops, rows):
+                row["files"].update(reconstruction["files"].get(stem, {}))
         summary = {"run": folder.name, "method": cfg.method, "regime": cfg.regime, "n_per_kind": n,
                    "maps": names, "baselines": list(BASELINES), "summary": summarise(rows, names, cfg.seed),
                    "vertebrae": rows, "deletion_fractions": list(DELETION_FRACTIONS),

@@ -17,15 +17,12 @@ GRADE_COLUMNS = ("macro_f1", "qwk", "recall_g0", "recall_g1", "recall_g2", "reca
 
 def patient_draw_weights(patient_ids: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     """(n_boot, rows) weights of a bootstrap over patients: each row's weight is how often its
-    patient was drawn, drawing as many patients as there are, with replacement."""
-    patients, codes = np.unique(np.asarray(patient_ids), return_inverse=True)
-    order = pd.unique(np.asarray(patient_ids))  # draw from the patients in order of appearance
-    position = {p: i for i, p in enumerate(patients)}
-    as_codes = np.array([position[p] for p in order])
+    patient was drawn, drawing as many patients as there are (in order of appearance), with replacement."""
+    codes, patients = pd.factorize(np.asarray(patient_ids))
     rng = np.random.default_rng(seed)
     weights = np.empty((n_boot, len(codes)))
     for b in range(n_boot):
-        drawn = rng.choice(as_codes, size=len(as_codes), replace=True)
+        drawn = rng.choice(len(patients), size=len(patients), replace=True)
         weights[b] = np.bincount(drawn, minlength=len(patients))[codes]
     return weights
 
