@@ -26,8 +26,10 @@ Pretext (`public_to_vertebrae`, and the embedded `public` stand-in on the body-C
 masked-image modelling the OpenMind MAE checkpoints were made with. ResEnc: 75 % of the volume's
 blocks (16^3 voxels at the paper preset) set to zero, the whole U-Net reconstructs the image, MSE on
 the masked voxels. Primus: 75 % of the patch tokens dropped before the Eva encoder, a learned mask
-token put back in their places, Primus' patch decoder reconstructs, MSE on the dropped patches (the
-nnssl Eva MAE also has a small Eva decoder before the patch decoder; it is left out here).
+token put back in their places, an Eva decoder (nnssl's EvaMAE: the encoder's width, its own position
+embeddings; 4 blocks for Primus-M) mixes them with the kept tokens, and Primus' patch decoder
+reconstructs; MSE on the dropped patches. The Eva decoder is what carries the kept tokens' information
+to the dropped places: the patch decoder restores each patch from its own token alone.
 """
 from __future__ import annotations
 
@@ -220,6 +222,7 @@ class PrimusParams:
     patch_size: int = 8
     drop_path: float = 0.0
     mask_ratio: float = 0.75
+    decoder_depth: int = 4  # the pretext's Eva decoder blocks (nnssl's PrimusM EvaMAE: 4, at the encoder's heads)
 
 
 class PrimusEncoder(nn.Module):
@@ -238,12 +241,14 @@ class PrimusEncoder(nn.Module):
 class PrimusMAE(nn.Module):
     """nnssl's Eva MAE: `mask_ratio` of the patch tokens dropped after the position embeddings (the
     rotary ones follow the kept tokens), the Eva encoder runs on the rest, a learned mask token fills
-    the dropped places and Primus' patch decoder restores the image; MSE on the dropped patches. The
-    dropping is done here rather than by Eva's `patch_drop_rate`, whose timm call has changed."""
+    the dropped places, an Eva decoder runs on the full sequence and Primus' patch decoder restores
+    the image; MSE on the dropped patches. The dropping is done here rather than by Eva's
+    `patch_drop_rate`, whose timm call has changed."""
 
-    def __init__(self, primus: nn.Module, ratio: float) -> None:
+    def __init__(self, primus: nn.Module, ratio: float, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = PrimusEncoder(primus)  # the finetuning encoder's modules and key names
+        self.decoder = decoder
         self.up_projection = primus.up_projection
         self.ratio = ratio
         self.mask_token = nn.Parameter(torch.zeros(1, 1, primus.embed_dim))
@@ -268,6 +273,7 @@ class PrimusMAE(nn.Module):
         tokens = net.eva.norm(tokens)
         full = self.mask_token.to(tokens.dtype).expand(b, n, c).clone()
         full = full.scatter(1, keep[..., None].expand(-1, -1, c), tokens)
+        full = self.decoder(full)[0]
         restored = self.up_projection(rearrange(full, "b (w h d) c -> b c w h d", w=w, h=h, d=d)).float()
         hidden = torch.ones(b, n, device=x.device).scatter(1, keep, 0.0).view(b, 1, w, h, d)
         for axis, size in zip((2, 3, 4), image.shape[2:]):
@@ -292,10 +298,11 @@ class OpenMindPrimusM(Method):
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = PrimusParams
     presets = {
-        "tiny": {"lr": 1.0e-3, "model": {"embed_dim": 48, "depth": 2, "num_heads": 2}},
+        "tiny": {"lr": 1.0e-3, "model": {"embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_depth": 1}},
         # the transformers' recipe, at lr 1e-3: at the recipe's 6.25e-5 the small Primus' training loss stayed
         # at 0.77 over six epochs from scratch (validation AUC 0.51); at 1e-3 it fell to 0.62 (0.57)
-        "small": {**TRANSFORMER_FINETUNE, "lr": 1.0e-3, "model": {"embed_dim": 192, "depth": 6, "num_heads": 4}},
+        "small": {**TRANSFORMER_FINETUNE, "lr": 1.0e-3, "model": {"embed_dim": 192, "depth": 6, "num_heads": 4,
+                                                                         "decoder_depth": 1}},
     }
     public_weights = WeightsSpec(
         filename="PrimusM-OpenMind-MAE (checkpoint_final.pth)", url="", sha256="",
@@ -336,4 +343,13 @@ class OpenMindPrimusM(Method):
         return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
-        return PrimusMAE(self.make_primus(), self.params.mask_ratio)
+        from dynamic_network_architectures.building_blocks.eva import Eva
+
+        p = self.params
+        if p.decoder_depth < 1:
+            raise BenchError(f"{self.name}: model.decoder_depth must be at least 1 (got {p.decoder_depth}): without "
+                             f"the Eva decoder no masked patch sees a kept one")
+        side = self.cfg.crop_size // p.patch_size
+        decoder = Eva(embed_dim=p.embed_dim, depth=p.decoder_depth, num_heads=p.num_heads, ref_feat_shape=(side,) * 3,
+                      use_rot_pos_emb=True, use_abs_pos_emb=True, mlp_ratio=4 * 2 / 3, drop_path_rate=p.drop_path)
+        return PrimusMAE(self.make_primus(), p.mask_ratio, decoder)
