@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,8 @@ def explain_run(folder: Path, n: int = 3) -> Path:
             scores = {name: {**mask_scores(m, truth, int(pick.label)), "deletion": deletion[name]}
                       for name, m in every.items()}
             stem = f"{i:02d}_{pick.kind}_{pick.patient_id}_{pick.vertebra}"
-            crops[stem] = crop
             spacing = float(test.table["spacing"].iloc[int(pick.row)]) if "spacing" in test.table else 1.0
+            crops[stem] = (crop, spacing)
             files = _write_outputs(stage, stem, crop, truth, maps, spacing)
             rows.append({"kind": pick.kind, "patient_id": str(pick.patient_id), "vertebra": str(pick.vertebra),
                          "label": int(pick.label), "score": float(pick.score), "files": files, "scores": scores,
@@ -259,9 +260,9 @@ def explain_run(folder: Path, n: int = 3) -> Path:
     return target
 
 
-def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[str, np.ndarray],
+def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[str, tuple[np.ndarray, float]],
                         stage: Path) -> dict[str, Any] | None:
-    """The pretrained pretext's reconstruction of each crop (stem -> crop), written into `stage`;
+    """The pretrained pretext's reconstruction of each crop (stem -> (crop, voxel size)), written into `stage`;
     None when the run's encoder did not come from a reconstructing pretext."""
     from bench.datasets.torch_data import load_crop
     from bench.methods.base import Method
@@ -278,83 +279,90 @@ def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[
     pretext = pretext_from_artifact(method, artifact).eval()
     files: dict[str, dict[str, str]] = {}
     errors = []
-    for stem, crop in crops.items():
+    for stem, (crop, spacing) in crops.items():
         x = torch.from_numpy(load_crop(crop[None], 0, cfg.crop_size))[None, None].float()
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             masked, recon = method.pretext_reconstruction(pretext, x)
         original, masked, recon = (t[0, 0].float().numpy() for t in (x, masked, recon))
         errors.append(float(np.mean((recon - original) ** 2)))
-        files[stem] = _write_reconstruction(stage, stem, original, masked, recon)
+        scaled = spacing * crop.shape[0] / cfg.crop_size  # load_crop resizes the crop to crop_size
+        files[stem] = _write_reconstruction(stage, stem, original, masked, recon, scaled)
     return {"files": files, "summary": {"artifact": artifact.name, "mse": float(np.mean(errors)),
                                          "inputs": "crops scaled to [0, 1] at crop_size, as the pretext saw them"}}
 
 
-def _write_reconstruction(stage: Path, stem: str, original: np.ndarray, masked: np.ndarray,
-                          recon: np.ndarray) -> dict[str, str]:
-    """Original / masked / reconstruction, three orthogonal mid-slices each, and the reconstruction as NIfTI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-
-    nib.save(nib.Nifti1Image(recon.astype(np.float32), np.eye(4)), stage / f"{stem}_mae_reconstruction.nii.gz")
-    centre = [s // 2 for s in original.shape]
-    fig, axes = plt.subplots(3, 3, figsize=(6, 6), squeeze=False)
-    for r, (name, volume) in enumerate((("original", original), ("masked", masked), ("reconstruction", recon))):
-        for c, title in enumerate(("sagittal", "coronal", "axial")):
-            sl = [slice(None)] * 3
-            sl[c] = centre[c]
-            axes[r, c].imshow(np.rot90(volume[tuple(sl)]), cmap="gray", vmin=0.0, vmax=1.0)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(title, fontsize=8)
-        axes[r, 0].set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stage / f"{stem}_mae.png", dpi=60)
-    plt.close(fig)
-    return {"mae_png": f"{stem}_mae.png", "mae_reconstruction": f"{stem}_mae_reconstruction.nii.gz"}
-
-
-def _write_outputs(stage: Path, stem: str, crop: np.ndarray, truth: np.ndarray | None,
-                   maps: dict[str, np.ndarray], spacing: float) -> dict[str, str]:
-    """A PNG (three orthogonal mid-slices, a row per map, the body outlined) and a NIfTI per map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-
+def crop_affine(shape: tuple[int, ...], spacing: float) -> np.ndarray:
+    """RAS mm of a crop's voxels: isotropic `spacing`, the crop's centre at the origin."""
     affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(crop.shape) - 1) / 2  # the crop's centre at the origin, RAS mm
-    files = {}
-    for name, m in maps.items():
-        nib.save(nib.Nifti1Image(m.astype(np.float32), affine), stage / f"{stem}_{name}.nii.gz")
-        files[name] = f"{stem}_{name}.nii.gz"
-    centre = [s // 2 for s in crop.shape]
-    fig, axes = plt.subplots(len(maps), 3, figsize=(6, 2 * len(maps)), squeeze=False)
-    image = np.clip(crop.astype(np.float32), -200, 1200)
-    for r, (name, m) in enumerate(maps.items()):
+    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
+    return affine
+
+
+def _mid_slice_grid(path: Path, shape: tuple[int, ...], rows: dict[str, Callable[[Any, tuple], None]]) -> None:
+    """A PNG of the three orthogonal mid-slices, one row per entry; `draw(ax, index)` paints a row's slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = [s // 2 for s in shape]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2 * len(rows)), squeeze=False)
+    for r, (name, draw) in enumerate(rows.items()):
         for c, title in enumerate(("sagittal", "coronal", "axial")):
-            sl = [slice(None)] * 3
-            sl[c] = centre[c]
+            index = [slice(None)] * 3
+            index[c] = centre[c]
             ax = axes[r, c]
-            ax.imshow(np.rot90(image[tuple(sl)]), cmap="gray")
-            ax.imshow(np.rot90(m[tuple(sl)]), cmap="inferno", alpha=0.45)
-            if truth is not None:
-                ax.contour(np.rot90((truth[tuple(sl)] & 1) > 0), levels=[0.5], colors="cyan", linewidths=0.6)
-                if (truth & 2).any():
-                    ax.contour(np.rot90((truth[tuple(sl)] & 2) > 0), levels=[0.5], colors="lime", linewidths=0.6)
+            draw(ax, tuple(index))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=8)
         axes[r, 0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(stage / f"{stem}.png", dpi=60)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
+
+
+def _write_reconstruction(stage: Path, stem: str, original: np.ndarray, masked: np.ndarray,
+                          recon: np.ndarray, spacing: float) -> dict[str, str]:
+    """Original / masked / reconstruction, three orthogonal mid-slices each, and the reconstruction as
+    NIfTI in the frame of the crop the pretext saw (`spacing`: its voxel size at crop_size)."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(recon.astype(np.float32), crop_affine(recon.shape, spacing)),
+             stage / f"{stem}_mae_reconstruction.nii.gz")
+
+    def gray(volume: np.ndarray) -> Callable[[Any, tuple], None]:
+        return lambda ax, index: ax.imshow(np.rot90(volume[index]), cmap="gray", vmin=0.0, vmax=1.0)
+
+    _mid_slice_grid(stage / f"{stem}_mae.png", original.shape,
+                    {"original": gray(original), "masked": gray(masked), "reconstruction": gray(recon)})
+    return {"mae_png": f"{stem}_mae.png", "mae_reconstruction": f"{stem}_mae_reconstruction.nii.gz"}
+
+
+def _write_outputs(stage: Path, stem: str, crop: np.ndarray, truth: np.ndarray | None,
+                   maps: dict[str, np.ndarray], spacing: float) -> dict[str, str]:
+    """A PNG (three orthogonal mid-slices, a row per map, the body outlined) and a NIfTI per map."""
+    import nibabel as nib
+
+    files, affine = {}, crop_affine(crop.shape, spacing)
+    for name, m in maps.items():
+        nib.save(nib.Nifti1Image(m.astype(np.float32), affine), stage / f"{stem}_{name}.nii.gz")
+        files[name] = f"{stem}_{name}.nii.gz"
+    image = np.clip(crop.astype(np.float32), -200, 1200)
+
+    def overlay(m: np.ndarray) -> Callable[[Any, tuple], None]:
+        def draw(ax: Any, index: tuple) -> None:
+            ax.imshow(np.rot90(image[index]), cmap="gray")
+            ax.imshow(np.rot90(m[index]), cmap="inferno", alpha=0.45)
+            if truth is not None:
+                ax.contour(np.rot90((truth[index] & 1) > 0), levels=[0.5], colors="cyan", linewidths=0.6)
+                if (truth & 2).any():
+                    ax.contour(np.rot90((truth[index] & 2) > 0), levels=[0.5], colors="lime", linewidths=0.6)
+        return draw
+
+    _mid_slice_grid(stage / f"{stem}.png", crop.shape, {name: overlay(m) for name, m in maps.items()})
     files["png"] = f"{stem}.png"
     return files
 

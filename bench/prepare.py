@@ -24,6 +24,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
     Kinds: "labelled", "unlabelled" (vertebrae pretraining), "body_ct", "body_ct_organs" and "video"
     (the corpora of the embedded `public` regime)."""
     from bench.datasets.loading import corpus_path, synthetic_spec
+    from bench.datasets.pretext import public_corpora
     from bench.registry import create_method
 
     jobs: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -41,9 +42,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
                 if not cfg.pretrain_data:  # separate pretraining stores need no synthetic unlabelled set
                     add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
-                pretext = method.pretext_data("public")
-                kinds = {"video": ["video"], "segmentation": ["body_ct", "body_ct_organs"]}.get(pretext, ["body_ct"])
-                for kind in kinds:
+                for kind in public_corpora(method.pretext_data("public")):
                     add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus
     return jobs
 

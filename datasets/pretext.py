@@ -27,6 +27,12 @@ from bench.datasets.torch_data import SliceViewDataset, load_crop
 from bench.errors import BenchError, choices_hint
 
 KINDS = ("volume", "video", "slices", "segmentation")
+
+
+def public_corpora(kind: str | None) -> tuple[str, ...]:
+    """The out-of-domain corpora (bench.datasets.loading.load_corpus) a public pretext of `kind` reads:
+    the first is its images, a second its labels."""
+    return {"video": ("video",), "segmentation": ("body_ct", "body_ct_organs")}.get(str(kind), ("body_ct",))
 Views = Callable[[torch.Tensor, np.random.Generator], Any]
 
 
@@ -132,13 +138,14 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
         if kind == "slices":
             raise BenchError(f"method '{method.name}': the public stage reads 'volume', 'video' or 'segmentation', "
                              "not 'slices'")
-        corpus = {"video": "video", "segmentation": "body_ct_organs"}.get(kind, "body_ct")
-        items = load_corpus(cfg, "body_ct" if kind == "segmentation" else corpus)
+        corpora = public_corpora(kind)
+        corpus = corpora[-1]
+        items = load_corpus(cfg, corpora[0])
         spec = {"corpus": corpus, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size}
         if kind == "video":
             dataset = VideoCorpus(items, seed)
         elif kind == "segmentation":
-            dataset = OrganCorpus(items, load_corpus(cfg, "body_ct_organs"), seed)
+            dataset = OrganCorpus(items, load_corpus(cfg, corpora[1]), seed)
         else:
             dataset = VolumeCorpus(items, np.arange(len(items)), cfg.crop_size, seed)
     else:

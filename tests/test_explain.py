@@ -168,7 +168,9 @@ def test_explain_cli_on_every_model_family(tiny_runs):
         if folder.name.startswith("mae3d"):  # an MAE encoder: its pretext's reconstruction of each crop
             assert np.isfinite(report["reconstruction"]["mse"])
             assert (folder / "explain" / first["files"]["mae_png"]).stat().st_size > 1000
-            assert nib.load(folder / "explain" / first["files"]["mae_reconstruction"]).shape == (crop_edge,) * 3
+            recon = nib.load(folder / "explain" / first["files"]["mae_reconstruction"])
+            # in the frame of the map over the same crop (crops are stored at crop_size here)
+            assert recon.shape == (crop_edge,) * 3 and np.allclose(recon.affine, image.affine)
         else:
             assert report["reconstruction"] is None
         summary = report["summary"][expected_map]["deletion"]
