@@ -197,6 +197,8 @@ def _explain(exc: OmegaConfBaseException, base: DictConfig, where: str) -> str:
         nested = _nested_matches(base, sub) if sub else []
         hint = f"; did you mean {' or '.join(repr(k) for k in nested)}?" if nested else ""
         return f"'{key}' ({where}) is a single value, it has no sub-keys{hint}"
+    if isinstance(exc, ValidationError) and "is not a ListConfig" in first:  # `probe.c_grid=abc`
+        return f"bad value for '{key}' ({where}): expected a list, for example {key}=[0.01,0.1,1]"
     if isinstance(exc, ValidationError):
         node_type = _field_type(base, key)
         expected = f"; expected {node_type}" if node_type and "expected" not in first else ""

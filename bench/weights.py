@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,15 +108,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         except Exception as exc:
             raise BenchError(f"weights '{path}': not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses: the line below says it
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        why = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0])
         raise BenchError(
             f"weights '{path}': refused, the checkpoint holds pickled objects other than tensors "
-            f"({first[:160]}); it was not executed"
+            f"({why[:160]}); it was not executed"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise BenchError(f"weights '{path}': not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a malformed pickle stream raises KeyError, IndexError, ...)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise BenchError(f"weights '{path}': not a readable checkpoint ({type(exc).__name__}: {first})") from None
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Hostile and careless input on every surface: each is one line naming the file, key or value at
-fault, exit status 2, and nothing written under out=."""
+fault, exit status 2, nothing written under out= and no checkpoint code run."""
 import gzip
+import os
+import pickle
 import shutil
 import struct
 
@@ -15,6 +17,8 @@ from tests_helpers import SHARED_DATA
 TP_CT = SHARED_DATA / "tptbox_sub-ct_label-22_ct.nii.gz"
 TP_MASK = SHARED_DATA / "tptbox_sub-ct_seg-vert_label-22_msk.nii.gz"
 SUITE = "runs:\n  - {method: resnet18, regimes: [scratch]}\n"
+MARKER = "unpickled-code-ran"
+CT_MASK = [f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,37 @@ def _huge(tmp_path, gz):
     path = tmp_path / ("huge.nii.gz" if gz else "huge.nii")
     path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw[:360]))
     return path
+
+
+def _file(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file: a checkpoint must never be it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _evil_checkpoint(tmp_path):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"state_dict": _RunsCode(tmp_path / MARKER)}, protocol=2))
+    return path
+
+
+def _splits(tmp_path, text):
+    return f"splits={_file(tmp_path, 'splits.csv', text)}"
+
+
+def _folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
 
 
 def _suite(tmp_path, text):
@@ -140,6 +175,107 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
                                          f"masks={t}"], "it needs rsna=FOLDER"),
     "verse_empty_folder": (lambda t, s: ["data", "ingest", f"verse={t}"], "expected the folders rawdata/"),
     "rsna_empty_folder": (lambda t, s: ["data", "ingest", f"rsna={t}"], "expected the folder train_images/"),
+    # CLI keys: names, types and ranges
+    "unknown_method": (lambda t, s: ["run", "method=nosuch"], "unknown method 'nosuch'; valid: "),
+    "unknown_regime": (lambda t, s: ["run", "method=resnet18", "regime=sometimes"],
+                       "does not support regime 'sometimes'; valid: scratch"),
+    "regime_without_pretext": (lambda t, s: ["run", "method=resnet18", "regime=vertebrae"],
+                               "does not support regime 'vertebrae'"),
+    "unknown_preset": (lambda t, s: ["run", "method=resnet18", "preset=huge"], "unknown preset 'huge'; valid: "),
+    "epochs_zero": (lambda t, s: ["run", "method=resnet18", "epochs=0"], "bad value for 'epochs': 0; expected > 0"),
+    "epochs_text": (lambda t, s: ["run", "method=resnet18", "epochs=ten"], "bad value for 'epochs' (command line)"),
+    "batch_size_zero": (lambda t, s: ["run", "method=resnet18", "batch_size=0"], "bad value for 'batch_size': 0"),
+    "lr_negative": (lambda t, s: ["run", "method=resnet18", "lr=-1"], "bad value for 'lr': -1.0; expected >= 0"),
+    "warmup_negative": (lambda t, s: ["run", "method=resnet18", "warmup_epochs=-1"], "bad value for 'warmup_epochs'"),
+    "layer_decay_zero": (lambda t, s: ["run", "method=mae3d", "layer_decay=0"], "bad value for 'layer_decay': 0.0"),
+    "label_smoothing_one": (lambda t, s: ["run", "method=resnet18", "label_smoothing=1"],
+                            "bad value for 'label_smoothing': 1.0"),
+    "threshold_above_one": (lambda t, s: ["run", "method=resnet18", "threshold=2"], "bad value for 'threshold'"),
+    "crop_size_too_small": (lambda t, s: ["run", "method=resnet18", "crop_size=3"], "expected <= crop_size - 2"),
+    "train_fraction_zero": (lambda t, s: ["run", "method=resnet18", "train_fraction=0"],
+                            "bad value for 'train_fraction': 0.0; expected in (0, 1]"),
+    "train_fraction_above_one": (lambda t, s: ["run", "method=resnet18", "train_fraction=1.5"],
+                                 "bad value for 'train_fraction': 1.5"),
+    "protocol_unknown": (lambda t, s: ["run", "method=resnet18", "protocol=svm"], "Invalid value 'svm'"),
+    "task_unknown": (lambda t, s: ["run", "method=resnet18", "task=grading"], "Invalid value 'grading'"),
+    "select_unknown": (lambda t, s: ["run", "method=resnet18", "select=best"], "Invalid value 'best'"),
+    "amp_dtype_unknown": (lambda t, s: ["run", "method=resnet18", "amp_dtype=fp8"], "Invalid value 'fp8'"),
+    "device_unknown": (lambda t, s: ["run", "method=resnet18", "device=tpu"], "Invalid value 'tpu'"),
+    "num_workers_negative": (lambda t, s: ["run", "method=resnet18", "num_workers=-1"],
+                             "bad value for 'num_workers': -1"),
+    "typo_key": (lambda t, s: ["run", "method=resnet18", "lrr=0.1"], "unknown config key 'lrr' (command line)"),
+    "typo_model_key": (lambda t, s: ["run", "method=resnet18", "model.depthh=3"], "unknown config key 'model.depthh'"),
+    "not_key_value": (lambda t, s: ["run", "method"], "bad argument 'method': expected key=value"),
+    "key_twice": (lambda t, s: ["run", "method=resnet18", "seed=1", "seed=2"], "key 'seed' given twice"),
+    "probe_grid_text": (lambda t, s: ["run", "method=resnet18", "protocol=linear", "probe.c_grid=abc"],
+                        "bad value for 'probe.c_grid' (command line): expected a list"),
+    "probe_grid_empty": (lambda t, s: ["run", "method=resnet18", "protocol=linear", "probe.c_grid=[]"],
+                         "bad value for 'probe.c_grid': []; expected positive numbers"),
+    "probe_grid_negative": (lambda t, s: ["run", "method=resnet18", "protocol=linear", "probe.c_grid=[-1]"],
+                            "expected positive numbers"),
+    "knn_k_zero": (lambda t, s: ["run", "method=resnet18", "protocol=knn", "probe.knn_k=0"],
+                   "bad value for 'probe.knn_k'"),
+    "pretrain_epochs_zero": (lambda t, s: ["run", "method=mae3d", "regime=vertebrae", "pretrain.epochs=0"],
+                             "bad value for 'pretrain.epochs': 0"),
+    "fracture_rate_two": (lambda t, s: ["run", "method=resnet18", "synthetic.fracture_rate=2"],
+                          "bad value for 'synthetic.fracture_rate': 2.0"),
+    "no_test_cohort": (lambda t, s: ["run", "method=resnet18", "synthetic.n_test_patients=0"],
+                       "'synthetic.n_val_patients' / 'synthetic.n_test_patients'"),
+    "views_axis_unknown": (lambda t, s: ["run", "method=video_mae", "views.axis=diagonal"], "Invalid value 'diagonal'"),
+    "views_frames_zero": (lambda t, s: ["run", "method=video_mae", "views.frames=0"], "bad value for 'views.frames'"),
+    "variant_traversal": (lambda t, s: ["run", "method=resnet18", "variant=../../x"], "bad value for 'variant'"),
+    "unknown_suite": (lambda t, s: ["run", "suite=nosuchsuite"], "unknown suite 'nosuchsuite'"),
+    "tune_without_regime": (lambda t, s: ["tune", "method=resnet18"], "bench tune needs method=NAME and regime=NAME"),
+    "cost_unknown_method": (lambda t, s: ["cost", "methods=nosuch"], "unknown method 'nosuch' in methods="),
+    # suite files
+    "suite_yaml_invalid": (lambda t, s: ["run", _suite(t, "runs: [ {method: resnet18\n")], "not valid YAML"),
+    "suite_empty": (lambda t, s: ["run", _suite(t, "")], "expected a mapping with 'runs'"),
+    # data sets and splits
+    "data_missing": (lambda t, s: ["run", "method=resnet18", f"data={t / 'nowhere'}"],
+                     "is neither a registered data set nor an existing path"),
+    "splits_missing": (lambda t, s: ["run", "method=resnet18", f"splits={t / 'nowhere.csv'}"], "no such file"),
+    "splits_wrong_columns": (lambda t, s: ["run", "method=resnet18", _splits(t, "who,what\n1,2\n")],
+                             "expected columns patient_id,split"),
+    "splits_unknown_split": (lambda t, s: ["run", "method=resnet18", f"data={s}",
+                                           _splits(t, "patient_id,split\nsynth000-00000,holdout\n")],
+                             "has split 'holdout'; valid: train, val, test"),
+    "splits_missing_patients": (lambda t, s: ["run", "method=resnet18", f"data={s}",
+                                              _splits(t, "patient_id,split\nnobody,train\n")],
+                                "has no split for"),
+    # checkpoints
+    "weights_missing": (lambda t, s: ["run", "method=models_genesis", "regime=public",
+                                      f"weights.public={t / 'nowhere.pt'}"], "no such file"),
+    "weights_pickle_runs_code": (lambda t, s: ["run", "method=models_genesis", "regime=public",
+                                               f"weights.public={_evil_checkpoint(t)}"],
+                                 "refused, the checkpoint holds pickled objects other than tensors"),
+    "weights_text_file": (lambda t, s: ["run", "method=models_genesis", "regime=public",
+                                        f"weights.public={_file(t, 'w.pt', 'hello')}"], "not a readable checkpoint"),
+    "weights_sha256_mismatch": (lambda t, s: ["run", "method=models_genesis", "regime=public",
+                                              f"weights.public={_file(t, 'w.pt', 'hello')}", "weights.sha256=00ff"],
+                                "does not match the expected"),
+    "weights_bad_safetensors": (lambda t, s: ["run", "method=models_genesis", "regime=public",
+                                              f"weights.public={_file(t, 'w.safetensors', 'nope')}"],
+                                "not a readable safetensors file"),
+    # run folders and reports
+    "report_missing": (lambda t, s: ["report", str(t / "nowhere")], "does not exist"),
+    "report_empty_folder": (lambda t, s: ["report", str(_folder(t, "empty"))], "no runs (metrics.json) under"),
+    "report_bootstrap_text": (lambda t, s: ["report", str(_folder(t, "empty")), "bootstrap=abc"],
+                              "bad value for 'bootstrap': 'abc'"),
+    "report_unknown_key": (lambda t, s: ["report", str(_folder(t, "empty")), "colour=red"],
+                           "unknown report key 'colour'"),
+    "explain_not_a_run": (lambda t, s: ["explain", str(_folder(t, "notrun"))], "is not a run folder"),
+    "explain_n_zero": (lambda t, s: ["explain", str(_folder(t, "notrun")), "n=0"], "bad value for 'n': 0"),
+    # images and ingestion
+    "info_not_a_store": (lambda t, s: ["data", "info", str(t / "nowhere")], "is not a crop store"),
+    "ingest_same_file": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_CT}", "label_map=verse"],
+                         "ct and mask are the same path"),
+    "ingest_ct_missing": (lambda t, s: ["data", "ingest", f"ct={t / 'no.nii.gz'}", f"mask={TP_MASK}",
+                                        "label_map=verse"], "no such file"),
+    "ingest_ct_not_nifti": (lambda t, s: ["data", "ingest", f"ct={_file(t, 'ct.nii.gz', 'hello')}", f"mask={TP_MASK}",
+                                          "label_map=verse"], "not a readable NIfTI file"),
+    "ingest_label_map_unknown": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}",
+                                               "label_map=martian"], "unknown label map 'martian'"),
+    "ingest_unknown_key": (lambda t, s: ["data", "ingest", *CT_MASK, "spacingg=1"], "unknown config key 'spacingg'"),
     "out_cannot_exist": (lambda t, s: ["run", "method=resnet18", "epochs=1", "out=/proc/vertebench-out"],
                          "cannot read or write '/proc/vertebench-out'"),
 }
@@ -155,17 +291,18 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(case, store, tmp_pa
     build, expected = CASES[case]
     args = build(tmp_path, store)
     out = tmp_path / "out"
-    if not any(a.startswith("out=") for a in args) and args[:2] != ["data", "info"]:
+    if not any(a.startswith("out=") for a in args) and args[0] != "explain" and args[:2] != ["data", "info"]:
         args.append(f"out={out}")
-    if args[0] == "run":
-        args += ["preset=tiny", f"cache_dir={tmp_path / 'cache'}"] if not args[1].startswith("suite=") else \
-            ["preset=tiny"]
+    if args[0] in ("run", "tune"):
+        args += [] if any(a.startswith("preset=") for a in args) else ["preset=tiny"]
+        args += [] if args[1].startswith("suite=") else [f"cache_dir={tmp_path / 'cache'}"]
     if args[:2] == ["data", "ingest"]:
         args += ["progress=false", "workers=1"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bench: error: ") and expected in err[0], err
     assert not out.exists()
+    assert not (tmp_path / MARKER).exists(), "a checkpoint ran code"
 
 
 def test_report_skips_a_broken_run_folder_with_a_warning(store, tmp_path, capsys):
