@@ -196,17 +196,17 @@ def _cmd_report(args: list[str]) -> None:
 
 
 def _cmd_cost(args: list[str]) -> None:
-    """`bench cost [methods=a,b] [mfu=0.3] [out=FILE.md]`: one paper-preset step of every method,
+    """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]`: one paper-preset step of every method,
     FLOPs, memory and projected GPU time per epoch, as a Markdown table."""
     from bench.cost import markdown, method_cost, projections
     from bench.errors import choices_hint
     from bench.registry import list_methods
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
-    stray = [a for a in args if "=" not in a] + sorted(set(opts) - {"methods", "mfu", "out", "preset"})
+    stray = [a for a in args if "=" not in a] + sorted(set(opts) - {"methods", "mfu", "out", "preset", "batch"})
     if stray:
         raise BenchError(f"unknown cost argument '{stray[0]}'; "
-                         f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset='])}")
+                         f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset=', 'batch='])}")
     names = [m for m in list_methods() if not m.startswith("_")]
     chosen = opts["methods"].split(",") if opts.get("methods") else names
     for name in chosen:
@@ -218,10 +218,13 @@ def _cmd_cost(args: list[str]) -> None:
         mfu = -1.0
     if not 0 < mfu <= 1:
         raise BenchError(f"bad value for 'mfu': '{opts.get('mfu')}'; expected a fraction in (0, 1]")
+    batch = opts.get("batch", "2")
+    if not batch.isdigit() or int(batch) < 1:
+        raise BenchError(f"bad value for 'batch': '{batch}'; expected a whole number >= 1")
     rows = []
     for name in chosen:
         try:
-            rows.append(method_cost(name, opts.get("preset", "paper")))
+            rows.append(method_cost(name, opts.get("preset", "paper"), int(batch)))
         except RuntimeError as exc:  # a step that cannot run at this preset is the finding, not a crash
             preset = opts.get("preset", "paper")
             raise BenchError(f"method '{name}' at preset {preset}: {str(exc).splitlines()[0]}") from None
@@ -247,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("args", nargs="*")
     p_explain = sub.add_parser("explain", help="explain RUN_DIR... [n=3]: attribution maps and localisation scores")
     p_explain.add_argument("args", nargs="*")
-    p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [out=FILE.md]: paper-preset steps, FLOPs, "
-                                         "projected GPU time and memory")
+    p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]: paper-preset steps, "
+                                         "FLOPs, projected GPU time and memory")
     p_cost.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")

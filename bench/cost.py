@@ -1,7 +1,8 @@
 """What each method costs at the `paper` preset, measured on this machine: `bench cost`.
 
 Every method is built at the paper's architecture and takes one real training step (forward,
-backward, AdamW step) at batch 2 (the smallest that BatchNorm heads train with) on the input it
+backward, AdamW step) at batch 2 (the smallest that BatchNorm heads train with; `batch=1` halves the
+memory a large pretext needs on a small machine, for methods without such a head) on the input it
 would see (96^3 crops, slice-view clips, videos), and one pretext step where it has a pretext, so
 a shape or size problem of the paper preset shows here rather than on a user's GPU. While stepping,
 torch's FLOP counter counts the step's floating point operations and a saved-tensor hook adds up
@@ -33,46 +34,47 @@ PAPER_A40_FINETUNE_MIN = 9.0  # Video-CT MAE finetuning, minutes per epoch on on
 BATCH = 2
 
 
-def _finetune_sample(method: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _finetune_sample(method: Any, cfg: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     from bench.datasets.base import VertebraSet
     from bench.evaluation import make_dataset
 
     rng = np.random.default_rng(0)
-    images = rng.integers(-1000, 1000, (BATCH, cfg.crop_size, cfg.crop_size, cfg.crop_size)).astype(np.int16)
-    table = pd.DataFrame({"patient_id": ["p0", "p1"], "vertebra": ["L1", "L2"], "label": [1, 0], "grade": [2, 0],
-                          "split": ["train", "train"], "crop_index": [0, 1]})
+    images = rng.integers(-1000, 1000, (batch, cfg.crop_size, cfg.crop_size, cfg.crop_size)).astype(np.int16)
+    label = np.arange(batch) % 2
+    table = pd.DataFrame({"patient_id": [f"p{i}" for i in range(batch)], "vertebra": "L1", "label": label,
+                          "grade": 2 * label, "split": "train", "crop_index": np.arange(batch)})
     dataset = make_dataset(method, cfg, VertebraSet(images, table, "cost"), augment=True)
-    return default_collate([dataset[i] for i in range(BATCH)])
+    return default_collate([dataset[i] for i in range(batch)])
 
 
-def _pretext_sample(method: Any, cfg: Any, stage: str) -> Any:
+def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int) -> Any:
     from bench.datasets import pretext as p
 
     rng = np.random.default_rng(0)
     kind, s = method.pretext_data(stage), cfg.crop_size
-    crops = rng.integers(-1000, 1000, (BATCH, s, s, s)).astype(np.int16)
+    crops = rng.integers(-1000, 1000, (batch, s, s, s)).astype(np.int16)
     if kind == "volume":
-        dataset = p.VolumeCorpus(crops, np.arange(BATCH), s, 0)
+        dataset = p.VolumeCorpus(crops, np.arange(batch), s, 0)
     elif kind == "segmentation":
         from bench.datasets.corpora import ORGANS
 
         dataset = p.OrganCorpus(crops, rng.integers(0, len(ORGANS), crops.shape).astype(np.uint8), 0)
     elif kind == "video":
         v, frames = cfg.synthetic.video_size, cfg.synthetic.video_frames
-        dataset = p.VideoCorpus(rng.integers(0, 255, (BATCH, frames, v, v, 3)).astype(np.uint8), 0)
+        dataset = p.VideoCorpus(rng.integers(0, 255, (batch, frames, v, v, 3)).astype(np.uint8), 0)
     else:
         views = cfg.views
-        dataset = p.SliceCorpus(crops, np.arange(BATCH), np.zeros(BATCH), s, augment=True, seed=0, axis=views.axis,
+        dataset = p.SliceCorpus(crops, np.arange(batch), np.zeros(batch), s, augment=True, seed=0, axis=views.axis,
                                 frames=views.frames, channels=views.channels,
                                 frame_size=method.view_options().get("frame_size", views.frame_size))
     sample_views = method.pretext_views(stage)
     if sample_views is not None:
         dataset = p.WithViews(dataset, sample_views, 0)
-    return default_collate([dataset[i] for i in range(BATCH)])
+    return default_collate([dataset[i] for i in range(batch)])
 
 
-def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
-    """The costs of one method at `preset` (one real step of each kind)."""
+def method_cost(name: str, preset: str = "paper", batch: int = BATCH) -> dict[str, Any]:
+    """The costs of one method at `preset` (one real step of each kind at `batch`), per sample."""
     from bench.evaluation import forward_views
     from bench.registry import create_method
     from bench.run import resolve_runs
@@ -81,7 +83,7 @@ def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
     method = create_method(name, cfg)
     torch.manual_seed(0)
     model = method.build_model()
-    x, y = _finetune_sample(method, cfg)
+    x, y = _finetune_sample(method, cfg, batch)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def finetune_loss(m: torch.nn.Module) -> torch.Tensor:
@@ -89,7 +91,7 @@ def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
             return loss_fn(forward_views(m, x[:, :1]).float(), y)
         return method.training_loss(m, x, y, loss_fn)
 
-    finetune = measured_step(model, finetune_loss, BATCH)
+    finetune = measured_step(model, finetune_loss, batch)
     row: dict[str, Any] = {"method": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                            "finetune_gflop": finetune.flops / 1e9,
                            "finetune_act_gib": finetune.activation_bytes / 2**30,
@@ -98,8 +100,8 @@ def method_cost(name: str, preset: str = "paper") -> dict[str, Any]:
     stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
     if stage is not None:
         pretext = method.build_pretext(stage)
-        batch = _pretext_sample(method, cfg, stage)
-        pre = measured_step(pretext, lambda m: method.pretext_step(m, batch)["loss"], BATCH)
+        sample = _pretext_sample(method, cfg, stage, batch)
+        pre = measured_step(pretext, lambda m: method.pretext_step(m, sample)["loss"], batch)
         row.update(pretext_stage=stage, pretext_params_m=sum(p.numel() for p in pretext.parameters()) / 1e6,
                    pretrain_gflop=pre.flops / 1e9, pretrain_act_gib=pre.activation_bytes / 2**30,
                    pretrain_cpu_s=pre.seconds)

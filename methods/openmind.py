@@ -147,16 +147,37 @@ class ResEncMAE(nn.Module):
         self.unet = unet
         self.block, self.ratio = block, ratio
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def restore(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z-scored image, kept-voxel mask, the U-Net's restoration at its output resolution)."""
         if any(s % self.block for s in x.shape[2:]):
             raise BenchError(f"crops of {tuple(x.shape[2:])} voxels are not divisible by model.mask_block={self.block}")
         image = zscore(x.float())
         keep = block_mask(image.shape, self.block, self.ratio, image.device)
-        restored = self.unet((image * keep).to(x.dtype)).float()
+        return image, keep, self.unet((image * keep).to(x.dtype)).float()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        image, keep, restored = self.restore(x)
         hidden = 1.0 - keep
         if restored.shape != image.shape:  # a strided first stage restores at its own resolution
             image, hidden = (F.interpolate(t, size=restored.shape[2:], mode="area") for t in (image, hidden))
         return {"loss": ((restored - image) ** 2 * hidden).sum() / hidden.sum()}
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, keep, restored = self.restore(x)
+        if restored.shape != image.shape:
+            restored = F.interpolate(restored, size=image.shape[2:], mode="trilinear", align_corners=False)
+        return shown_in_input_scale(x, keep, restored)
+
+
+def shown_in_input_scale(x: torch.Tensor, keep: torch.Tensor, restored: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked input, reconstruction) for `bench explain`, in the input's intensities: the hidden
+    voxels blanked, and the visible voxels kept with the z-scored restoration mapped back by the
+    input's own mean and standard deviation at the hidden ones (as MAE's visualisation does)."""
+    x = x.float()
+    dims = tuple(range(1, x.dim()))
+    mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return x * keep, x * keep + (restored * std + mean) * (1.0 - keep)
 
 
 @register_method("openmind_resencl")
@@ -211,6 +232,9 @@ class OpenMindResEncL(Method):
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
         return pretext.unet.encoder
 
+    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pretext.reconstruct(x)
+
 
 # ---- Primus-M -------------------------------------------------------------------------------------
 
@@ -254,7 +278,8 @@ class PrimusMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, primus.embed_dim))
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def restore(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z-scored image, kept-voxel mask, the restored image)."""
         from timm.layers import apply_keep_indices_nlc
 
         image = zscore(x.float())
@@ -275,10 +300,19 @@ class PrimusMAE(nn.Module):
         full = full.scatter(1, keep[..., None].expand(-1, -1, c), tokens)
         full = self.decoder(full)[0]
         restored = self.up_projection(rearrange(full, "b (w h d) c -> b c w h d", w=w, h=h, d=d)).float()
-        hidden = torch.ones(b, n, device=x.device).scatter(1, keep, 0.0).view(b, 1, w, h, d)
+        kept = torch.zeros(b, n, device=x.device).scatter(1, keep, 1.0).view(b, 1, w, h, d)
         for axis, size in zip((2, 3, 4), image.shape[2:]):
-            hidden = hidden.repeat_interleave(size // hidden.shape[axis], dim=axis)
+            kept = kept.repeat_interleave(size // kept.shape[axis], dim=axis)
+        return image, kept, restored
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        image, kept, restored = self.restore(x)
+        hidden = 1.0 - kept
         return {"loss": ((restored - image) ** 2 * hidden).sum() / hidden.sum()}
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, kept, restored = self.restore(x)
+        return shown_in_input_scale(x, kept, restored)
 
 
 def convert_primus(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
@@ -341,6 +375,9 @@ class OpenMindPrimusM(Method):
 
     def pretext_data(self, stage: str) -> str:
         return "volume"
+
+    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         from dynamic_network_architectures.building_blocks.eva import Eva

@@ -133,3 +133,13 @@ def test_cost_steps_each_method_and_prints_the_table(tmp_path, capsys):
     capsys.readouterr()
     assert main(["cost", "mfu=2"]) == 2 and "expected a fraction" in capsys.readouterr().err
     assert main(["cost", "methods=nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["cost", "batch=0"]) == 2 and "bad value for 'batch': '0'" in capsys.readouterr().err
+
+
+def test_cost_at_batch_one_counts_the_same_flops_per_sample():
+    """`batch=1` (what fits a large pretext on a small machine) measures the same per-sample costs."""
+    from bench.cost import method_cost
+
+    one, two = method_cost("mae3d", "tiny", batch=1), method_cost("mae3d", "tiny", batch=2)
+    for key in ("finetune_gflop", "pretrain_gflop"):
+        assert one[key] == pytest.approx(two[key], rel=0.02), key

@@ -8,8 +8,10 @@ import torch
 from dynamic_network_architectures.architectures.primus import Primus
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
+from bench.config import compose
 from bench.errors import BenchError
 from bench.methods.openmind import block_mask, resenc_kwargs
+from bench.registry import create_method, get_method
 from tests_helpers import encoder_init, run_cli, setup_public
 
 
@@ -149,3 +151,21 @@ def test_mae_pretext_then_finetuning_through_the_cli(tmp_path, name):
     assert pretraining["plan"] == ["public", "vertebrae"] and pretraining["init"].startswith("artifact")
     assert pretraining["pretrain_init"]["init"].startswith("artifact")  # the vertebrae stage began from public
     assert all(e["loss"] > 0 for e in pretraining["pretrain_curve"]) and not pretraining["load_report"]["missing"]
+
+
+@pytest.mark.parametrize("name", ["openmind_resencl", "openmind_primusm"])
+def test_mae_reconstruction_keeps_the_visible_voxels_and_fills_the_hidden_ones(name):
+    """What `bench explain` shows of the OpenMind pretexts: the input where it was visible, the
+    network's restoration (back in the input's intensities) where it was hidden, at the input's size."""
+    cfg = compose({"preset": "tiny", "method": name, "regime": "public_to_vertebrae"}, get_method(name))
+    method = create_method(name, cfg)
+    pretext = method.build_pretext("vertebrae").eval()
+    x = torch.rand(2, 1, cfg.crop_size, cfg.crop_size, cfg.crop_size) * 0.5 + 0.25
+    torch.manual_seed(0)
+    with torch.no_grad():
+        masked, recon = method.pretext_reconstruction(pretext, x)
+    assert masked.shape == recon.shape == x.shape
+    hidden = masked == 0
+    assert 0.6 < hidden.float().mean() < 0.9  # the pretext's 75 % mask (whole blocks or patches)
+    assert torch.equal(recon[~hidden], x[~hidden])
+    assert torch.isfinite(recon).all() and not torch.equal(recon[hidden], x[hidden])
