@@ -260,11 +260,29 @@ def explain_run(folder: Path, n: int = 3) -> Path:
     return target
 
 
+def pretext_input(method: Any, cfg: DictConfig, crop: np.ndarray, stage: str) -> tuple[torch.Tensor, str]:
+    """A crop as the pretext of `stage` saw its inputs: the cube scaled to [0, 1] at crop_size
+    ("volume"), or the centre slice-view clip at the pretext's frame size ("slices"; a video
+    pretext gets the clip padded to the video frames, as `format_adaptation=false` does)."""
+    from bench.datasets.pretext import corpus_frame_size
+    from bench.datasets.torch_data import SliceViewDataset, load_crop
+
+    kind = method.pretext_data(stage)
+    if kind == "volume":
+        return torch.from_numpy(load_crop(crop[None], 0, cfg.crop_size))[None, None].float(), \
+            "crops scaled to [0, 1] at crop_size, as the pretext saw them"
+    v = cfg.views
+    frame_size = corpus_frame_size(cfg) if kind == "video" else method.view_options().get("frame_size", v.frame_size)
+    clips = SliceViewDataset(crop[None], np.array([0]), np.array([0]), cfg.crop_size, augment=False, axis=v.axis,
+                             frames=v.frames, frame_size=frame_size, channels=v.channels, multi_view=False)
+    return clips[0][0][None].float(), (f"the centre {v.axis} slice-view clip ({v.frames} frames at {frame_size} "
+                                       f"pixels, frames along the first axis), as the pretext saw it")
+
+
 def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[str, tuple[np.ndarray, float]],
                         stage: Path) -> dict[str, Any] | None:
     """The pretrained pretext's reconstruction of each crop (stem -> (crop, voxel size)), written into `stage`;
     None when the run's encoder did not come from a reconstructing pretext."""
-    from bench.datasets.torch_data import load_crop
     from bench.methods.base import Method
     from bench.transfer import pretext_from_artifact
 
@@ -277,25 +295,30 @@ def mae_reconstructions(method: Any, cfg: DictConfig, folder: Path, crops: dict[
     if not (artifact / "pretext.safetensors").is_file():
         return {"files": {}, "summary": {"skipped": f"pretraining artifact '{artifact}' is no longer in the cache"}}
     pretext = pretext_from_artifact(method, artifact).eval()
+    source = json.loads((artifact / "pretrain.json").read_text())["source"]
     files: dict[str, dict[str, str]] = {}
-    errors = []
+    errors, inputs = [], ""
     for stem, (crop, spacing) in crops.items():
-        x = torch.from_numpy(load_crop(crop[None], 0, cfg.crop_size))[None, None].float()
-        with torch.random.fork_rng():
+        x, inputs = pretext_input(method, cfg, crop, source)
+        with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             masked, recon = method.pretext_reconstruction(pretext, x)
         original, masked, recon = (t[0, 0].float().numpy() for t in (x, masked, recon))
-        errors.append(float(np.mean((recon - original) ** 2)))
-        scaled = spacing * crop.shape[0] / cfg.crop_size  # load_crop resizes the crop to crop_size
-        files[stem] = _write_reconstruction(stage, stem, original, masked, recon, scaled)
-    return {"files": files, "summary": {"artifact": artifact.name, "mse": float(np.mean(errors)),
-                                         "inputs": "crops scaled to [0, 1] at crop_size, as the pretext saw them"}}
+        hidden = masked == 0
+        errors.append(float(np.mean((recon[hidden] - original[hidden]) ** 2)) if hidden.any() else 0.0)
+        extent = spacing * crop.shape[0]  # mm across the crop; the shown volume spans it on every axis
+        files[stem] = _write_reconstruction(stage, stem, original, masked, recon,
+                                            tuple(extent / n for n in original.shape))
+    return {"files": files, "summary": {"artifact": artifact.name, "stage": source, "inputs": inputs,
+                                         "mse_hidden": float(np.mean(errors))}}
 
 
-def crop_affine(shape: tuple[int, ...], spacing: float) -> np.ndarray:
-    """RAS mm of a crop's voxels: isotropic `spacing`, the crop's centre at the origin."""
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -spacing * (np.array(shape) - 1) / 2
+def crop_affine(shape: tuple[int, ...], spacing: float | tuple[float, ...]) -> np.ndarray:
+    """RAS mm of a crop's voxels: `spacing` (one for all axes, or one per axis), the crop's centre at
+    the origin."""
+    zooms = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = -zooms * (np.array(shape) - 1) / 2
     return affine
 
 
@@ -325,9 +348,9 @@ def _mid_slice_grid(path: Path, shape: tuple[int, ...], rows: dict[str, Callable
 
 
 def _write_reconstruction(stage: Path, stem: str, original: np.ndarray, masked: np.ndarray,
-                          recon: np.ndarray, spacing: float) -> dict[str, str]:
+                          recon: np.ndarray, spacing: tuple[float, ...]) -> dict[str, str]:
     """Original / masked / reconstruction, three orthogonal mid-slices each, and the reconstruction as
-    NIfTI in the frame of the crop the pretext saw (`spacing`: its voxel size at crop_size)."""
+    NIfTI spanning the crop (`spacing`: the shown voxels' size on each axis)."""
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(recon.astype(np.float32), crop_affine(recon.shape, spacing)),

@@ -128,6 +128,32 @@ class VideoMAE(VideoViT):
         pred = self.pred_head.projections[0](hidden)  # the hidden patches alone are predicted
         return {"loss": masked_patch_loss(pred, take(self.target(x), masking.hidden), self.norm_pix_loss)}
 
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked clip, reconstruction), both shaped like `x` (B, 3, T, H, W) in its pixel scale: the
+        target frames (one per tubelet, each shown for the tubelet's frames) with the hidden patches
+        blanked, and with the decoder's prediction there. Normalised-pixel predictions are mapped back
+        with each target patch's own mean and variance, as MAE's visualisation does."""
+        masking = random_masking(x.shape[0], self.num_patches, self.mask_ratio, x.device)
+        latent = self.norm(self.forward_blocks(x, masking.keep))
+        tokens = unshuffle(self.decoder_embed(latent), self.mask_token, masking.restore) + self.decoder_pos_embed
+        target = self.target(x).float()
+        pred = take(self.pred_head.projections[0](self.pred_head.transforms[0](tokens)[:, 1:]), masking.hidden).float()
+        if self.norm_pix_loss:
+            var, mean = torch.var_mean(take(target, masking.hidden), dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        b, n, size = target.shape
+        rows = (masking.hidden + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
+        full = target.reshape(b * n, size).index_copy(0, rows, pred.reshape(-1, size)).view(b, n, size)
+        hidden = torch.zeros(b * n, size, device=x.device).index_fill(0, rows, 1.0).view(b, n, size)
+        return self.clip_of(target * (1 - hidden) * KINETICS_STD + KINETICS_MEAN * (1 - hidden)), \
+            self.clip_of(full * KINETICS_STD + KINETICS_MEAN)
+
+    def clip_of(self, patches: torch.Tensor) -> torch.Tensor:
+        """Target-frame patches (B, N, p*p*3) -> (B, 3, T, H, W), each target frame repeated over its tubelet."""
+        p, (gt, gh, gw) = self.patch, self.grid
+        frames = torch.einsum("nthwupqc->nctuhpwq", patches.reshape(len(patches), gt, gh, gw, 1, p, p, 3))
+        return frames.reshape(len(patches), 3, gt, gh * p, gw * p).repeat_interleave(self.t_patch, dim=2)
+
 
 ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.",
                 "norm.")
@@ -259,6 +285,9 @@ class _VideoMethod(Method):
 
     def pretext_data(self, stage: str) -> str:
         return "video" if stage == "public" else "slices"
+
+    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params

@@ -123,7 +123,7 @@ def test_choose_takes_the_most_confident_of_each_kind_and_is_stable():
     assert choose(p, 2).equals(choose(p, 2))
 
 
-FAMILIES = {"resnet18-scratch-s0": "gradcam", "vit_b-scratch-s0": "rollout", "video_mae-scratch-s0": "rollout",
+FAMILIES = {"resnet18-scratch-s0": "gradcam", "vit_b-scratch-s0": "rollout", "video_mae-public-s0": "rollout",
             "r3d_18-scratch-s0": "gradcam", "mae3d-vertebrae-s0": "rollout"}  # run folder -> its model's map
 
 
@@ -165,12 +165,15 @@ def test_explain_cli_on_every_model_family(tiny_runs):
         image = nib.load(folder / "explain" / first["files"][expected_map])
         assert image.shape == (crop_edge,) * 3
         assert (folder / "explain" / first["files"]["png"]).stat().st_size > 1000
-        if folder.name.startswith("mae3d"):  # an MAE encoder: its pretext's reconstruction of each crop
-            assert np.isfinite(report["reconstruction"]["mse"])
+        if folder.name.startswith(("mae3d", "video_mae")):  # an MAE encoder: its pretext's reconstruction
+            assert np.isfinite(report["reconstruction"]["mse_hidden"])
             assert (folder / "explain" / first["files"]["mae_png"]).stat().st_size > 1000
             recon = nib.load(folder / "explain" / first["files"]["mae_reconstruction"])
-            # in the frame of the map over the same crop (crops are stored at crop_size here)
-            assert recon.shape == (crop_edge,) * 3 and np.allclose(recon.affine, image.affine)
+            if folder.name.startswith("mae3d"):  # in the frame of the map over the same crop
+                assert recon.shape == (crop_edge,) * 3 and np.allclose(recon.affine, image.affine)
+            else:  # the video pretext's clip: 16 slices padded to the 64-pixel video frames, spanning the crop
+                assert recon.shape == (16, 64, 64) and report["reconstruction"]["stage"] == "public"
+                assert np.allclose(np.array(recon.shape) * recon.header.get_zooms(), image.header.get_zooms()[0] * 32)
         else:
             assert report["reconstruction"] is None
         summary = report["summary"][expected_map]["deletion"]
@@ -246,6 +249,25 @@ def test_token_layout_is_the_encoders_own_grid(name):
         x = torch.zeros(1, 1, cfg.crop_size, cfg.crop_size, cfg.crop_size)
     attentions = attribution.attention_maps(method.build_model(), x)
     assert attentions[-1].shape[-1] == prefix + int(np.prod(layout_grid))  # tokens = prefix + grid
+
+
+def test_video_mae_reconstruction_keeps_the_visible_patches_of_the_target_frames():
+    from bench.methods.video_mae import KINETICS_MEAN, KINETICS_STD, VideoMAE
+
+    mae = VideoMAE(16, 32, 8, 48, 1, 2, 32, 1, 2, mask_ratio=0.75, norm_pix_loss=True).eval()
+    x = torch.rand(2, 3, 16, 32, 32) * 0.5 + 0.25
+    target = mae.clip_of(mae.target(x) * KINETICS_STD + KINETICS_MEAN)  # the target frames, shown per tubelet
+    idx = torch.linspace(0, 15, 8).round().long()
+    assert torch.allclose(target[:, :, ::2], x[:, :, idx], atol=1e-6)
+    assert torch.equal(target[:, :, ::2], target[:, :, 1::2])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        masked, recon = mae.reconstruct(x)
+    assert masked.shape == recon.shape == x.shape
+    hidden = (masked == 0).all(dim=1, keepdim=True).expand_as(masked)
+    assert hidden[:, 0].float().mean().item() == pytest.approx(0.75)  # 48 of 64 tubelets blanked
+    assert torch.allclose(recon[~hidden], target[~hidden], atol=1e-6)
+    assert not torch.allclose(recon[hidden], target[hidden], atol=1e-3)
 
 
 def test_mae_reconstruction_keeps_the_visible_patches_and_fills_the_hidden_ones():
