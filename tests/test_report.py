@@ -109,3 +109,19 @@ def test_report_opens_in_headless_chromium(html, tmp_path):
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
                     f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_provenance_row_of_each_run_shows_its_own_start_time(html, store):
+    """Each run's provenance row carries the start time its env.json recorded (not another run's)."""
+    import html as html_lib
+    import json
+
+    text, _ = html
+    rows = {}
+    for row in re.findall(r"<tr><td class=\"name\">(.*?)</td>(.*?)</tr>", text):
+        rows[html_lib.unescape(row[0])] = row[1]
+    folders = [f for f in store.rglob("env.json")]
+    assert folders
+    for env in folders:
+        started = json.loads(env.read_text())["started"]
+        assert started in rows[env.parent.name], (env.parent.name, started)
