@@ -196,14 +196,17 @@ def _cmd_report(args: list[str]) -> None:
 
 
 def _cmd_cost(args: list[str]) -> None:
-    """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]`: one paper-preset step of every method,
+    """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md] [model.KEY=VALUE ...]`: one paper-preset
+    step of every method (with the given config keys, e.g. model.use_checkpoint=true),
     FLOPs, memory and projected GPU time per epoch, as a Markdown table."""
     from bench.cost import markdown, method_cost, projections
     from bench.errors import choices_hint
     from bench.registry import list_methods
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
-    stray = [a for a in args if "=" not in a] + sorted(set(opts) - {"methods", "mfu", "out", "preset", "batch"})
+    overrides = {k: v for k, v in opts.items() if "." in k}  # config keys of the methods, checked by their configs
+    stray = [a for a in args if "=" not in a] + sorted(set(opts) - set(overrides) - {"methods", "mfu", "out",
+                                                                                    "preset", "batch"})
     if stray:
         raise BenchError(f"unknown cost argument '{stray[0]}'; "
                          f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset=', 'batch='])}")
@@ -224,7 +227,7 @@ def _cmd_cost(args: list[str]) -> None:
     rows = []
     for name in chosen:
         try:
-            rows.append(method_cost(name, opts.get("preset", "paper"), int(batch)))
+            rows.append(method_cost(name, opts.get("preset", "paper"), int(batch), overrides))
         except RuntimeError as exc:  # a step that cannot run at this preset is the finding, not a crash
             preset = opts.get("preset", "paper")
             raise BenchError(f"method '{name}' at preset {preset}: {str(exc).splitlines()[0]}") from None

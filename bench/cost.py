@@ -73,13 +73,16 @@ def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int) -> Any:
     return default_collate([dataset[i] for i in range(batch)])
 
 
-def method_cost(name: str, preset: str = "paper", batch: int = BATCH) -> dict[str, Any]:
-    """The costs of one method at `preset` (one real step of each kind at `batch`), per sample."""
+def method_cost(name: str, preset: str = "paper", batch: int = BATCH,
+                overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """The costs of one method at `preset` with config `overrides` (one real step of each kind at
+    `batch`), per sample."""
     from bench.evaluation import forward_views
     from bench.registry import create_method
     from bench.run import resolve_runs
 
-    cfg = resolve_runs({"method": name, "regime": "scratch", "preset": preset, "progress": "false"})[0]
+    cfg = resolve_runs({**(overrides or {}), "method": name, "regime": "scratch", "preset": preset,
+                        "progress": "false"})[0]
     method = create_method(name, cfg)
     torch.manual_seed(0)
     model = method.build_model()

@@ -134,7 +134,27 @@ def test_cost_steps_each_method_and_prints_the_table(tmp_path, capsys):
     assert main(["cost", "mfu=2"]) == 2 and "expected a fraction" in capsys.readouterr().err
     assert main(["cost", "methods=nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
     assert main(["cost", "batch=0"]) == 2 and "bad value for 'batch': '0'" in capsys.readouterr().err
+    assert main(["cost", "methods=resnet18", "preset=tiny", "model.nope=1"]) == 2
+    assert "unknown config key 'model.nope'" in capsys.readouterr().err
 
+
+def test_swin_activation_checkpointing_changes_memory_not_results():
+    """`model.use_checkpoint=true` (what fits VoCo's paper-preset pretext on a small machine): the same
+    loss and gradients, fewer activations kept for backward."""
+    from bench.cost import method_cost
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    grads = []
+    for flag in ("false", "true"):
+        cfg = resolve_runs({"method": "swin_unetr", "preset": "tiny", "model.use_checkpoint": flag})[0]
+        torch.manual_seed(0)
+        model = create_method("swin_unetr", cfg).build_model().train()
+        model(torch.rand(2, 1, 32, 32, 32)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+    plain, checkpointed = (method_cost("voco", "tiny", 1, {"model.use_checkpoint": f}) for f in ("false", "true"))
+    assert checkpointed["pretrain_act_gib"] < plain["pretrain_act_gib"]
 
 def test_cost_at_batch_one_counts_the_same_flops_per_sample():
     """`batch=1` (what fits a large pretext on a small machine) measures the same per-sample costs."""
