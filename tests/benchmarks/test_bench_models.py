@@ -108,8 +108,8 @@ def test_mae_step_vs_full_token_step(benchmark, report_lines):
     ratio = t_masked / t_full
     report_lines.append(f"MAE step at mask 0.8: {t_masked * 1e3:.0f} ms vs full-token step {t_full * 1e3:.0f} ms "
                         f"(encoder w/ [M]) = {ratio:.3f}x against a FLOP count of {floor:.3f}x: {ratio / floor:.2f}x "
-                        f"its floor (goal <= 1.25x); ViT-S/16 encoder, 43 of 216 patches visible, batch 8")
-    assert ratio / floor <= 1.25
+                        f"its floor (goal <= 1.08x); ViT-S/16 encoder, 43 of 216 patches visible, batch 8")
+    assert ratio / floor <= 1.08
 
 
 def test_mae_step_ratio_behind_a_vit_b(benchmark, report_lines):
