@@ -118,9 +118,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"weights '{path}': refused, the checkpoint holds pickled objects other than tensors "
             f"({why[:160]}); it was not executed"
         ) from None
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 (a malformed pickle stream raises KeyError, IndexError, ...)
+    except Exception as exc:  # noqa: BLE001 (a malformed pickle stream raises KeyError, IndexError, ...; Ctrl-C is not one)
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise BenchError(f"weights '{path}': not a readable checkpoint ({type(exc).__name__}: {first})") from None
 
