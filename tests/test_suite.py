@@ -185,3 +185,19 @@ class _Exploit:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_the_readme_suites_cover_every_method_and_regime():
+    """`first_look` (the README's main command) is every method x regime under the frozen-feature
+    protocols; `quick` is the same cells with finetuning too."""
+    from bench.registry import get_method, list_methods
+    from bench.suites import expand, load_suite
+
+    cells = {(m, r) for m in list_methods() if not m.startswith("_") for r in get_method(m).regimes
+             if get_method(m).runs_without_a_file(r)}
+    for name, protocols in (("first_look", {"linear", "knn"}), ("quick", {"finetune", "linear", "knn"})):
+        suite = load_suite(name)
+        runs = expand(suite, seeds=int(suite["seeds"]))
+        assert {(r["method"], r["regime"], r.get("protocol", "finetune")) for r in runs} == \
+            {(m, r, p) for m, r in cells for p in protocols}, name
+        assert {r["seed"] for r in runs} == {"0"}
