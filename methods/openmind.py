@@ -360,6 +360,8 @@ class OpenMindPrimusM(Method):
         if self.cfg.crop_size % p.patch_size:
             raise BenchError(f"{self.name}: crop_size {self.cfg.crop_size} is not a multiple of model.patch_size "
                              f"{p.patch_size}")
+        if p.patch_size < 2 or p.patch_size & (p.patch_size - 1):  # Primus' patch decoder doubles per stage
+            raise BenchError(f"{self.name}: model.patch_size must be a power of two (got {p.patch_size})")
         head = p.embed_dim / p.num_heads
         if head != int(head) or head % 6:  # Eva's 3D RoPE takes two thirds of each head, in multiples of 4
             raise BenchError(f"{self.name}: model.embed_dim / model.num_heads must be a whole multiple of 6 "

@@ -169,3 +169,13 @@ def test_mae_reconstruction_keeps_the_visible_voxels_and_fills_the_hidden_ones(n
     assert 0.6 < hidden.float().mean() < 0.9  # the pretext's 75 % mask (whole blocks or patches)
     assert torch.equal(recon[~hidden], x[~hidden])
     assert torch.isfinite(recon).all() and not torch.equal(recon[hidden], x[hidden])
+
+
+@pytest.mark.parametrize("patch", [12, 6])
+def test_primus_patch_size_that_its_decoder_cannot_restore_is_one_line(patch):
+    """Primus' patch decoder upsamples by two per stage: any other patch size is refused before a
+    network is built (it failed with a shape error inside the pretext's loss)."""
+    cfg = compose({"preset": "tiny", "method": "openmind_primusm", "crop_size": "48",
+                   "model.patch_size": str(patch)}, get_method("openmind_primusm"))
+    with pytest.raises(BenchError, match=f"model.patch_size must be a power of two \\(got {patch}\\)"):
+        create_method("openmind_primusm", cfg).build_encoder()
