@@ -175,23 +175,29 @@ def _progress_callback(total: int):
 
 def stage_order(regime: str) -> int:
     """Trials start in this order of regimes: first those that build a pretraining artifact from a
-    corpus (one stage), then those with none, last those that continue from another artifact."""
+    corpus (one stage), then those that continue from such an artifact (the longest chains, started
+    while the rest can still fill the other cores), last those with none."""
     from bench.regimes import REGIMES
 
     n = len(REGIMES[regime][0]) if regime in REGIMES else 0
-    return {0: 1, 1: 0}.get(n, 2)
+    return {1: 0, 2: 1}.get(n, 2)
 
 
 def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The trial order. Concurrent trials that need the same artifact wait on its lock with their
-    cores idle, so runs that share one are kept apart: `public_to_vertebrae` runs start after the
-    `public` runs whose artifact they continue, and the seeds and training fractions of one method
-    (which share its artifacts) are far apart: the first seed of every method comes first."""
+    """The trial order. Concurrent trials that need the same artifact or the same features wait on
+    its lock with their cores idle, so runs that share one are kept apart: `public_to_vertebrae` runs
+    start after every `public` run, the frozen-feature protocols after the first one (which extracts
+    the features they reuse) start after every other run, and the seeds and training fractions of one
+    method (which share its artifacts) are far apart: the first seed of every method comes first."""
     from bench.protocols import PROTOCOLS
 
-    def key(run: dict[str, str]) -> tuple[int, float, int, int]:
-        protocol = list(PROTOCOLS).index(run.get("protocol", "finetune"))  # a method's protocols apart too
-        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), stage_order(run["regime"]), protocol)
+    frozen = [p for p in PROTOCOLS if p != "finetune" and any(r.get("protocol") == p for r in runs)]
+
+    def key(run: dict[str, str]) -> tuple[int, float, bool, int, int]:
+        protocol = run.get("protocol", "finetune")
+        reuses = protocol in frozen[1:]
+        return (int(run.get("seed", 0)), -float(run.get("train_fraction", 1)), reuses, stage_order(run["regime"]),
+                list(PROTOCOLS).index(protocol))  # a method's protocols apart too
 
     return sorted(runs, key=key)
 

@@ -156,10 +156,15 @@ def test_schedule_starts_artifact_builders_first_and_keeps_sharers_apart():
 
     suite = {"name": "t", "runs": [{"method": "vit_unetr"}, {"method": "resnet18"}]}
     order = [(r["method"], r["regime"], r["seed"]) for r in schedule(expand(suite, seeds=2))]
-    assert order == [("vit_unetr", "public", "0"), ("vit_unetr", "scratch", "0"), ("resnet18", "scratch", "0"),
-                     ("vit_unetr", "public_to_vertebrae", "0"),
-                     ("vit_unetr", "public", "1"), ("vit_unetr", "scratch", "1"), ("resnet18", "scratch", "1"),
-                     ("vit_unetr", "public_to_vertebrae", "1")]
+    assert order == [("vit_unetr", "public", "0"), ("vit_unetr", "public_to_vertebrae", "0"),
+                     ("vit_unetr", "scratch", "0"), ("resnet18", "scratch", "0"),
+                     ("vit_unetr", "public", "1"), ("vit_unetr", "public_to_vertebrae", "1"),
+                     ("vit_unetr", "scratch", "1"), ("resnet18", "scratch", "1")]
+    # the kNN runs reuse the linear runs' features: they start after every other run of the seed
+    suite["protocols"] = ["finetune", "linear", "knn"]
+    order = [(r["method"], r["regime"], r["protocol"]) for r in schedule(expand(suite, seeds=1))]
+    assert sorted(o[2] for o in order[:8]) == ["finetune"] * 4 + ["linear"] * 4
+    assert [o[:2] for o in order[-4:]] == [o[:2] for o in order[:8] if o[2] == "linear"]
 
 
 def test_an_epoch_state_is_used_only_for_its_own_config_and_by_its_command_or_resume(tmp_path):
