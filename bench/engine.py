@@ -93,6 +93,9 @@ class FinetuneStage(Stage):
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         cfg = self.cfg
         probs, val_loss = predict(self.step_model, self.val_loader, self.execution, self.loss_fn)
+        if not np.isfinite(probs).all():
+            raise BenchError(f"{self.name} diverged at epoch {epoch} (non-finite validation predictions); "
+                             f"lower lr={cfg.lr}")
         m = task_metrics(cfg, targets(self.val, cfg), probs)
         record.update(val_loss=val_loss, val_f1=m["f1"], val_auc=m["auc"], val_ap=m["ap"])
         if cfg.task == "grade":

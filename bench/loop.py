@@ -107,6 +107,8 @@ class Execution:
         fmt = torch.channels_last_3d if cfg.channels_last and method.channels_last else torch.contiguous_format
         dtype = amp_dtype(cfg.amp, cfg.amp_dtype, device)
         note = "amp=true, but this CPU has no native bf16 kernels: fp32" if cfg.amp and dtype is None else ""
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            note = "bf16, with 3D convolutions of input depth between 1 and the kernel's in fp32 (bench.numerics)"
         return cls(device, dtype, fmt, bool(cfg.compile), note)
 
     @property
@@ -129,8 +131,13 @@ class Execution:
         return batch
 
     def place(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """The model on the device, and the module to call in steps (compiled, sharing its parameters)."""
+        """The model on the device, and the module to call in steps (compiled, sharing its parameters).
+        Under CPU bf16 autocast the 3D convolutions whose bf16 kernel is wrong are guarded (bench.numerics)."""
         model = model.to(self.device, memory_format=self.memory_format)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            from bench.numerics import guard_bf16_convolutions
+
+            guard_bf16_convolutions(model)
         return model, (torch.compile(model) if self.compile else model)
 
 
