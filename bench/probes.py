@@ -2,13 +2,15 @@
 features of the initialised encoder, which is never trained here.
 
 Features come from the encoder in eval mode on un-augmented inputs (the evaluation views; a
-multi-view method's features are averaged over its views). They are extracted once per encoder
+multi-view method's features are averaged over its views), in fp32 whatever the run's autocast
+(`feature_execution`). They are extracted once per encoder
 state, data and view settings and cached (numpy files written by this suite, no pickle), so both
 protocols of one initialisation share them. The probes see training labels to fit, validation
 labels to choose their hyperparameter, and never the test labels.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -47,9 +49,18 @@ def _state_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def feature_execution(cfg: DictConfig, method: Any) -> Execution:
+    """Where features are extracted: the run's device and memory format, always in fp32, whatever the
+    run's autocast. A frozen encoder's features can differ between crops by less than bf16 rounds
+    (random and lightly pretrained encoders especially), so features under bf16 autocast measure the
+    rounding: the probes would rank encoders differently on CPUs with and without bf16 (README)."""
+    return dataclasses.replace(Execution.of(cfg, method), dtype=None, note="")
+
+
 def feature_key(method: Any, cfg: DictConfig, encoder: nn.Module, data: VertebraSet) -> str:
     """What the features depend on: the encoder's tensors, the data and how inputs are made."""
-    inputs = {"format": method.input_format, "crop_size": cfg.crop_size, "dtype": Execution.of(cfg, method).dtype_name,
+    inputs = {"format": method.input_format, "crop_size": cfg.crop_size,
+              "dtype": feature_execution(cfg, method).dtype_name,
               "views": OmegaConf.to_container(cfg.views, resolve=True), "view_options": method.view_options(),
               "encoder": _state_digest(encoder), "data": data.fingerprint(), "task": cfg.task}
     return hashlib.sha256(repr(sorted(inputs.items())).encode()).hexdigest()[:24]
@@ -83,7 +94,7 @@ def features(method: Any, cfg: DictConfig, model: nn.Module, data: VertebraSet,
 def _extract_all(method: Any, cfg: DictConfig, encoder: nn.Module, parts: dict[str, VertebraSet],
                  path: Path) -> tuple[dict[str, np.ndarray], bool, float]:
     t0 = time.perf_counter()
-    execution = Execution.of(cfg, method)
+    execution = feature_execution(cfg, method)
     out = {name: extract(method, cfg, encoder, part, execution) for name, part in parts.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")

@@ -84,6 +84,28 @@ def test_features_come_from_eval_mode_without_augmentation(bench_cache):
     np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_features_are_fp32_under_autocast(bench_cache):
+    """bf16 rounding can be larger than the differences between crops' features, so the probes'
+    features are extracted in fp32 even when the run asks for bf16 autocast."""
+    from bench.probes import features
+
+    cfg = _cfg("_test_mode_sensitive", amp="true", amp_dtype="bf16")
+    method = create_method(cfg.method, cfg)
+    data = load_data(cfg)
+    model, _ = initialised_model(method, cfg)
+    train = data.subset("train")
+    feats, _, _ = features(method, cfg, model, data, {"train": train})
+    crops = torch.stack([torch.from_numpy(np.clip(train.images[i].astype(np.float32), -1000, 1000)[None] / 2000 + 0.5)
+                         for i in train.crop_indices])
+    with torch.no_grad():
+        model.encoder.eval()
+        expected = model.encoder(crops).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model.encoder(crops).float().numpy()
+    assert not np.allclose(rounded, expected, rtol=1e-5, atol=1e-6)  # bf16 would be visible at this tolerance
+    np.testing.assert_allclose(feats["train"], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("protocol", ["linear", "knn"])
 def test_probes_never_see_test_labels(protocol, bench_cache):
     cfg = _cfg("resnet18", protocol=protocol)
