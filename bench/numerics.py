@@ -2,17 +2,17 @@
 in fp32, every other op stays in bf16.
 
 On CPUs with native bf16 (AVX512-BF16), oneDNN 3.12's `jit_bf16:avx512_core_bf16` backward-weights
-convolution (PyTorch 2.14's 3D bf16 path) returns a wrong weight gradient, garbage up to 1e37 times
-the true one and sometimes NaN, whenever a stride-1 3D convolution (or transposed convolution) sees an
-input whose depth is above 1 but below the kernel's depth, e.g. a ResNet's last stage (2^3 voxels
-under a 3^3 kernel), a video CNN's temporal kernel over two frames. The forward pass and the input
-gradient are right; the result varies from call to call on the same tensors. That is what made the
-conv nets diverge at the default preset on that CPU kind (one garbage weight step, then NaN losses).
-The reproduction and the measured shapes are in tests/test_numerics.py; the default-preset guard
-(tests/test_default_preset_guard.py) compares every method's bf16 gradients with fp32 so that a
-kernel fault of this kind shows on any CPU, whether it overflows or not.
+convolution (PyTorch 2.14's 3D bf16 path) returns a wrong weight gradient, orders of magnitude off and
+sometimes NaN, whenever a stride-1 3D convolution (or transposed convolution) sees an input whose depth
+is above 1 but below the kernel's depth: a ResNet's last stage (2^3 voxels under a 3^3 kernel), a video
+CNN's temporal kernel over two frames. The forward pass and the input gradient are right, and the
+result varies from call to call on the same tensors. One such weight step is enough to turn the next
+losses into NaN, which is how the conv nets diverged at the default preset on that CPU kind.
+tests/test_numerics.py holds the faulty and the sound shapes; the default-preset guard
+(tests/test_default_preset_guard.py) replays every weight op of every method in bf16 against fp32, so
+that a kernel fault of this kind shows on any CPU, whether it overflows or not.
 
-Such convolutions are tiny (a few voxels), so running them in fp32 costs nothing measurable.
+The guarded convolutions see a few voxels, so running them in fp32 costs next to nothing.
 """
 from __future__ import annotations
 

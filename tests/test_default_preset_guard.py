@@ -1,8 +1,9 @@
 """A guard on the default preset's settings, which the tiny end-to-end tests do not exercise: every
 registered method, with its `small` architecture and AMP setting, trains an epoch on a handful of
 crops through the real finetuning protocol without a non-finite loss, and its loss on a fixed batch
-under autocast agrees with the fp32 loss, and so do its gradients (so a numerics problem is caught on
-any CPU kind, not only where it happens to overflow into NaN: see bench.numerics)."""
+under autocast agrees with the fp32 loss, and so does each convolution's and linear layer's weight
+gradient replayed on the same inputs (so a numerics problem is caught on any CPU kind, not only where
+it happens to overflow into NaN: see bench.numerics)."""
 from __future__ import annotations
 
 import contextlib
