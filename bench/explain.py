@@ -390,6 +390,17 @@ def _write_outputs(stage: Path, stem: str, crop: np.ndarray, truth: np.ndarray |
     return files
 
 
+def explained_per_kind(text: str, key: str) -> int:
+    """`n` (vertebrae explained per kind: TP, FN, FP), checked before any work."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise BenchError(f"bad value for '{key}': {text!r}; expected a whole number >= 1")
+    return n
+
+
 def explain_command(args: list[str]) -> list[Path]:
     """bench explain RUN_DIR... [n=3]"""
     from bench.config import parse_overrides
@@ -399,12 +410,7 @@ def explain_command(args: list[str]) -> list[Path]:
     unknown = set(opts) - {"n"}
     if unknown:
         raise BenchError(f"unknown explain key '{sorted(unknown)[0]}'; valid: n")
-    try:
-        n = int(opts.get("n", "3"))
-    except ValueError:
-        raise BenchError(f"bad value for 'n': '{opts['n']}'; expected a whole number >= 1") from None
-    if n < 1:
-        raise BenchError(f"bad value for 'n': {n}; expected a whole number >= 1")
+    n = explained_per_kind(opts.get("n", "3"), "n")
     if not dirs:
         raise BenchError("bench explain needs at least one run folder (bench explain RUN_DIR... [n=3])")
     return [explain_run(d, n) for d in dirs]

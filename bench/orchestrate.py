@@ -22,7 +22,7 @@ from typing import Any
 from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
-              "ray.max_concurrent", "methods", "train_fractions", "protocols", "explain")
+              "ray.max_concurrent", "methods", "train_fractions", "protocols", "explain", "explain.n")
 
 
 def quiet_ray_env() -> None:
@@ -203,6 +203,7 @@ def schedule(runs: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def run_suite(overrides: dict[str, str]) -> Path:
+    from bench.explain import explained_per_kind
     from bench.run import resolve_runs
     from bench.suites import expand, load_suite, seeds_count
 
@@ -210,6 +211,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
     seeds = seeds_count(overrides["seeds"], "'seeds'") if "seeds" in overrides else int(suite.get("seeds", 1))
     resume = _flag(overrides.get("resume", False), "resume")
     explain = _flag(overrides.get("explain", suite.get("explain", False)), "explain")
+    explain_n = explained_per_kind(str(overrides.get("explain.n", "3")), "explain.n")
     out = Path(overrides.get("out", "runs")).resolve()
     cpus = _number(overrides, "ray.cpus_per_trial", "1", minimum=0.01)
     gpus = _number(overrides, "ray.gpus_per_trial", "0", minimum=0.0)
@@ -246,7 +248,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
                                       callbacks=[_progress_callback(len(runs))]),
         )
         results = tuner.fit()
-    return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain)
+    return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain, explain_n)
 
 
 def _number(overrides: dict[str, str], key: str, default: str, minimum: float, whole: bool = False) -> float:
@@ -270,7 +272,7 @@ def _flag(value: Any, key: str) -> bool:
     raise BenchError(f"bad value for '{key}': {value!r}; expected true or false")
 
 
-def _explain_finished(folders: list[str]) -> None:
+def _explain_finished(folders: list[str], n: int) -> None:
     """`explain=true`: the finished finetuning runs explained one after the other (bench.explain)."""
     from bench.explain import explain_run
 
@@ -279,7 +281,7 @@ def _explain_finished(folders: list[str]) -> None:
         if not (path / "model.safetensors").is_file():  # probes, or runs with save_model=false
             continue
         try:
-            explain_run(path)
+            explain_run(path, n)
         except BenchError as exc:
             print(f"explain {path.name}: {exc}", file=sys.stderr)
 
@@ -293,7 +295,8 @@ def error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {first}"[:300]
 
 
-def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: float, explain: bool = False) -> Path:
+def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: float, explain: bool = False,
+            explain_n: int = 3) -> Path:
     """suite.json, the report (failed runs are cells marked "failed"), and an error when any run failed."""
     from bench.reports.build import build_report
     from bench.store import dumps, write_text_atomic
@@ -308,7 +311,7 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
     print(f"suite {name}: {len(runs) - len(errors)} of {len(runs)} runs finished in {wall_s:.0f} s", file=sys.stderr)
     report = None
     if explain:
-        _explain_finished([r["folder"] for r in summary if r["folder"] and not r["error"]])
+        _explain_finished([r["folder"] for r in summary if r["folder"] and not r["error"]], explain_n)
     if len(errors) < len(runs):
         target = out.parent / "reports" / name if out.name == "runs" else out / "reports" / name
         report = build_report([out / name], target, name)

@@ -127,6 +127,8 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
                                 "expected a whole number >= 0"),
     "resume_word": (lambda t, s: ["run", _suite(t, SUITE), "resume=maybe"], "bad value for 'resume'"),
     "explain_word": (lambda t, s: ["run", _suite(t, SUITE), "explain=perhaps"], "bad value for 'explain'"),
+    "suite_explain_n_zero": (lambda t, s: ["run", _suite(t, SUITE), "explain=true", "explain.n=0"],
+                             "bad value for 'explain.n': '0'; expected a whole number >= 1"),
     "suite_runs_number": (lambda t, s: ["run", _suite(t, "runs: 5\n")], "'runs' is int 5"),
     "suite_method_list": (lambda t, s: ["run", _suite(t, "runs:\n  - {method: [a]}\n")],
                           "entry 1 field 'method' is ['a']; expected a string"),
@@ -264,7 +266,7 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
     "report_unknown_key": (lambda t, s: ["report", str(_folder(t, "empty")), "colour=red"],
                            "unknown report key 'colour'"),
     "explain_not_a_run": (lambda t, s: ["explain", str(_folder(t, "notrun"))], "is not a run folder"),
-    "explain_n_zero": (lambda t, s: ["explain", str(_folder(t, "notrun")), "n=0"], "bad value for 'n': 0"),
+    "explain_n_zero": (lambda t, s: ["explain", str(_folder(t, "notrun")), "n=0"], "bad value for 'n': '0'"),
     # images and ingestion
     "info_not_a_store": (lambda t, s: ["data", "info", str(t / "nowhere")], "is not a crop store"),
     "ingest_same_file": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_CT}", "label_map=verse"],

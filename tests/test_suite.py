@@ -53,9 +53,12 @@ def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys
     assert (tmp_path / "reports" / "mini" / "index.html").exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")}
     assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}", "resume=true",
-                 "explain=true"]) == 0
+                 "explain=true", "explain.n=1"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")} == stamps
-    assert len(list(out.glob("mini/*/explain/explain.json"))) == 4  # explain=true: every finetuning run
+    explained = [json.loads(p.read_text()) for p in out.glob("mini/*/explain/explain.json")]
+    assert len(explained) == 4  # explain=true: every finetuning run
+    # explain.n=1: at most one TP, one FN and one FP each
+    assert all(e["n_per_kind"] == 1 and len(e["vertebrae"]) <= 3 for e in explained)
     assert "Where the models look" in (tmp_path / "reports" / "mini" / "index.html").read_text()
 
 
