@@ -13,7 +13,7 @@ from torch import nn
 
 from bench import attribution
 from bench.datasets import synthetic
-from bench.explain import baselines, choose, mask_scores
+from bench.explain import baselines, choose, map_peak, mask_scores
 from tests_helpers import SHARED_DATA, run_cli
 
 
@@ -84,6 +84,19 @@ def test_a_model_that_ignores_the_region_scores_like_chance():
     right = _RegionModel(region).eval()
     good = attribution.gradcam(right, _input(), "features")[0].numpy()
     assert mask_scores(good / good.sum(), truth, 1)["point_body"] == 1.0
+
+
+def test_the_pointing_game_takes_the_centre_of_a_flat_maximum():
+    """Occlusion cubes and token patches give flat plateaus: the peak is their centroid, not their corner."""
+    m = np.zeros((12, 12, 12), np.float32)
+    m[4:8, 4:8, 4:8] = 1.0  # one cube at the maximum
+    m[0:4, 0:4, 0:4] = 0.5
+    assert map_peak(m) == (6, 6, 6)
+    body = np.zeros(m.shape, np.uint8)
+    body[5:7, 5:7, 5:7] = 1  # a small body at the centre of the maximal cube
+    assert mask_scores(m / m.sum(), body, 0)["point_body"] == 1.0
+    smooth = np.random.default_rng(0).random(m.shape)
+    assert map_peak(smooth) == np.unravel_index(int(np.argmax(smooth)), m.shape)  # a unique maximum stays put
 
 
 def test_rollout_of_identity_attention_is_the_identity():
