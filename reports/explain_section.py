@@ -1,10 +1,11 @@
 """The report's "Where the models look" section, from the `explain/` folders of the runs
 (bench.explain): localisation and deletion scores with bootstrap CIs against the chance baselines,
-and a gallery of the explained vertebrae (one image per kind per run, embedded, shown small and
-opened full size on click)."""
+and a gallery of the explained vertebrae (one image per kind per run, embedded as JPEG so that a
+suite's page stays light, shown small and opened full size on click; the PNGs stay in `explain/`)."""
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,75 @@ def _fmt(entry: dict[str, Any]) -> str:
     return f"{mean:.2f}{ci}"
 
 
+def _jpeg_uri(png: Path, quality: int = 80) -> str:
+    """A data URI of the PNG re-encoded as JPEG: the maps are smooth colour fields, which JPEG keeps
+    faithfully at a fraction of PNG's bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(png) as image:
+        image.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+GROUPS = (("attention", True), ("attention", False), ("convolutional", True), ("convolutional", False))
+
+
+def _run_means(found: dict[str, Any]) -> dict[str, float]:
+    """One explained run's means over its vertebrae: each map's mass in the body relative to the random
+    map's on the same vertebra (the body's share of the crop: 1 is chance), and its pointing-game hit rate."""
+    native = "rollout" if "rollout" in found["maps"] else "gradcam" if "gradcam" in found["maps"] else None
+    out = {}
+    for key, name in (("occlusion", "occlusion"), ("native", native), ("gaussian", "gaussian")):
+        lift = [v["scores"][name]["mass_body"] / v["scores"]["random"]["mass_body"] for v in found["vertebrae"]
+                if name in v["scores"] and v["scores"]["random"]["mass_body"] > 0]
+        hit = [v["scores"][name]["point_body"] for v in found["vertebrae"] if name in v["scores"]]
+        out[f"{key}_lift"] = float(np.nanmean(lift)) if lift else np.nan
+        out[f"{key}_hit"] = float(np.nanmean(hit)) if hit else np.nan
+    return out
+
+
+def _mean_ci(values: list[float], seed: int = 0) -> str:
+    """Mean over runs [95 % percentile bootstrap CI over runs]: the run, not the vertebra, is the unit
+    (every run explains vertebrae of the same test split)."""
+    from scipy.stats import bootstrap
+
+    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return "n/a"
+    if len(v) < 2 or np.ptp(v) == 0:
+        return f"{v.mean():.2f}"
+    ci = bootstrap((v,), np.mean, n_resamples=1000, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return f"{v.mean():.2f} [{ci.low:.2f}, {ci.high:.2f}]"
+
+
+def group_rows(explained: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Attention models (those with an attention rollout) and convolutional ones, pretrained or from
+    scratch: does a family look at the vertebral body more than chance, and more than the others?"""
+    rows = []
+    for family, pretrained in GROUPS:
+        means = [_run_means(found) for regime, found in explained
+                 if ("rollout" in found["maps"]) == (family == "attention") and (regime != "scratch") == pretrained
+                 and found["vertebrae"] and found["vertebrae"][0].get("has_mask")]
+        if not means:
+            continue
+        rows.append({"group": f"{family}, {'pretrained' if pretrained else 'scratch'}", "runs": len(means),
+                     "native": "rollout" if family == "attention" else "Grad-CAM",
+                     **{k: _mean_ci([m[k] for m in means]) for k in means[0]}})
+    return rows
+
+
 def explain_section(runs: pd.DataFrame) -> dict[str, Any] | None:
-    """Rows of the score table (each map of each explained run, then its baselines) and the gallery."""
-    rows, gallery = [], []
+    """Rows of the score table (each map of each explained run, then its baselines), the family
+    summary and the gallery."""
+    rows, gallery, explained = [], [], []
     for run in runs.sort_values(["method", "regime", "protocol"]).itertuples():
         folder = Path(run.folder)
         found = read_explanations(folder)
         if found is None:
             continue
+        explained.append((run.regime, found))
         n = len(found.get("vertebrae", []))
         for name in found["maps"]:
             summary = found["summary"][name]
@@ -43,12 +105,11 @@ def explain_section(runs: pd.DataFrame) -> dict[str, Any] | None:
             for key, what in (("png", "maps"), ("mae_png", "MAE reconstruction: original, masked, reconstructed")):
                 png = folder / "explain" / first["files"].get(key, "")
                 if key in first["files"] and png.is_file():
-                    uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-                    images.append({"kind": kind, "uri": uri,
+                    images.append({"kind": kind, "uri": _jpeg_uri(png),
                                    "caption": f"{kind} {first['patient_id']} {first['vertebra']} "
                                               f"(score {first['score']:.2f}): {what}"})
         if images:
             gallery.append({"run": folder.name, "images": images})
     if not rows:
         return None
-    return {"rows": rows, "gallery": gallery, "scores": SCORES}
+    return {"rows": rows, "groups": group_rows(explained), "gallery": gallery, "scores": SCORES}
