@@ -14,6 +14,7 @@ frame of the stored crop (slice methods: each crop slice takes the map of its ne
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,15 +49,26 @@ def fracture_log_odds(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.logsumexp(logits.narrow(dim, 1, logits.shape[dim] - 1), dim=dim) - logits.select(dim, 0)
 
 
-def occlusion(model: nn.Module, x: torch.Tensor, mask_size: int, n_batch: int = 16) -> torch.Tensor:
-    """(B, *spatial) occlusion sensitivity: how much the fracture log-odds fall when a cube of
-    `mask_size` voxels (per spatial axis, frames included) around each voxel is blurred away. Log-odds,
-    not probabilities: a confident model's probability saturates and would show no change at all."""
+def centred_cubes(spatial: Sequence[int], per_axis: int = 3) -> tuple[int, ...]:
+    """Occlusion cube edges that tile each axis `per_axis` times (odd), so that one cube is centred on
+    the crop's centre vertebra. MONAI's Gaussian occlusion darkens a cube's middle and leaves its corners
+    untouched: with an even count, the crop centre sits on the corners of 8 cubes and is never hidden."""
+    if per_axis % 2 == 0:
+        raise ValueError(f"occlusion cubes per axis must be odd, got {per_axis}")
+    return tuple(-(-int(s) // per_axis) for s in spatial)
+
+
+def occlusion(model: nn.Module, x: torch.Tensor, mask_size: int | Sequence[int], n_batch: int = 16) -> torch.Tensor:
+    """(B, *spatial) occlusion sensitivity: how much the fracture log-odds fall when each cube of
+    `mask_size` voxels (one edge, or one per spatial axis, frames included) is darkened by MONAI's Gaussian
+    occlusion. Log-odds, not probabilities: a confident model's probability saturates and would show no
+    change at all."""
     from monai.visualize import OcclusionSensitivity
 
     model.eval()
     spatial = x.shape[2:]
-    size = [min(mask_size, s) for s in spatial]
+    edges = [mask_size] * len(spatial) if isinstance(mask_size, int) else list(mask_size)
+    size = [min(m, s) for m, s in zip(edges, spatial)]
     occ = OcclusionSensitivity(nn_module=model, mask_size=size, n_batch=n_batch, verbose=False, mode="gaussian",
                                overlap=0.0, activate=False)
     with torch.no_grad(), warnings.catch_warnings():

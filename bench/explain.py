@@ -128,8 +128,7 @@ def maps_of(method: Any, cfg: DictConfig, model: torch.nn.Module, crop: np.ndarr
     x = _inputs(method, cfg, crop[None], multi_view=False)
     spatial = tuple(x.shape[2:])
     found: dict[str, torch.Tensor] = {}
-    mask_size = max(2, spatial[-1] // 4)  # 4 cubes per edge: 64 occlusions of a volume
-    found["occlusion"] = attribution.occlusion(model, x, mask_size)
+    found["occlusion"] = attribution.occlusion(model, x, attribution.centred_cubes(spatial))  # 27 occlusions
     layout = method.token_layout()
     if layout is not None:
         prefix, grid, pooling = layout

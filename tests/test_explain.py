@@ -72,6 +72,22 @@ def test_gradcam_and_occlusion_put_their_mass_where_the_model_reads():
     assert abs(_mass(random, region) - chance) < 0.02
 
 
+def test_occlusion_cubes_are_centred_on_the_crop_centre():
+    """A model that reads only the centre of the crop: a centred cube hides it, and the map points there.
+    With 4 cubes per edge the centre lies on cube corners, which MONAI's Gaussian occlusion never darkens."""
+    centre = _region(shape=(18, 18, 18), lo=7, hi=11)
+    model = _RegionModel(centre).eval()
+    x = 0.5 + 0.2 * torch.rand(1, 1, 18, 18, 18, generator=torch.Generator().manual_seed(0))
+    assert attribution.centred_cubes((18, 18, 16)) == (6, 6, 6)
+    centred = attribution.occlusion(model, x, attribution.centred_cubes(x.shape[2:]))[0].numpy()
+    even = attribution.occlusion(model, x, 5)[0].numpy()  # 4 cubes per edge (0, 5, 10, 13)
+    truth = centre.astype(np.uint8)
+    assert _mass(centred, centre) > 5 * centre.mean() and mask_scores(centred, truth, 0)["point_body"] == 1.0
+    assert even.max() < 0.5 * centred.max()  # no even-grid cube darkens the whole centre: a smaller log-odds drop
+    with pytest.raises(ValueError, match="odd"):
+        attribution.centred_cubes((18, 18, 18), per_axis=4)
+
+
 def test_a_model_that_ignores_the_region_scores_like_chance():
     region, elsewhere = _region(), _region(lo=9, hi=14)
     model = _RegionModel(elsewhere).eval()  # reads another cube entirely
