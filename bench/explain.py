@@ -139,7 +139,7 @@ def maps_of(method: Any, cfg: DictConfig, model: torch.nn.Module, crop: np.ndarr
             attribution.token_relevance(attentions[-1].float().mean(dim=1), prefix, pooling), grid, spatial)
     layer = method.cam_layer(model)
     if layer is not None:
-        found["gradcam"] = attribution.gradcam(model, x, layer)
+        found["gradcam"] = method.cam_to_input(attribution.gradcam(model, x, layer))
     out = {}
     for name, volume in found.items():
         m = attribution.to_crop(method, cfg, volume[0].detach().numpy(), crop.shape)
@@ -257,6 +257,7 @@ def explain_run(folder: Path, n: int = 3) -> Path:
             for stem, row in zip(crops, rows):
                 row["files"].update(reconstruction["files"].get(stem, {}))
         summary = {"run": folder.name, "method": cfg.method, "regime": cfg.regime, "n_per_kind": n,
+                   "architecture": method.architecture,
                    "maps": names, "baselines": list(BASELINES), "summary": summarise(rows, names, cfg.seed),
                    "vertebrae": rows, "deletion_fractions": list(DELETION_FRACTIONS),
                    "reconstruction": None if reconstruction is None else reconstruction["summary"]}

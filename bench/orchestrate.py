@@ -272,18 +272,23 @@ def _flag(value: Any, key: str) -> bool:
     raise BenchError(f"bad value for '{key}': {value!r}; expected true or false")
 
 
-def _explain_finished(folders: list[str], n: int) -> None:
-    """`explain=true`: the finished finetuning runs explained one after the other (bench.explain)."""
+def _explain_finished(folders: list[str], n: int) -> list[str]:
+    """`explain=true`: the finished finetuning runs explained one after the other (bench.explain).
+    A run that cannot be explained is one line, and the others are still explained and reported."""
     from bench.explain import explain_run
 
+    failed = []
     for folder in folders:
         path = Path(folder)
         if not (path / "model.safetensors").is_file():  # probes, or runs with save_model=false
             continue
         try:
             explain_run(path, n)
-        except BenchError as exc:
-            print(f"explain {path.name}: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one run's failure must not cost the suite its report
+            line = f"explain {path.name}: {error_line(exc)}"
+            print(line, file=sys.stderr)
+            failed.append(line)
+    return failed
 
 
 def error_line(error: BaseException) -> str:
@@ -309,9 +314,9 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
     write_text_atomic(out / name / "suite.json", dumps({"suite": name, "seeds": seeds, "wall_s": wall_s,
                                                         "runs": summary}))
     print(f"suite {name}: {len(runs) - len(errors)} of {len(runs)} runs finished in {wall_s:.0f} s", file=sys.stderr)
-    report = None
+    report, unexplained = None, []
     if explain:
-        _explain_finished([r["folder"] for r in summary if r["folder"] and not r["error"]], explain_n)
+        unexplained = _explain_finished([r["folder"] for r in summary if r["folder"] and not r["error"]], explain_n)
     if len(errors) < len(runs):
         target = out.parent / "reports" / name if out.name == "runs" else out / "reports" / name
         report = build_report([out / name], target, name)
@@ -319,5 +324,8 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
         where = f"; report: {report}" if report else ""
         raise BenchError(f"suite {name}: {len(errors)} of {len(runs)} run(s) failed, e.g. "
                          f"{error_line(errors[0].error)}{where}; fix and rerun with resume=true")
+    if unexplained:
+        raise BenchError(f"suite {name}: {len(unexplained)} run(s) could not be explained, e.g. {unexplained[0]}; "
+                         f"report: {report}")
     assert report is not None
     return report

@@ -59,6 +59,7 @@ class Method:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> config overrides
     public_weights: ClassVar[Any] = None  # bench.weights.WeightsSpec of the real public checkpoint
     channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.loop.Execution)
+    architecture: ClassVar[str] = "convolutional"  # or "transformer": how the report groups what models look at
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -107,6 +108,11 @@ class Method:
         from bench.attribution import last_conv_layer
 
         return last_conv_layer(model)
+
+    def cam_to_input(self, cam: torch.Tensor) -> torch.Tensor:
+        """(B, *spatial) Grad-CAM in the frame of the cam layer's input -> the model input's frame, for
+        encoders that reorient their input first; the identity by default."""
+        return cam
 
     def train_batch_sampler(self, labels: np.ndarray, batch_size: int, seed: int) -> Any:
         """A batch sampler for training (with an `epoch` attribute), or None for shuffled batches."""

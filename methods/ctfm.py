@@ -70,9 +70,13 @@ class CTFMEncoder(nn.Module):
     def __init__(self, p: CTFMParams) -> None:
         super().__init__()
         self.window = hu_window(p.hu_window)
-        self.orient = Reorient(p.orientation)
+        self.orient = self.orientation(p)
         self.net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=p.init_filters,
                                  blocks_down=tuple(p.blocks_down))
+
+    @staticmethod
+    def orientation(p: CTFMParams) -> Reorient:
+        return Reorient(p.orientation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.orient(self.window(x)))[-1].mean(dim=(2, 3, 4))
@@ -135,6 +139,15 @@ class CTFM(Method):
                "{'state_dict': {'backbone.[encoder.]<key>'}} or {'encoder.<key>', 'up_layers.*' (SegResNetDS)}",
         convert=convert_ctfm,
     )
+
+    def cam_layer(self, model: nn.Module) -> str:
+        """The last level's blocks, not their last convolution: a residual block adds its identity in
+        place onto that convolution's output, which Grad-CAM's backward hook forbids."""
+        return f"encoder.net.layers.{len(self.params.blocks_down) - 1}.blocks"
+
+    def cam_to_input(self, cam: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM is taken in CT-FM's orientation (SPL): back to the crop's RAS."""
+        return CTFMEncoder.orientation(self.params).undo(cam[:, None])[:, 0]
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         p = self.params

@@ -53,6 +53,11 @@ class Reorient(nn.Module):
         x = x.permute(0, 1, *self.order)
         return x.flip(self.flips) if self.flips else x
 
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) back from the checkpoint's axis codes to RAS: the inverse of forward."""
+        x = x.flip(self.flips) if self.flips else x
+        return x.permute(0, 1, *(int(i) + 2 for i in np.argsort([o - 2 for o in self.order])))
+
     def extra_repr(self) -> str:
         return f"RAS -> {self.axcodes}"
 

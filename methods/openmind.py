@@ -333,6 +333,7 @@ def convert_primus(state: dict[str, torch.Tensor], target: nn.Module) -> dict[st
 
 @register_method("openmind_primusm")
 class OpenMindPrimusM(Method):
+    architecture = "transformer"
     description = "OpenMind / nnssl Primus-M (Eva ViT) encoder, MAE pretraining (Wald et al., ICCV 2025)"
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = PrimusParams

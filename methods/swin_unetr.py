@@ -121,6 +121,7 @@ class SwinParams:
 class SwinClassifier(Method):
     """What every MONAI-Swin-encoder method shares: the encoder with a pooled linear head, the
     module that receives pretrained weights, Grad-CAM's layer and the layer-decay groups."""
+    architecture = "transformer"
 
     use_v2: bool = False
 

@@ -248,6 +248,7 @@ VIDEO_PRESETS = {
 
 
 class _VideoMethod(Method):
+    architecture = "transformer"
     input_format = "slices"
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = VideoMAEParams

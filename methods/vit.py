@@ -216,6 +216,7 @@ VIT_PRESETS = {
 
 
 class ViTMethod(Method):
+    architecture = "transformer"
     Params = ViTParams
     presets = VIT_PRESETS
     public_weights = WeightsSpec(

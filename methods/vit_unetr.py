@@ -108,6 +108,7 @@ MONAI_VIT_WEIGHTS = WeightsSpec(
 
 @register_method("vit_unetr")
 class ViTUNETR(Method):
+    architecture = "transformer"
     description = "MONAI ViTAutoEnc SSL (two views, L1 + contrastive), ViT-B encoder (Table 3)"
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = ViTUNETRParams

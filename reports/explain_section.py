@@ -34,13 +34,13 @@ def _jpeg_uri(png: Path, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-GROUPS = (("attention", True), ("attention", False), ("convolutional", True), ("convolutional", False))
+GROUPS = (("transformer", True), ("transformer", False), ("convolutional", True), ("convolutional", False))
 
 
 def _run_means(found: dict[str, Any]) -> dict[str, float]:
     """One explained run's means over its vertebrae: each map's mass in the body relative to the random
     map's on the same vertebra (the body's share of the crop: 1 is chance), and its pointing-game hit rate."""
-    native = "rollout" if "rollout" in found["maps"] else "gradcam" if "gradcam" in found["maps"] else None
+    native = _native(found)
     out = {}
     for key, name in (("occlusion", "occlusion"), ("native", native), ("gaussian", "gaussian")):
         lift = [v["scores"][name]["mass_body"] / v["scores"]["random"]["mass_body"] for v in found["vertebrae"]
@@ -66,19 +66,24 @@ def _mean_ci(values: list[float], seed: int = 0) -> str:
     return f"{v.mean():.2f} [{ci.low:.2f}, {ci.high:.2f}]"
 
 
+def _native(found: dict[str, Any]) -> str | None:
+    return "rollout" if "rollout" in found["maps"] else "gradcam" if "gradcam" in found["maps"] else None
+
+
 def group_rows(explained: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Attention models (those with an attention rollout) and convolutional ones, pretrained or from
+    """Transformers and convolutional networks (the method's `architecture`), pretrained or from
     scratch: does a family look at the vertebral body more than chance, and more than the others?"""
     rows = []
     for family, pretrained in GROUPS:
-        means = [_run_means(found) for regime, found in explained
-                 if ("rollout" in found["maps"]) == (family == "attention") and (regime != "scratch") == pretrained
-                 and found["vertebrae"] and found["vertebrae"][0].get("has_mask")]
-        if not means:
+        chosen = [found for regime, found in explained
+                  if found.get("architecture", "convolutional") == family and (regime != "scratch") == pretrained
+                  and found["vertebrae"] and found["vertebrae"][0].get("has_mask")]
+        if not chosen:
             continue
+        means = [_run_means(found) for found in chosen]
+        natives = sorted({_native(found) or "none" for found in chosen})
         rows.append({"group": f"{family}, {'pretrained' if pretrained else 'scratch'}", "runs": len(means),
-                     "native": "rollout" if family == "attention" else "Grad-CAM",
-                     **{k: _mean_ci([m[k] for m in means]) for k in means[0]}})
+                     "native": " / ".join(natives), **{k: _mean_ci([m[k] for m in means]) for k in means[0]}})
     return rows
 
 

@@ -99,3 +99,21 @@ def test_intra_sample_simclr_then_finetuning_through_the_cli_and_in_the_report(t
     html = (tmp_path / "report" / "index.html").read_text()
     today = html[html.index("Today&#39;s checkpoints"):]
     assert "ctfm" in today[:today.index("</table>")] and "Other runs" not in html
+
+
+def test_gradcam_runs_on_the_last_level_and_comes_back_to_ras():
+    """Grad-CAM reads the last level's blocks (their last convolution's output is added to in place),
+    taken in CT-FM's SPL frame and turned back into the crop's RAS."""
+    from bench.attribution import gradcam
+    from bench.config import compose
+    from bench.registry import create_method, get_method
+
+    cfg = compose({"method": "ctfm", "preset": "tiny", "regime": "scratch"}, get_method("ctfm"))
+    method = create_method("ctfm", cfg)
+    model = method.build_model().eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    cam = method.cam_to_input(gradcam(model, x, method.cam_layer(model)))
+    assert cam.shape == (1, 32, 32, 32) and torch.isfinite(cam).all()
+    ras = torch.rand(1, 5, 6, 7)  # a map in RAS, seen in SPL, back in RAS
+    spl = model.encoder.orient(ras[:, None])[:, 0]
+    assert spl.shape == (1, 7, 6, 5) and torch.equal(method.cam_to_input(spl), ras)

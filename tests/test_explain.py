@@ -115,25 +115,27 @@ def test_the_pointing_game_takes_the_centre_of_a_flat_maximum():
     assert map_peak(smooth) == np.unravel_index(int(np.argmax(smooth)), m.shape)  # a unique maximum stays put
 
 
-def _explained(maps: list[str], lift: float, vertebrae: int = 4) -> dict:
+def _explained(maps: list[str], lift: float, architecture: str, vertebrae: int = 4) -> dict:
     scores = {"random": {"mass_body": 0.02, "point_body": 0.0}, "gaussian": {"mass_body": 0.2, "point_body": 1.0}}
     scores.update({m: {"mass_body": 0.02 * lift, "point_body": float(lift > 1)} for m in maps})
-    return {"maps": maps + ["random", "gaussian"], "vertebrae": [{"scores": scores, "has_mask": True}] * vertebrae}
+    return {"maps": maps + ["random", "gaussian"], "architecture": architecture,
+            "vertebrae": [{"scores": scores, "has_mask": True}] * vertebrae}
 
 
 def test_family_summary_measures_lift_over_chance_per_run():
     from bench.reports.explain_section import group_rows
 
-    rows = group_rows([("public", _explained(["occlusion", "rollout", "last_attention"], 3.0)),
-                       ("vertebrae", _explained(["occlusion", "rollout", "last_attention"], 1.0)),
-                       ("scratch", _explained(["occlusion", "gradcam"], 1.0))])
+    rows = group_rows([("public", _explained(["occlusion", "rollout", "last_attention"], 3.0, "transformer")),
+                       ("vertebrae", _explained(["occlusion", "rollout", "last_attention"], 1.0, "transformer")),
+                       ("public", _explained(["occlusion", "gradcam"], 2.0, "transformer")),  # a Swin
+                       ("scratch", _explained(["occlusion", "gradcam"], 1.0, "convolutional"))])
     by_group = {r["group"]: r for r in rows}
-    assert set(by_group) == {"attention, pretrained", "convolutional, scratch"}  # empty families left out
-    attention = by_group["attention, pretrained"]
-    assert attention["runs"] == 2 and attention["occlusion_lift"].startswith("2.00 [")  # mean of 3x and 1x chance
-    assert attention["native"] == "rollout" and attention["gaussian_lift"] == "10.00"
+    assert set(by_group) == {"transformer, pretrained", "convolutional, scratch"}  # empty families left out
+    transformers = by_group["transformer, pretrained"]
+    assert transformers["runs"] == 3 and transformers["occlusion_lift"].startswith("2.00 [")  # (3 + 1 + 2) / 3
+    assert transformers["native"] == "gradcam / rollout" and transformers["gaussian_lift"] == "10.00"
     conv = by_group["convolutional, scratch"]
-    assert conv["native"] == "Grad-CAM" and conv["native_lift"] == "1.00" and conv["native_hit"] == "0.00"
+    assert conv["native"] == "gradcam" and conv["native_lift"] == "1.00" and conv["native_hit"] == "0.00"
 
 
 def test_rollout_of_identity_attention_is_the_identity():
@@ -232,7 +234,7 @@ def test_explain_cli_on_every_model_family(tiny_runs):
     assert report.returncode == 0, report.stderr
     html = (tiny_runs.parent / "report" / "index.html").read_text()
     assert "Where the models look" in html and ">gaussian<" in html and ">random<" in html
-    assert all(f">{g}<" in html for g in ("attention, scratch", "attention, pretrained", "convolutional, scratch"))
+    assert all(f">{g}<" in html for g in ("transformer, scratch", "transformer, pretrained", "convolutional, scratch"))
     assert html.count('class="thumb"') >= len(folders)
     assert html.count('class="thumb" tabindex="0"') == html.count('src="data:image/jpeg;base64,')  # light page
     again = run_cli("explain", str(folders[0]), "n=1")

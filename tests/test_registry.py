@@ -10,6 +10,18 @@ def test_builtin_methods_and_datasets():
     assert "synthetic" in list_datasets()
 
 
+def test_every_method_says_its_architecture():
+    """The report groups where models look by architecture: every ViT, video ViT, Swin and Primus
+    method says transformer, every other one convolutional."""
+    from bench.registry import get_method
+
+    transformers = {name for name in list_methods() if get_method(name).architecture == "transformer"}
+    assert {get_method(name).architecture for name in list_methods()} <= {"transformer", "convolutional"}
+    assert {"vit_b", "vit_l", "mae3d", "vit_unetr", "video_mae", "video_ct_mae", "swin_unetr", "suprem", "voco",
+            "openmind_primusm"} <= transformers
+    assert not {"resnet18", "r3d_18", "ctfm", "openmind_resencl", "suprem_unet", "engstler"} & transformers
+
+
 def test_duplicate_name_is_an_error():
     reg = Registry("method", "bench.methods", "bench.no_such_group")
 

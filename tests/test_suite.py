@@ -209,3 +209,26 @@ def test_the_readme_suites_cover_every_method_and_regime():
         assert {(r["method"], r["regime"], r.get("protocol", "finetune")) for r in runs} == \
             {(m, r, p) for m, r in cells for p in protocols}, name
         assert {r["seed"] for r in runs} == {"0"}
+
+
+def test_a_run_that_cannot_be_explained_is_one_line_and_the_others_still_are(tmp_path, monkeypatch, capsys):
+    import bench.explain
+    from bench.orchestrate import _explain_finished
+
+    folders = []
+    for name in ("broken-scratch-s0", "fine-scratch-s0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+        folders.append(str(tmp_path / name))
+    explained = []
+
+    def explain_run(path, n):
+        if path.name.startswith("broken"):
+            raise RuntimeError("Output 0 of BackwardHookFunction is a view\nand more")
+        explained.append((path.name, n))
+
+    monkeypatch.setattr(bench.explain, "explain_run", explain_run)
+    failed = _explain_finished(folders, 2)
+    assert failed == ["explain broken-scratch-s0: RuntimeError: Output 0 of BackwardHookFunction is a view"]
+    assert explained == [("fine-scratch-s0", 2)]
+    assert capsys.readouterr().err.strip() == failed[0]
