@@ -51,8 +51,8 @@ def fracture_log_odds(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def centred_cubes(spatial: Sequence[int], per_axis: int = 3) -> tuple[int, ...]:
     """Occlusion cube edges that tile each axis `per_axis` times (odd), so that one cube is centred on
-    the crop's centre vertebra. MONAI's Gaussian occlusion darkens a cube's middle and leaves its corners
-    untouched: with an even count, the crop centre sits on the corners of 8 cubes and is never hidden."""
+    the crop's centre vertebra: with an even count the crop centre sits on the corners of 8 cubes, and
+    the body is never hidden by one occlusion."""
     if per_axis % 2 == 0:
         raise ValueError(f"occlusion cubes per axis must be odd, got {per_axis}")
     return tuple(-(-int(s) // per_axis) for s in spatial)
@@ -60,16 +60,18 @@ def centred_cubes(spatial: Sequence[int], per_axis: int = 3) -> tuple[int, ...]:
 
 def occlusion(model: nn.Module, x: torch.Tensor, mask_size: int | Sequence[int], n_batch: int = 16) -> torch.Tensor:
     """(B, *spatial) occlusion sensitivity: how much the fracture log-odds fall when each cube of
-    `mask_size` voxels (one edge, or one per spatial axis, frames included) is darkened by MONAI's Gaussian
-    occlusion. Log-odds, not probabilities: a confident model's probability saturates and would show no
-    change at all."""
+    `mask_size` voxels (one edge, or one per spatial axis, frames included) is replaced by its own mean
+    (MONAI's "mean_patch"): the structure in the cube is gone, its intensity level stays. Darkening a
+    cube instead (MONAI's Gaussian mode) puts a black hole into a vertebral body, which reads as a
+    deformity: hiding the body then raised the fracture odds of true positives. Log-odds, not
+    probabilities: a confident model's probability saturates and would show no change at all."""
     from monai.visualize import OcclusionSensitivity
 
     model.eval()
     spatial = x.shape[2:]
     edges = [mask_size] * len(spatial) if isinstance(mask_size, int) else list(mask_size)
     size = [min(m, s) for m, s in zip(edges, spatial)]
-    occ = OcclusionSensitivity(nn_module=model, mask_size=size, n_batch=n_batch, verbose=False, mode="gaussian",
+    occ = OcclusionSensitivity(nn_module=model, mask_size=size, n_batch=n_batch, verbose=False, mode="mean_patch",
                                overlap=0.0, activate=False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)

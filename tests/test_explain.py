@@ -28,7 +28,8 @@ class _Gate(nn.Module):
 
 class _RegionModel(nn.Module):
     """A classifier whose fracture logit reads only the voxels of `region` (a boolean cube): its
-    feature maps (the Grad-CAM layer `features`) are zero elsewhere."""
+    feature maps (the Grad-CAM layer `features`) are zero elsewhere. It reads their structure (the sum
+    of squares), which replacing a cube by its mean (occlusion) removes."""
 
     def __init__(self, region: np.ndarray) -> None:
         super().__init__()
@@ -41,7 +42,8 @@ class _RegionModel(nn.Module):
         self.size = float(region.sum())
 
     def forward(self, x):
-        return 20 * self.features(x).sum(dim=(2, 3, 4)) / self.size
+        evidence = 20 * (self.features(x)[:, 1] ** 2).sum(dim=(1, 2, 3)) / self.size
+        return torch.stack([-evidence, evidence], dim=1)
 
 
 def _region(shape=(16, 16, 16), lo=2, hi=7):
@@ -74,7 +76,7 @@ def test_gradcam_and_occlusion_put_their_mass_where_the_model_reads():
 
 def test_occlusion_cubes_are_centred_on_the_crop_centre():
     """A model that reads only the centre of the crop: a centred cube hides it, and the map points there.
-    With 4 cubes per edge the centre lies on cube corners, which MONAI's Gaussian occlusion never darkens."""
+    With 4 cubes per edge the centre lies on cube corners: no one occlusion hides it."""
     centre = _region(shape=(18, 18, 18), lo=7, hi=11)
     model = _RegionModel(centre).eval()
     x = 0.5 + 0.2 * torch.rand(1, 1, 18, 18, 18, generator=torch.Generator().manual_seed(0))
