@@ -144,7 +144,7 @@ class SuPreM(SwinClassifier):
         return pretext.network.swinViT
 
     def cam_layer(self, model: nn.Module) -> str:
-        return "encoder.encoder.swin.layers4"
+        return "encoder.encoder.swin.layers4.0"
 
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.encoder\.swin\.patch_embed", "blocks": r"^encoder\.encoder\.swin\.layers(\d)"}

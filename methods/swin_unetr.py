@@ -136,8 +136,9 @@ class SwinClassifier(Method):
         return model.encoder.swin
 
     def cam_layer(self, model: nn.Module) -> str:
-        """Window attention has no global map: Grad-CAM on the last stage's 5D output."""
-        return "encoder.swin.layers4"
+        """Window attention has no global map: Grad-CAM on the last stage's 5D output (its BasicLayer:
+        the `layers4` ModuleList itself is never called, so a hook on it never fires)."""
+        return "encoder.swin.layers4.0"
 
     def layer_groups(self) -> dict:
         """Patch embedding, then the four stages (each with its patch merging, and v2's residual block)."""

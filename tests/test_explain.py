@@ -340,3 +340,22 @@ def test_mae_reconstruction_keeps_the_visible_patches_and_fills_the_hidden_ones(
     visible = patchify(recon, 8)[~hidden]
     assert torch.equal(visible, patchify(x, 8)[~hidden])  # visible patches are the input's own
     assert not torch.equal(patchify(recon, 8)[hidden], patchify(x, 8)[hidden])  # hidden ones are predicted
+
+
+@pytest.mark.parametrize("name", sorted(__import__("bench.registry", fromlist=["list_methods"]).list_methods()))
+def test_every_methods_maps_come_back_to_the_crop(name):
+    """Every registered method's maps at tiny: Grad-CAM's layer is one the forward pass calls, and
+    every map is finite in the crop's frame (a hook that never fires or an in-place add fails here)."""
+    from bench.config import compose
+    from bench.explain import maps_of
+    from bench.registry import create_method, get_method
+
+    cls = get_method(name)
+    cfg = compose({"method": name, "preset": "tiny", "regime": cls.regimes[0]}, cls)
+    method = create_method(name, cfg)
+    model = method.build_model().eval()
+    crop = np.random.default_rng(0).uniform(-1000, 1500, (cfg.crop_size,) * 3).astype(np.float32)
+    maps = maps_of(method, cfg, model, crop)
+    assert "occlusion" in maps and ("gradcam" in maps or "rollout" in maps)
+    for m in maps.values():
+        assert m.shape == crop.shape and np.isfinite(m).all() and m.sum() == pytest.approx(1.0, abs=1e-3)
