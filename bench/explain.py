@@ -177,9 +177,12 @@ def mask_scores(m: np.ndarray, truth: np.ndarray | None, label: int) -> dict[str
             "point_deformity": float(deformity[peak]) if label == 1 and deformity.any() else np.nan}
 
 
-def deletion_curves(method: Any, cfg: DictConfig, model: torch.nn.Module, crop: np.ndarray,
+def deletion_curves(predict: Callable[[np.ndarray], np.ndarray], crop: np.ndarray,
                     maps: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean P(fracture) relative to the intact crop's while the top voxels of each map are blurred away."""
+    """The mean change of P(fracture) from the intact crop's while the top 2-50 % voxels of each map are
+    blurred away (`predict`: crops -> P(fracture)). Negative: the map found what the fracture call rests
+    on. A difference, not a ratio: a ratio to a near-zero intact probability (a confident negative)
+    blows up."""
     blurred = ndimage.gaussian_filter(crop.astype(np.float32), 3.0)
     order = {name: np.argsort(-m.ravel(), kind="stable") for name, m in maps.items()}
     batch = [crop.astype(np.float32)]
@@ -189,10 +192,9 @@ def deletion_curves(method: Any, cfg: DictConfig, model: torch.nn.Module, crop: 
             top = order[name][: int(round(f * x.size))]
             x[top] = blurred.ravel()[top]
             batch.append(x.reshape(crop.shape))
-    probs = fracture_probability(method, cfg, model, np.stack(batch))
-    base = max(float(probs[0]), 1e-6)
+    probs = predict(np.stack(batch))
     k = len(DELETION_FRACTIONS)
-    return {name: float(probs[1 + i * k: 1 + (i + 1) * k].mean() / base) for i, name in enumerate(maps)}
+    return {name: float(probs[1 + i * k: 1 + (i + 1) * k].mean() - probs[0]) for i, name in enumerate(maps)}
 
 
 def summarise(rows: list[dict[str, Any]], maps: list[str], seed: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -241,7 +243,7 @@ def explain_run(folder: Path, n: int = 3) -> Path:
             truth = None if test.masks is None else np.asarray(test.masks[crop_index])
             maps = maps_of(method, cfg, model, crop)
             every = {**maps, **baselines(crop.shape, cfg.seed + i)}
-            deletion = deletion_curves(method, cfg, model, crop, every)
+            deletion = deletion_curves(lambda crops: fracture_probability(method, cfg, model, crops), crop, every)
             scores = {name: {**mask_scores(m, truth, int(pick.label)), "deletion": deletion[name]}
                       for name, m in every.items()}
             stem = f"{i:02d}_{pick.kind}_{pick.patient_id}_{pick.vertebra}"

@@ -39,15 +39,19 @@ GROUPS = (("transformer", True), ("transformer", False), ("convolutional", True)
 
 def _run_means(found: dict[str, Any]) -> dict[str, float]:
     """One explained run's means over its vertebrae: each map's mass in the body relative to the random
-    map's on the same vertebra (the body's share of the crop: 1 is chance), and its pointing-game hit rate."""
+    map's on the same vertebra (the body's share of the crop: 1 is chance), its pointing-game hit rate,
+    and its deletion score minus the random map's (below 0: more faithful than chance)."""
     native = _native(found)
     out = {}
     for key, name in (("occlusion", "occlusion"), ("native", native), ("gaussian", "gaussian")):
         lift = [v["scores"][name]["mass_body"] / v["scores"]["random"]["mass_body"] for v in found["vertebrae"]
                 if name in v["scores"] and v["scores"]["random"]["mass_body"] > 0]
         hit = [v["scores"][name]["point_body"] for v in found["vertebrae"] if name in v["scores"]]
+        deletion = [v["scores"][name]["deletion"] - v["scores"]["random"]["deletion"] for v in found["vertebrae"]
+                    if name in v["scores"] and "deletion" in v["scores"][name]]
         out[f"{key}_lift"] = float(np.nanmean(lift)) if lift else np.nan
         out[f"{key}_hit"] = float(np.nanmean(hit)) if hit else np.nan
+        out[f"{key}_deletion"] = float(np.nanmean(deletion)) if deletion else np.nan
     return out
 
 

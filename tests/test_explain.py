@@ -13,7 +13,7 @@ from torch import nn
 
 from bench import attribution
 from bench.datasets import synthetic
-from bench.explain import baselines, choose, map_peak, mask_scores
+from bench.explain import baselines, choose, deletion_curves, map_peak, mask_scores
 from tests_helpers import SHARED_DATA, run_cli
 
 
@@ -69,6 +69,17 @@ def test_gradcam_and_occlusion_put_their_mass_where_the_model_reads():
     occ = attribution.occlusion(model, x, mask_size=3)[0].numpy()
     assert _mass(cam, region) > 0.95
     assert _mass(occ, region) > 0.9
+    intact = float(attribution.fracture_log_odds(model(x)))
+
+    def predict(crops):  # P(fracture), 0.5 for the intact input: the deletion curve has room both ways
+        with torch.no_grad():
+            log_odds = attribution.fracture_log_odds(model(torch.from_numpy(crops)[:, None]))
+            return torch.sigmoid(log_odds - intact).numpy()
+
+    maps = {"gradcam": cam / cam.sum(), "occlusion": occ / occ.sum(), **baselines(region.shape, 0)}
+    deletion = deletion_curves(predict, x[0, 0].numpy(), maps)
+    for name in ("gradcam", "occlusion"):  # blurring what the map ranks first costs the fracture call most
+        assert deletion[name] < -0.05 and deletion[name] < 3 * deletion["random"] <= 0
     chance = region.mean()
     random = baselines(region.shape, 0)["random"]
     assert abs(_mass(random, region) - chance) < 0.02
@@ -118,8 +129,10 @@ def test_the_pointing_game_takes_the_centre_of_a_flat_maximum():
 
 
 def _explained(maps: list[str], lift: float, architecture: str, vertebrae: int = 4) -> dict:
-    scores = {"random": {"mass_body": 0.02, "point_body": 0.0}, "gaussian": {"mass_body": 0.2, "point_body": 1.0}}
-    scores.update({m: {"mass_body": 0.02 * lift, "point_body": float(lift > 1)} for m in maps})
+    scores = {"random": {"mass_body": 0.02, "point_body": 0.0, "deletion": 0.0},
+              "gaussian": {"mass_body": 0.2, "point_body": 1.0, "deletion": 0.0}}
+    scores.update({m: {"mass_body": 0.02 * lift, "point_body": float(lift > 1), "deletion": 0.1 * (1 - lift)}
+                   for m in maps})
     return {"maps": maps + ["random", "gaussian"], "architecture": architecture,
             "vertebrae": [{"scores": scores, "has_mask": True}] * vertebrae}
 
@@ -137,6 +150,7 @@ def test_family_summary_measures_lift_over_chance_per_run():
     assert transformers["runs"] == 3 and transformers["occlusion_lift"].startswith("2.00 [")  # (3 + 1 + 2) / 3
     assert transformers["native"] == "gradcam / rollout" and transformers["gaussian_lift"] == "10.00"
     conv = by_group["convolutional, scratch"]
+    assert transformers["occlusion_deletion"].startswith("-0.10 [")
     assert conv["native"] == "gradcam" and conv["native_lift"] == "1.00" and conv["native_hit"] == "0.00"
 
 
