@@ -160,10 +160,13 @@ def _normalised(m: np.ndarray) -> np.ndarray:
     return (m / total if total > 0 else np.full(m.shape, 1.0 / m.size)).astype(np.float32)
 
 
-def map_peak(m: np.ndarray) -> tuple[int, ...]:
+def map_peak(m: np.ndarray) -> tuple[int, ...] | None:
     """The voxel the pointing game takes as the map's maximum: the centroid of every voxel at the
     maximum. Occlusion cubes and token patches make flat plateaus, and the first voxel of a plateau
-    (np.argmax) is its corner, not where the map points."""
+    (np.argmax) is its corner, not where the map points. None for a constant map (nothing changed the
+    model's output): it points nowhere, and its centroid, the crop centre, would score a hit."""
+    if np.ptp(m) <= 1e-6 * abs(float(m.max())):
+        return None
     top = np.argwhere(m >= m.max() - 1e-6 * abs(float(m.max())))
     return tuple(int(v) for v in np.rint(top.mean(axis=0)))
 
@@ -173,8 +176,9 @@ def mask_scores(m: np.ndarray, truth: np.ndarray | None, label: int) -> dict[str
         return {"mass_body": np.nan, "point_body": np.nan, "point_deformity": np.nan}
     body, deformity = (truth & 1) > 0, (truth & 2) > 0
     peak = map_peak(m)
-    return {"mass_body": float(m[body].sum()), "point_body": float(body[peak]),
-            "point_deformity": float(deformity[peak]) if label == 1 and deformity.any() else np.nan}
+    return {"mass_body": float(m[body].sum()), "point_body": 0.0 if peak is None else float(body[peak]),
+            "point_deformity": (0.0 if peak is None else float(deformity[peak])) if label == 1 and deformity.any()
+            else np.nan}
 
 
 def deletion_curves(predict: Callable[[np.ndarray], np.ndarray], crop: np.ndarray,

@@ -126,6 +126,8 @@ def test_the_pointing_game_takes_the_centre_of_a_flat_maximum():
     assert mask_scores(m / m.sum(), body, 0)["point_body"] == 1.0
     smooth = np.random.default_rng(0).random(m.shape)
     assert map_peak(smooth) == np.unravel_index(int(np.argmax(smooth)), m.shape)  # a unique maximum stays put
+    flat = np.full(m.shape, 1.0 / m.size, np.float32)  # nothing changed the output: the map points nowhere
+    assert map_peak(flat) is None and mask_scores(flat, body, 1)["point_body"] == 0.0
 
 
 def _explained(maps: list[str], lift: float, architecture: str, vertebrae: int = 4) -> dict:
