@@ -70,13 +70,9 @@ class CTFMEncoder(nn.Module):
     def __init__(self, p: CTFMParams) -> None:
         super().__init__()
         self.window = hu_window(p.hu_window)
-        self.orient = self.orientation(p)
+        self.orient = Reorient(p.orientation)
         self.net = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=p.init_filters,
                                  blocks_down=tuple(p.blocks_down))
-
-    @staticmethod
-    def orientation(p: CTFMParams) -> Reorient:
-        return Reorient(p.orientation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.orient(self.window(x)))[-1].mean(dim=(2, 3, 4))
@@ -147,7 +143,7 @@ class CTFM(Method):
 
     def cam_to_input(self, cam: torch.Tensor) -> torch.Tensor:
         """Grad-CAM is taken in CT-FM's orientation (SPL): back to the crop's RAS."""
-        return CTFMEncoder.orientation(self.params).undo(cam[:, None])[:, 0]
+        return Reorient(self.params.orientation).undo(cam[:, None])[:, 0]
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         p = self.params
