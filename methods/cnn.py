@@ -25,9 +25,12 @@ class DenseNetParams:
 class _DenseNet(Method):
     channels_last = True
     Params = DenseNetParams
+    # small: 30 epochs, not the preset's 6. From scratch the narrowed DenseNets are still near chance on
+    # validation after six (the run picks an early epoch: test AUC 0.63 / 0.64 for 121 / 169); with 30
+    # their validation AUC climbs to 0.79 / 0.72 (best epochs 22 / 21; test AUC 0.80 / 0.77).
     presets = {
         "tiny": {"model": {"init_features": 16, "growth_rate": 8}},
-        "small": {"amp": True, "model": {"init_features": 16, "growth_rate": 8}},
+        "small": {"amp": True, "epochs": 30, "model": {"init_features": 16, "growth_rate": 8}},
     }
 
     def build_encoder(self) -> tuple[nn.Module, int]:
