@@ -176,9 +176,12 @@ def mask_scores(m: np.ndarray, truth: np.ndarray | None, label: int) -> dict[str
         return {"mass_body": np.nan, "point_body": np.nan, "point_deformity": np.nan}
     body, deformity = (truth & 1) > 0, (truth & 2) > 0
     peak = map_peak(m)
-    return {"mass_body": float(m[body].sum()), "point_body": 0.0 if peak is None else float(body[peak]),
-            "point_deformity": (0.0 if peak is None else float(deformity[peak])) if label == 1 and deformity.any()
-            else np.nan}
+
+    def hit(region: np.ndarray) -> float:
+        return 0.0 if peak is None else float(region[peak])
+
+    return {"mass_body": float(m[body].sum()), "point_body": hit(body),
+            "point_deformity": hit(deformity) if label == 1 and deformity.any() else np.nan}
 
 
 def deletion_curves(predict: Callable[[np.ndarray], np.ndarray], crop: np.ndarray,
@@ -201,26 +204,26 @@ def deletion_curves(predict: Callable[[np.ndarray], np.ndarray], crop: np.ndarra
     return {name: float(probs[1 + i * k: 1 + (i + 1) * k].mean() - probs[0]) for i, name in enumerate(maps)}
 
 
-def summarise(rows: list[dict[str, Any]], maps: list[str], seed: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean and 95 % bootstrap CI (over explained vertebrae) of every score of every map."""
+def mean_ci(values: Any, seed: int) -> dict[str, float]:
+    """Mean and 95 % percentile bootstrap CI of the finite values (lo = hi = mean when they do not vary)."""
     from scipy.stats import bootstrap
 
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name in maps:
-        out[name] = {}
-        for score in SCORES:
-            values = np.array([r["scores"][name][score] for r in rows if name in r["scores"]], dtype=float)
-            values = values[np.isfinite(values)]
-            entry = {"mean": float(values.mean()) if len(values) else np.nan, "lo": np.nan, "hi": np.nan,
-                     "n": len(values)}
-            if len(values) >= 2 and np.ptp(values) > 0:
-                ci = bootstrap((values,), np.mean, n_resamples=1000, confidence_level=0.95, method="percentile",
-                               random_state=np.random.default_rng(seed)).confidence_interval
-                entry.update(lo=float(ci.low), hi=float(ci.high))
-            elif len(values):
-                entry.update(lo=entry["mean"], hi=entry["mean"])
-            out[name][score] = entry
-    return out
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    entry = {"mean": float(values.mean()) if len(values) else np.nan, "lo": np.nan, "hi": np.nan, "n": len(values)}
+    if len(values) >= 2 and np.ptp(values) > 0:
+        ci = bootstrap((values,), np.mean, n_resamples=1000, confidence_level=0.95, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+        entry.update(lo=float(ci.low), hi=float(ci.high))
+    elif len(values):
+        entry.update(lo=entry["mean"], hi=entry["mean"])
+    return entry
+
+
+def summarise(rows: list[dict[str, Any]], maps: list[str], seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and 95 % bootstrap CI (over explained vertebrae) of every score of every map."""
+    return {name: {score: mean_ci([r["scores"][name][score] for r in rows if name in r["scores"]], seed)
+                   for score in SCORES} for name in maps}
 
 
 def explain_run(folder: Path, n: int = 3) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.explain import BASELINES, KINDS, SCORES, read_explanations
+from bench.explain import BASELINES, KINDS, SCORES, mean_ci, read_explanations
 
 
 def _fmt(entry: dict[str, Any]) -> str:
@@ -55,28 +55,15 @@ def _run_means(found: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _mean_ci(values: list[float], seed: int = 0) -> str:
-    """Mean over runs [95 % percentile bootstrap CI over runs]: the run, not the vertebra, is the unit
-    (every run explains vertebrae of the same test split)."""
-    from scipy.stats import bootstrap
-
-    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return "n/a"
-    if len(v) < 2 or np.ptp(v) == 0:
-        return f"{v.mean():.2f}"
-    ci = bootstrap((v,), np.mean, n_resamples=1000, method="percentile",
-                   random_state=np.random.default_rng(seed)).confidence_interval
-    return f"{v.mean():.2f} [{ci.low:.2f}, {ci.high:.2f}]"
-
-
 def _native(found: dict[str, Any]) -> str | None:
     return "rollout" if "rollout" in found["maps"] else "gradcam" if "gradcam" in found["maps"] else None
 
 
 def group_rows(explained: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Transformers and convolutional networks (the method's `architecture`), pretrained or from
-    scratch: does a family look at the vertebral body more than chance, and more than the others?"""
+    scratch: does a family look at the vertebral body more than chance, and more than the others?
+    Each run's means, then their mean with a bootstrap CI over runs: the run, not the vertebra, is the
+    unit (every run explains vertebrae of the same test split)."""
     rows = []
     for family, pretrained in GROUPS:
         chosen = [found for regime, found in explained
@@ -86,8 +73,9 @@ def group_rows(explained: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
             continue
         means = [_run_means(found) for found in chosen]
         natives = sorted({_native(found) or "none" for found in chosen})
+        over_runs = {k: _fmt(mean_ci([m[k] for m in means], seed=0)) for k in means[0]}
         rows.append({"group": f"{family}, {'pretrained' if pretrained else 'scratch'}", "runs": len(means),
-                     "native": " / ".join(natives), **{k: _mean_ci([m[k] for m in means]) for k in means[0]}})
+                     "native": " / ".join(natives), **over_runs})
     return rows
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from bench import attribution
 from bench.datasets import synthetic
 from bench.explain import baselines, choose, deletion_curves, map_peak, mask_scores
+from bench.registry import list_methods
 from tests_helpers import SHARED_DATA, run_cli
 
 
@@ -151,8 +152,8 @@ def test_family_summary_measures_lift_over_chance_per_run():
     transformers = by_group["transformer, pretrained"]
     assert transformers["runs"] == 3 and transformers["occlusion_lift"].startswith("2.00 [")  # (3 + 1 + 2) / 3
     assert transformers["native"] == "gradcam / rollout" and transformers["gaussian_lift"] == "10.00"
-    conv = by_group["convolutional, scratch"]
     assert transformers["occlusion_deletion"].startswith("-0.10 [")
+    conv = by_group["convolutional, scratch"]
     assert conv["native"] == "gradcam" and conv["native_lift"] == "1.00" and conv["native_hit"] == "0.00"
 
 
@@ -358,7 +359,7 @@ def test_mae_reconstruction_keeps_the_visible_patches_and_fills_the_hidden_ones(
     assert not torch.equal(patchify(recon, 8)[hidden], patchify(x, 8)[hidden])  # hidden ones are predicted
 
 
-@pytest.mark.parametrize("name", sorted(__import__("bench.registry", fromlist=["list_methods"]).list_methods()))
+@pytest.mark.parametrize("name", sorted(list_methods()))
 def test_every_methods_maps_come_back_to_the_crop(name):
     """Every registered method's maps at tiny: Grad-CAM's layer is one the forward pass calls, and
     every map is finite in the crop's frame (a hook that never fires or an in-place add fails here)."""
