@@ -59,8 +59,9 @@ class ViewsConfig:
 
 @dataclass
 class PretrainConfig:
-    """The self-supervised stage (see bench.pretrain); its artifact is shared across run seeds. The
-    same loop as finetuning (bench.loop), with MAE's AdamW betas by default."""
+    """The self-supervised stage (see bench.pretrain). The same loop as finetuning (bench.loop), with
+    MAE's AdamW betas by default. Its seed follows the run's, so the seeds of a cell vary pretraining
+    too (one artifact per seed); `pretrain.seed=N` pins one artifact that every seed shares."""
 
     epochs: int = 10
     batch_size: int = 8
@@ -71,7 +72,7 @@ class PretrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0 disables clipping
-    seed: int = 0
+    seed: Optional[int] = None  # noqa: UP045 (OmegaConf reads Optional)  # None: the run's seed; N pins it
 
 
 @dataclass
@@ -307,6 +308,11 @@ def validate(cfg: DictConfig) -> None:
             f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "
             f"synthetic.min_vertebrae ({cfg.synthetic.min_vertebrae})"
         )
+
+
+def pretrain_seed(cfg: DictConfig) -> int:
+    """The seed of the run's pretraining stages: `pretrain.seed` when pinned, else the run's seed."""
+    return int(cfg.seed if cfg.pretrain.seed is None else cfg.pretrain.seed)
 
 
 def config_hash(node: Any, length: int = 12) -> str:

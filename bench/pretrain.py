@@ -4,7 +4,8 @@ A regime's plan (bench.regimes, or the method's own `pretraining_plan`) is a lis
 out-of-domain corpus for `public` (body-CT patches or videos on the embedded default), the
 unlabelled vertebrae for `vertebrae`. Each stage leaves an artifact named by the hash of everything
 that made it (method, model keys, pretraining keys, data, parent artifact or public file hash),
-built once under a file lock and reused by every run that needs it, whatever its seed. Its folder
+built once under a file lock and reused by every run that needs it. The stage's seed is the run's
+unless `pretrain.seed` pins it, so the seeds of a cell sample pretraining as well as initialisation. Its folder
 holds the whole pretext model (safetensors), the per-epoch loss curve, the config and the
 environment. An interrupted stage resumes from its last epoch: the training state of each epoch
 is kept in the artifact's staging folder until the artifact is complete.
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench.config import config_hash
+from bench.config import config_hash, pretrain_seed
 from bench.datasets.pretext import pretext_dataset
 from bench.envinfo import environment, now
 from bench.errors import BenchError
@@ -41,7 +42,7 @@ class PretextStage(Stage):
     def __init__(self, method: Any, pretext: nn.Module, dataset: Dataset, cfg: DictConfig, stage: str) -> None:
         p = cfg.pretrain
         self.method, self.model, self.name = method, pretext, f"pretraining of {method.name} ({stage})"
-        self.generator = torch.Generator().manual_seed(p.seed)
+        self.generator = torch.Generator().manual_seed(pretrain_seed(cfg))
         self.loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                                  generator=self.generator, num_workers=cfg.num_workers)
         if len(self.loader) == 0:
@@ -111,11 +112,12 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     """The folder of the pretext model pretrained on `stage` ("public" or "vertebrae") from `parent`
     (None: random init; {"artifact": path} or {"public_file": sha256}); built only if missing, after
     `before_build()` (the transfer-contract check)."""
-    dataset, data_spec = pretext_dataset(method, cfg, stage, cfg.pretrain.seed)
+    dataset, data_spec = pretext_dataset(method, cfg, stage, pretrain_seed(cfg))
     identity = method.artifact_key(stage)
     spec = {
         "version": ARTIFACT_VERSION, **identity, "stage": stage,
-        "pretrain": OmegaConf.to_container(cfg.pretrain, resolve=True), "data": data_spec,
+        "pretrain": {**OmegaConf.to_container(cfg.pretrain, resolve=True), "seed": pretrain_seed(cfg)},
+        "data": data_spec,
         "dtype": Execution.of(cfg, method).dtype_name,  # bf16 and fp32 pretexts are different artifacts
         "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
         "parent": {k: str(v) for k, v in (parent or {}).items()},
@@ -163,7 +165,7 @@ def _resume_state(stage_folder: Path) -> dict[str, Any] | None:
 def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | None, folder: Path,
               spec: dict, stage: str) -> None:
     p = cfg.pretrain
-    seed_everything(p.seed, cfg.deterministic)
+    seed_everything(pretrain_seed(cfg), cfg.deterministic)
     pretext = method.build_pretext(stage)
     init = _init_pretext(method, cfg, pretext, parent)
     staging = folder.with_name(f".{folder.name}.staging")

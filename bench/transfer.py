@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from torch import nn
 
+from bench.config import pretrain_seed
 from bench.errors import BenchError
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
@@ -100,4 +101,5 @@ def initialise_encoder(method: Any, cfg: DictConfig, model: nn.Module, artifact:
     report = load_into(target, state, f"artifact {artifact.name}", optional=tuple(method.optional_encoder_keys()))
     return {"init": f"artifact {artifact.name}", "artifact": str(artifact), "load_report": report.summary(),
             "plan": plan, "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],
-            "pretrain_source": record["source"], "pretrain_init": record["init"]}
+            "pretrain_source": record["source"], "pretrain_init": record["init"],
+            "pretrain_seed": pretrain_seed(cfg), "pretrain_seed_pinned": cfg.pretrain.seed is not None}

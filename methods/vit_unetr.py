@@ -20,6 +20,7 @@ from monai.utils import convert_to_tensor
 from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 
+from bench.config import pretrain_seed
 from bench.methods.base import Method
 from bench.methods.vit import TRANSFORMER_FINETUNE
 from bench.registry import register_method
@@ -133,7 +134,7 @@ class ViTUNETR(Method):
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         return ViTAutoEncSSL(ViTAutoEnc(**self._kw()), self.cfg.crop_size, self.params.temperature,
-                             self.cfg.pretrain.seed)
+                             pretrain_seed(self.cfg))
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.vit

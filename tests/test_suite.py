@@ -232,3 +232,32 @@ def test_a_run_that_cannot_be_explained_is_one_line_and_the_others_still_are(tmp
     assert failed == ["explain broken-scratch-s0: RuntimeError: Output 0 of BackwardHookFunction is a view"]
     assert explained == [("fine-scratch-s0", 2)]
     assert capsys.readouterr().err.strip() == failed[0]
+
+
+PRETRAINED = """description: seeds that vary pretraining
+seeds: 2
+protocols: [linear]
+runs:
+  - {method: mae3d, regimes: [vertebrae]}
+"""
+
+
+def test_seeds_vary_pretraining_unless_pretrain_seed_pins_it(ray_session, tmp_path):
+    suite = tmp_path / "pretrained.yaml"
+    suite.write_text(PRETRAINED)
+    cells = {}
+    for name, extra in (("varied", []), ("pinned", ["pretrain.seed=0"])):
+        out = tmp_path / name
+        assert main(["run", f"suite={suite}", "preset=tiny", f"out={out}", *extra]) == 0
+        runs = [json.loads(p.read_text()) for p in sorted(out.glob("pretrained/*/metrics.json"))]
+        artifacts = {r["pretraining"]["artifact"] for r in runs}
+        assert len(runs) == 2 and len(artifacts) == (2 if name == "varied" else 1)
+        assert [r["pretraining"]["pretrain_seed"] for r in runs] == ([0, 1] if name == "varied" else [0, 0])
+        cells[name] = pd.read_csv(out / "reports" / "pretrained" / "cells.csv").iloc[0]
+        html = (out / "reports" / "pretrained" / "index.html").read_text()
+        if name == "varied":
+            assert "sd: pretraining, random encoder" not in html and "sd: pretraining" in html
+        else:
+            assert "not pretraining (pretrain.seed=0 pinned: 1 artifact for 2 seeds)" in html
+    assert cells["varied"]["auc_sd"] > 0  # a frozen-feature cell of a pretrained encoder: its seeds differ
+    assert cells["pinned"]["auc_sd"] == 0  # one artifact, a deterministic probe: the seeds are one model
