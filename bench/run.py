@@ -60,6 +60,16 @@ def initialised_model(method: Any, cfg: DictConfig) -> tuple[nn.Module, dict[str
     return model, initialise_encoder(method, cfg, model, artifact)
 
 
+def input_geometry(cfg: DictConfig, data: Any) -> dict[str, float]:
+    """The crop the model sees: its edge in voxels and its voxel spacing (the store's field of view
+    resampled to `crop_size`); the report compares only cells of one geometry."""
+    import numpy as np
+
+    stored = data.table["spacing"].to_numpy(float) if "spacing" in data.table else np.array([])
+    spacing = float(np.median(stored)) * data.images.shape[-1] / cfg.crop_size if stored.size else float("nan")
+    return {"crop_size": int(cfg.crop_size), "spacing_mm": round(spacing, 4)}
+
+
 def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None,
             command: list[str] | None = None) -> Path:
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
@@ -89,6 +99,7 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
             "fingerprint": data.fingerprint(),
             "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
             "train_used": result.extra["train_used"],
+            "input": input_geometry(cfg, data),
         },
         **{key: result.extra[key] for key in ("probe", "head_init") if key in result.extra},
     }

@@ -114,9 +114,8 @@ class CTFM(Method):
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = CTFMParams
     channels_last = True
-    # SegResEncoder's first level runs at the crop's full resolution: the CPU preset takes 32^3 crops
-    # (3 mm voxels over 96 mm), as swin_unetr's does. The CPU presets' narrowed networks cannot load a
-    # CT-FM file, so they keep the harness's own window: through CT-FM's [-1024, 2048] HU the small
+    # The CPU presets' narrowed networks cannot load a CT-FM file, so they keep the harness's own
+    # window: through CT-FM's [-1024, 2048] HU the small
     # network did not learn from scratch in six epochs (validation AUC 0.52, every vertebra called
     # intact), through [-1000, 1000] it did (README, "Today's checkpoints"). LP-FT at `small` (Kumar et
     # al., ICLR 2022; as openmind_resencl): from the public stand-in continued on vertebrae, a random head
@@ -125,7 +124,7 @@ class CTFM(Method):
     presets = {
         "tiny": {"model": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "pretext_crops": 3,
                            "hu_window": [-1000.0, 1000.0]}},
-        "small": {"amp": True, "crop_size": 32, "head_init": "linear_probe",
+        "small": {"amp": True, "head_init": "linear_probe",
                   "model": {"init_filters": 8, "blocks_down": [1, 2, 2, 2], "pretext_crops": 4,
                             "hu_window": [-1000.0, 1000.0]}},
     }

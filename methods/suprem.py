@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
@@ -99,20 +100,23 @@ class OrganSegmentation(nn.Module):
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, organs = batch
-        logits = self.network(self.window(x)).float()
+        size = x.shape[-3:]
+        pad = [(-n) % 32 for n in size]  # Swin UNETR's decoder needs edges divisible by 32
+        windowed = F.pad(self.window(x), [p for n in reversed(pad) for p in (0, n)])
+        logits = self.network(windowed)[..., :size[0], :size[1], :size[2]].float()  # the padding carries no label
         return {"loss": self.loss(logits, organs[:, None])}
 
 
 def swin_segmentation(p, crop_size: int) -> nn.Module:
     """MONAI's Swin UNETR around the classifier's own Swin encoder (`swinViT`). Its decoder normalises
-    by instance, as SuPreM's, where the bottleneck has more than one voxel; the CPU presets' 32^3
-    crops leave it one, which instance norm cannot train on, so the (discarded) decoder normalises by
-    batch there."""
+    by instance, as SuPreM's, where the bottleneck has more than one voxel; a crop padded to 32^3
+    leaves it one, which instance norm cannot train on, so the (discarded) decoder normalises by
+    batch there. The pretext pads a crop to the next multiple of 32 (OrganSegmentation)."""
     from monai.networks.nets import SwinUNETR as SwinUNETRNet
 
     network = SwinUNETRNet(in_channels=1, out_channels=len(ORGANS), feature_size=p.feature_size,
                            depths=tuple(p.depths), num_heads=tuple(p.num_heads), window_size=p.window_size,
-                           norm_name="instance" if crop_size >= 64 else "batch")
+                           norm_name="instance" if crop_size > 32 else "batch")
     network.swinViT = make_swin(p)
     return network
 

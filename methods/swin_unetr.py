@@ -63,6 +63,14 @@ class SwinEncoder(nn.Module):
         return self.swin(x)[4].mean(dim=(2, 3, 4))
 
 
+def fit_to(decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A x32 decoder's output cut to the input's size: Swin's patch merging pads an odd stage on its
+    far side (48 -> 24, 12, 6, 3 -> 2), so the decoded volume overhangs there and its near corner is
+    aligned with the input's."""
+    d, h, w = x.shape[-3:]
+    return decoded[..., :d, :h, :w]
+
+
 def _rotate(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k, dims=(1, 2))  # (C, X, Y, Z): rotation in the axial (X-Y) plane
 
@@ -102,7 +110,7 @@ class SwinSSL(nn.Module):
             pooled = deep.mean(dim=(2, 3, 4))
             rot_loss = rot_loss + F.cross_entropy(self.rotation_head(pooled).float(), ks.to(x.device))
             embeddings.append(self.contrastive_head(pooled).float())
-            recon_loss = recon_loss + F.l1_loss(self.decoder(deep).float(), rotated.float())
+            recon_loss = recon_loss + F.l1_loss(fit_to(self.decoder(deep), rotated).float(), rotated.float())
         contrast = self.contrastive(embeddings[0], embeddings[1])
         rot_loss, recon_loss = rot_loss / 2, recon_loss / 2
         return {"loss": rot_loss + contrast + recon_loss, "rotation": rot_loss, "contrastive": contrast,
@@ -126,10 +134,10 @@ class SwinClassifier(Method):
     use_v2: bool = False
 
     def build_encoder(self) -> tuple[nn.Module, int]:
-        if self.cfg.crop_size % 32:
+        if self.cfg.crop_size % 16 or self.cfg.crop_size < 32:
             from bench.errors import BenchError
 
-            raise BenchError(f"{self.name} needs crop_size divisible by 32, got {self.cfg.crop_size}")
+            raise BenchError(f"{self.name} needs crop_size a multiple of 16 and at least 32, got {self.cfg.crop_size}")
         return SwinEncoder(make_swin(self.params, self.use_v2)), 16 * self.params.feature_size
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
@@ -151,12 +159,13 @@ class SwinUNETR(SwinClassifier):
     regimes = ("scratch", "public", "public_to_vertebrae")
     Params = SwinParams
     public_weights = SWINVIT_WEIGHTS
-    # Swin needs crops divisible by 32: the CPU presets use 32^3 (3 mm voxels over 96 mm). They keep
-    # 12 channels per head: the paper's head count at feature size 12 (4 channels per head) spends most
-    # of a step in small attention products and softmax.
+    # The CPU presets see the preset's crop like every other method (the encoder pads an odd last
+    # stage, the SSL decoder's output is cut to the input). They keep 12 channels per head: the
+    # paper's head count at feature size 12 (4 channels per head) spends most of a step in small
+    # attention products and softmax.
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
-        "small": {**TRANSFORMER_FINETUNE, "crop_size": 32, "amp": True,
+        "small": {**TRANSFORMER_FINETUNE, "amp": True,
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
 

@@ -22,7 +22,7 @@ predicted overlap is the ReLU of the cosine similarity between a random crop and
 averaged over (student random, teacher bases) and (teacher random, student bases); the losses are
 VoCo's: -label * log(1 - |label - prediction|) on overlapping bases, prediction^2 on the others,
 and the squared positive similarity between different base crops. Departures, for the CPU: crops
-are resized to the input's size (Swin needs edges divisible by 32), the multi-scale features are the
+are resized to the input's size, the multi-scale features are the
 Swin stages' own outputs rather than extra UNETR blocks, the grid is 2 x 2 at the CPU presets.
 """
 from __future__ import annotations
