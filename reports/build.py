@@ -19,6 +19,8 @@ from bench.reports.export import CELL_COLUMNS, cell_rows, write_cells
 from bench.reports.stats import (
     GRADE_COLUMNS,
     METRICS,
+    WORSE_THAN_CHANCE,
+    adjust,
     cells,
     critical_difference,
     delong_vs_best,
@@ -26,7 +28,9 @@ from bench.reports.stats import (
     did_not_learn,
     grade_cells,
     pretraining_effect,
+    sd_sources,
 )
+from bench.reports.verdict import verdict_section
 from bench.store import write_text_atomic
 
 TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "video_ct_mae")
@@ -55,9 +59,12 @@ def _cis(c: pd.Series, metric: str) -> str:
 
 
 def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataFrame, key_of, delong,
-          failed: dict[tuple, str]) -> list[dict]:
+          failed: dict[tuple, str], runs: pd.DataFrame) -> list[dict]:
     """One row per key: the cell (or why there is none), the published numbers beside it. Bold and
-    "best" go to the best cell among those whose model learned."""
+    "best" go to the best cell among those whose model learned. "vs best" is one family of tests per
+    table: the raw DeLong p, Holm's adjusted p and the BH q-value of each learned cell against the best."""
+    holm, bh = adjust(list(delong.values()))
+    adjusted = {k: (h, q) for k, h, q in zip(delong, holm, bh)}
     present = table.set_index(["method", "regime", "variant"]) if not table.empty else None
     learned = table[table["not_learned"] == ""] if not table.empty else table
     best = {m: learned[m].max() for m in METRICS} if not learned.empty else {}
@@ -75,12 +82,19 @@ def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataF
             out.append(row)
             continue
         c = present.loc[(method, regime, variant)]
-        row.update(missing=False, seeds=int(c["seeds"]), not_learned=c["not_learned"])
+        row.update(missing=False, seeds=int(c["seeds"]), not_learned=c["not_learned"],
+                   worse=str(c["not_learned"]).startswith(WORSE_THAN_CHANCE))
+        members = runs[(runs.method == method) & (runs.regime == regime) & (runs.variant == variant)]
+        row["sources"] = sd_sources(members) if len(members) > 1 else "one seed: no sd"
         row["cell"] = {m: _mean_sd(c, m) for m in METRICS}
         row["cis"] = {m: _cis(c, m) for m in METRICS}
         row["best"] = {m: bool(not c["not_learned"] and c[m] == best.get(m)) for m in METRICS}
         p = delong.get((method, regime, variant))
         row["delong"] = "best" if row["best"]["auc"] else ("" if p is None else f"{p:.3g}")
+        h, q = adjusted.get((method, regime, variant), (None, None))
+        row["holm"] = "" if h is None else f"{h:.3g}"
+        row["bh"] = "" if q is None else f"{q:.3g}"
+        row["indistinguishable"] = h is not None and h >= 0.05
         out.append(row)
     return out
 
@@ -116,9 +130,12 @@ def _figures(runs: pd.DataFrame, table: pd.DataFrame, everything: pd.DataFrame) 
         figures.append(("Pretraining loss curves", pre))
     if not runs.empty:
         figures.append(("Cost per run", plots.cost_plot(table)))
-        cd = critical_difference(runs[runs.not_learned == ""])  # models that did not learn stay out
-        if cd is not None:
-            figures.append(("Critical-difference diagram", plots.cd_plot(*cd)))
+        geometries = sorted(set(runs.geometry))
+        for geometry in geometries:  # cells of one input geometry only; models that did not learn stay out
+            cd = critical_difference(runs[(runs.not_learned == "") & (runs.geometry == geometry)])
+            if cd is not None:
+                where = f" (input {geometry})" if len(geometries) > 1 else ""
+                figures.append((f"Critical-difference diagram{where}", plots.cd_plot(*cd)))
     return figures
 
 
@@ -135,15 +152,16 @@ def _test_size(runs: pd.DataFrame) -> dict[str, Any]:
 
 
 def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: int, paper: pd.DataFrame,
-                  failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tables 3, 4, 2 and "Other runs" for one protocol's runs."""
+                  failures: list[dict[str, Any]], geometry: str = "") -> list[dict[str, Any]]:
+    """Tables 3, 4, 2 and "Other runs" for one protocol's runs of one input geometry."""
     table = cells(runs, n_boot)
     reasons = runs.groupby(["method", "regime", "variant"], sort=False)["not_learned"].agg(
         lambda r: next((x for x in r if x), ""))
     table["not_learned"] = [reasons[k] for k in zip(table.method, table.regime, table.variant)]
     failed = {(f["method"], f["regime"], f["variant"]): f["error"] for f in failures if f["protocol"] == protocol}
     size = _test_size(runs)
-    suffix = f" (protocol: {protocol}" + (f", training fraction {fraction:g})" if fraction != 1.0 else ")")
+    suffix = f" (protocol: {protocol}" + (f", training fraction {fraction:g}" if fraction != 1.0 else "") + \
+        (f", input {geometry})" if geometry else ")")
     tables: list[dict[str, Any]] = []
 
     def add(title, caption, keys, key_label, key_of):
@@ -154,7 +172,7 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
         learned_runs = runs[runs.not_learned == ""]
         delong = delong_vs_best(learned_runs, sub[sub.not_learned == ""])
         tables.append({"title": title + suffix, "caption": caption, "key_label": key_label, "size": size,
-                       "rows": _rows(keys, sub, paper, key_of, delong, failed),
+                       "rows": _rows(keys, sub, paper, key_of, delong, failed, runs),
                        "cells": cell_rows(title + suffix, protocol, fraction, keys, sub, key_of, delong, size)})
 
     order = regimes.order
@@ -182,12 +200,14 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
     return tables
 
 
-def _effect_rows(runs: pd.DataFrame, n_boot: int) -> list[dict[str, Any]]:
-    effect = pretraining_effect(runs, n_boot)
+def _effect_rows(effect: pd.DataFrame, several_geometries: bool) -> list[dict[str, Any]]:
+    adjusted = lambda v: "" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
     return [{"method": r.method + (f" / {r.variant}" if r.variant else ""), "protocol": r.protocol,
-             "regime": r.regime, "auc_pre": plots.fmt(r.auc_pre), "auc_scratch": plots.fmt(r.auc_scratch),
+             "regime": r.regime + (f" ({r.geometry})" if several_geometries else ""),
+             "auc_pre": plots.fmt(r.auc_pre), "auc_scratch": plots.fmt(r.auc_scratch),
              "diff": f"{100 * r.diff:+.1f}", "ci": f"[{100 * r.lo:+.1f}, {100 * r.hi:+.1f}]", "p": f"{r.p:.3g}",
-             "significant": r.p < 0.05} for r in effect.itertuples()]
+             "holm": adjusted(r.p_holm), "bh": adjusted(r.q_bh), "excluded": r.excluded,
+             "significant": not r.excluded and r.p_holm < 0.05} for r in effect.itertuples()]
 
 
 def _table_fraction(runs: pd.DataFrame) -> float:
@@ -206,16 +226,22 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
     runs = runs.assign(not_learned=_learning_marks(runs) if not runs.empty else pd.Series(dtype=object))
     paper = paper_results()
     protocols = [p for p in PROTOCOLS if p in set(runs.protocol) | {f["protocol"] for f in failures}]
-    tables = [t for p in protocols for t in _paper_tables(runs[runs.protocol == p], p, fraction, n_boot, paper,
-                                                          failures)]
+    geometries = sorted(set(runs.geometry)) or [""]
+    tables = [t for p in protocols for g in geometries
+              for t in _paper_tables(runs[(runs.protocol == p) & ((runs.geometry == g) | (g == ""))], p, fraction,
+                                     n_boot, paper,
+                                     failures if g == geometries[0] else [], g if len(geometries) > 1 else "")]
+    effect = pretraining_effect(runs, n_boot) if not runs.empty else pd.DataFrame()
     main = runs[runs.protocol == protocols[0]] if protocols else runs
     table = cells(main, n_boot) if not main.empty else pd.DataFrame(columns=["method", "regime", "variant", "seeds"])
     figures = _figures(main, table, everything)
     html = _render(name, everything, table, tables, figures, {
         "grading": _grade_section(everything, n_boot), "label_efficiency": _label_efficiency(everything, n_boot),
-        "effect": _effect_rows(runs, n_boot) if not runs.empty else [], "failures": failures,
-        "not_learned": [{"run": Path(r.folder).name, "reason": r.not_learned} for r in runs.itertuples()
+        "effect": _effect_rows(effect, len(geometries) > 1) if not effect.empty else [], "failures": failures,
+        "not_learned": [{"run": Path(r.folder).name, "reason": r.not_learned,
+                         "worse": r.not_learned.startswith(WORSE_THAN_CHANCE)} for r in runs.itertuples()
                         if r.not_learned],
+        "verdict": verdict_section(runs, effect, paper, protocols, geometries, n_boot),
         "explained": explain_section(everything),
     })
     target = out / "index.html"

@@ -37,6 +37,18 @@ def variant_of(config: dict[str, Any]) -> str:
     return "_".join(f"no_{k}" for k in sorted(off, key=order.index)) if off else "full"
 
 
+def geometry_of(metrics: dict[str, Any], config: dict[str, Any]) -> str:
+    """The input a run's model saw, as "48^3 at 2.00 mm": the report compares cells of one geometry only."""
+    seen = (metrics.get("data") or {}).get("input") or {}
+    size = seen.get("crop_size", config.get("crop_size"))
+    spacing = seen.get("spacing_mm")
+    text = f"{size}^3"
+    try:
+        return text + ("" if spacing is None or spacing != spacing else f" at {float(spacing):.2f} mm")
+    except (TypeError, ValueError):
+        return text
+
+
 def load_runs(roots: list[Path]) -> pd.DataFrame:
     rows = []
     for folder in find_runs(roots):
@@ -70,6 +82,8 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
             "commit": (env.get("git") or {}).get("commit"), "torch": env.get("versions", {}).get("torch"),
             "cpu": env.get("hardware", {}).get("cpu"), "cuda": env.get("hardware", {}).get("cuda_devices"),
             "started": env.get("started"), "config_text": (folder / "config.yaml").read_text(),
+            "geometry": geometry_of(metrics, config),
+            "pretrain_seed": init.get("pretrain_seed"), "pretrain_pinned": bool(init.get("pretrain_seed_pinned")),
         })
     if not rows:
         raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.reports.stats import METRICS
+from bench.reports.stats import METRICS, adjust
 from bench.store import write_text_atomic
 
 CELL_COLUMNS = ("table", "protocol", "train_fraction", "method", "regime", "variant", "key", "seeds",
                 *(f"{m}{s}" for m in METRICS for s in ("", "_sd", "_lo", "_hi")),
-                "delong_p", "best", "not_learned", "n_test", "n_test_positive")
+                "delong_p", "delong_p_holm", "delong_q_bh", "best", "not_learned", "n_test", "n_test_positive")
 
 
 def cell_rows(title: str, protocol: str, fraction: float, keys: list[tuple[str, str, str]], table: pd.DataFrame,
@@ -22,6 +22,8 @@ def cell_rows(title: str, protocol: str, fraction: float, keys: list[tuple[str, 
     present = table.set_index(["method", "regime", "variant"]) if not table.empty else None
     learned = table[table["not_learned"] == ""] if not table.empty else table
     best_auc = learned["auc"].max() if not learned.empty else np.nan
+    holm, bh = adjust(list(delong.values()))
+    adjusted = {k: (h, q) for k, h, q in zip(delong, holm, bh)}
     rows = []
     for method, regime, variant in keys:
         if present is None or (method, regime, variant) not in present.index:
@@ -32,6 +34,8 @@ def cell_rows(title: str, protocol: str, fraction: float, keys: list[tuple[str, 
                      "regime": regime, "variant": variant, "key": key_of(regime, variant), "seeds": int(c["seeds"]),
                      **{f"{m}{s}": float(c[f"{m}{s}"]) for m in METRICS for s in ("", "_sd", "_lo", "_hi")},
                      "delong_p": np.nan if is_best else float(delong.get((method, regime, variant), np.nan)),
+                     "delong_p_holm": np.nan if is_best else adjusted.get((method, regime, variant), (np.nan,))[0],
+                     "delong_q_bh": np.nan if is_best else adjusted.get((method, regime, variant), (np.nan, np.nan))[1],
                      "best": is_best, "not_learned": c["not_learned"], "n_test": size["n"],
                      "n_test_positive": size["positives"]})
     return pd.DataFrame(rows, columns=list(CELL_COLUMNS))

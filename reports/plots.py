@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import matplotlib
 
@@ -26,10 +27,21 @@ def _label(df: pd.DataFrame) -> pd.Series:
     return df["method"] + " / " + df["regime"] + df["variant"].map(lambda v: f" / {v}" if v else "")
 
 
+REGIMES = ("scratch", "public", "public_to_vertebrae", "vertebrae")
+
+
+def regime_palette(regimes: list[str] | None = None) -> dict[str, Any]:
+    """One colour per regime, the same in every figure of every report (plugins' own regimes after)."""
+    names = list(REGIMES) + sorted(set(regimes or []) - set(REGIMES))
+    return dict(zip(names, sns.color_palette("colorblind", len(names))))
+
+
 def metric_plot(cells: pd.DataFrame, metric: str) -> str:
     df = cells.assign(cell=_label(cells)).sort_values(metric)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(df) + 1.2))
-    sns.scatterplot(data=df, x=metric, y="cell", hue="regime", ax=ax, s=50)
+    palette = regime_palette(df["regime"].tolist())
+    sns.scatterplot(data=df, x=metric, y="cell", hue="regime", ax=ax, s=50, palette=palette,
+                    hue_order=[r for r in palette if r in set(df["regime"])])
     ax.errorbar(df[metric], df["cell"], xerr=[df[metric] - df[f"{metric}_lo"], df[f"{metric}_hi"] - df[metric]],
                 fmt="none", ecolor="grey", capsize=3)
     ax.set_xlabel(f"test {metric.upper()} (95 % patient-bootstrap CI)")
@@ -120,6 +132,23 @@ def cd_plot(ranks, sig) -> str:
     fig, ax = plt.subplots(figsize=(9, 0.25 * len(ranks) + 1.5))
     sp.critical_difference_diagram(ranks, sig, ax=ax)
     ax.set_title("critical difference (Friedman + Nemenyi over seeds, test AUC)")
+    return _png(fig)
+
+
+def rank_blob_plot(ranking: Any) -> str:
+    """The challengeR blob plot: per cell (rows, in point order), a disc per rank whose area is how
+    often the bootstrap gave that rank; the cross marks the median rank."""
+    n = len(ranking.cells)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * n + 1.4))
+    for row in range(n):
+        ranks, counts = np.unique(ranking.ranks[:, row], return_counts=True)
+        ax.scatter(ranks, np.full(len(ranks), row), s=300 * counts / counts.sum() + 2, color="steelblue", alpha=0.75)
+        ax.scatter([np.median(ranking.ranks[:, row])], [row], marker="x", color="black", s=25)
+    ax.set_yticks(range(n), ranking.cells, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xticks(range(1, n + 1))
+    ax.set(xlabel="rank in bootstrap replicates (patients and seeds resampled)", title=ranking.title)
+    ax.grid(axis="x", lw=0.3)
     return _png(fig)
 
 

@@ -171,29 +171,51 @@ def detectable_difference(n_pos: int, n_neg: int, auc: float = 0.75) -> float:
     return (Z_95 + Z_POWER_80) * np.sqrt(2) * hanley_mcneil_se(auc, n_pos, n_neg)
 
 
+Z_ONE_SIDED_95 = 1.644854
+WORSE_THAN_CHANCE = "worse than chance"
+
+
 def did_not_learn(run: pd.Series, predictions: pd.DataFrame) -> str:
     """Why a run's model is no trained model, or "": it predicts a single class on the test split, or
-    the 95 % CI of its validation AUC (Hanley-McNeil) contains 0.5."""
+    its validation AUC is not above chance (one-sided: the 95 % lower bound, Hanley-McNeil, is at or
+    below 0.5). A model whose upper bound is below 0.5 learned something backwards: its reason starts
+    with "worse than chance". Either way it enters no ranking and no family of tests."""
     if predictions["prediction"].nunique() < 2:
         return f"predicts only class {int(predictions['prediction'].iloc[0])} on test"
     auc, n, n_pos = run.get("val_auc"), run.get("val_n"), run.get("val_n_positive")
     if auc is None or n is None or n_pos is None or pd.isna(auc):
         return ""
-    se = hanley_mcneil_se(float(auc), int(n_pos), int(n - n_pos))
-    if abs(float(auc) - 0.5) <= Z_95 * se:
-        return f"validation AUC {auc:.3f} (95 % CI +-{Z_95 * se:.3f}) is not above chance"
+    margin = Z_ONE_SIDED_95 * hanley_mcneil_se(float(auc), int(n_pos), int(n - n_pos))
+    if float(auc) + margin < 0.5:
+        return f"{WORSE_THAN_CHANCE}: validation AUC {auc:.3f} (one-sided 95 % upper bound {auc + margin:.3f})"
+    if float(auc) - margin <= 0.5:
+        return f"validation AUC {auc:.3f} (one-sided 95 % lower bound {auc - margin:.3f}) is not above chance"
     return ""
 
 
+def adjust(p_values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's adjusted p-values and Benjamini-Hochberg q-values of one family (statsmodels)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(p_values, dtype=float)
+    if not len(p):
+        return p, p
+    return multipletests(p, method="holm")[1], multipletests(p, method="fdr_bh")[1]
+
+
 def pretraining_effect(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
-    """Each pretrained regime against `scratch` of the same method, variant and protocol: the paired
-    difference of test AUC on seed-averaged scores, a 95 % CI from a bootstrap over patients, and
-    the two-sided DeLong p-value."""
+    """Each pretrained regime against `scratch` of the same method, variant, protocol and input
+    geometry: the paired difference of test AUC on seed-averaged scores, a 95 % CI from a bootstrap
+    over patients, the two-sided DeLong p-value, and, within each protocol's family of comparisons
+    whose two sides both learned, Holm's adjusted p and the BH q-value. A comparison with a side that
+    did not learn stays in the table with its reason, outside the family (no adjusted p)."""
     from MLstatkit import Delong_test
     from sklearn.metrics import roc_auc_score
 
     rows = []
-    keys = ["method", "variant", "protocol"]
+    keys = ["method", "variant", "protocol", "geometry"]
+    if "not_learned" not in runs:
+        runs = runs.assign(not_learned="")
     for key, group in runs.groupby(keys, sort=True):
         if "scratch" not in set(group["regime"]):
             continue
@@ -212,5 +234,38 @@ def pretraining_effect(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.Dat
             p = float(Delong_test(y, a, b, return_ci=False, return_auc=False)[1])
             rows.append({**dict(zip(keys, key)), "regime": regime, "auc_pre": roc_auc_score(y, a),
                          "auc_scratch": roc_auc_score(y, b), "diff": roc_auc_score(y, a) - roc_auc_score(y, b),
-                         "lo": lo, "hi": hi, "p": p, "n": len(pair)})
-    return pd.DataFrame(rows)
+                         "lo": lo, "hi": hi, "p": p, "n": len(pair),
+                         "excluded": _side_not_learned(group, regime)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["p_holm"], table["q_bh"] = np.nan, np.nan
+    for _, family in table[table.excluded == ""].groupby("protocol"):
+        holm, bh = adjust(family["p"].tolist())
+        table.loc[family.index, "p_holm"], table.loc[family.index, "q_bh"] = holm, bh
+    return table
+
+
+def _side_not_learned(group: pd.DataFrame, regime: str) -> str:
+    """Which side of a pretrained-vs-scratch comparison did not learn, or "" when both did."""
+    sides = [(name, group.loc[group.regime == name, "not_learned"]) for name in (regime, "scratch")]
+    return "; ".join(f"{name} did not learn" for name, reasons in sides if (reasons != "").any())
+
+
+def sd_sources(group: pd.DataFrame) -> str:
+    """Which sources of variance the seeds of one cell sample, for the sd beside its mean."""
+    protocol = group["protocol"].iloc[0] if "protocol" in group else "finetune"
+    regime = group["regime"].iloc[0]
+    pinned = "pretrain_pinned" in group and bool(group["pretrain_pinned"].any())
+    artifacts = group["artifact"].dropna() if "artifact" in group else pd.Series(dtype=object)
+    sources = ["initialisation", "augmentation", "data order"] if protocol == "finetune" else []
+    if regime == "scratch" and protocol != "finetune":
+        sources.append("random encoder")
+    if len(artifacts):
+        if pinned or artifacts.nunique() < len(artifacts):
+            seed = group["pretrain_seed"].dropna()
+            note = f"pretrain.seed={int(seed.iloc[0])} pinned" if pinned and len(seed) else "shared"
+            sources.append(f"not pretraining ({note}: {artifacts.nunique()} artifact for {len(group)} seeds)")
+        else:
+            sources.insert(0, "pretraining")
+    return ", ".join(sources) if sources else "nothing (every seed is the same model)"

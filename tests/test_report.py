@@ -42,7 +42,7 @@ def test_cells_are_mean_sd_and_ci_over_seeds(html):
     assert "Other runs" in text and "_test_tiny_cnn" in text
     cell = r"<td class=\"(best|notlearned)?\">\d+\.\d ± \d+\.\d<br><span class=\"ci\">\[\d+\.\d, \d+\.\d\]"
     assert re.search(cell, text)
-    assert "<td>3</td>" in text  # three seeds per cell
+    assert "<td>3<span class=\"sources\">sd: " in text  # three seeds per cell, and what their sd samples
 
 
 def test_cells_leave_the_html_as_csv_parquet_latex_and_the_api(html, store):
