@@ -13,7 +13,7 @@ from jinja2 import Environment, select_autoescape
 from bench import regimes
 from bench.protocols import PROTOCOLS
 from bench.reports import plots
-from bench.reports.collect import load_failures, load_runs
+from bench.reports.collect import EXECUTION_KEYS, load_failures, load_runs
 from bench.reports.explain_section import explain_section
 from bench.reports.export import CELL_COLUMNS, cell_rows, write_cells
 from bench.reports.stats import (
@@ -278,6 +278,9 @@ def _render(name: str, runs: pd.DataFrame, table: pd.DataFrame, tables: list, fi
 
     return template.render(
         name=name, n_runs=len(runs), n_cells=len(table), seeds=sorted(set(table.seeds)), **sections,
+        execution_keys=EXECUTION_KEYS,
+        config_splits=sorted({f"{m} / {r} / {v}" for m, r, v in zip(runs.method, runs.regime, runs.variant)
+                              if "cfg " in v}),
         data=", ".join(sorted(set(runs.data))), tables=tables, metrics=METRICS, plots=figures,
         provenance=provenance, version=__version__, generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

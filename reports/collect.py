@@ -1,6 +1,7 @@
 """Read the results store into one table: a row per finetuning run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
         init = metrics.get("pretraining", {})
         rows.append({
             "folder": str(folder), "method": config["method"], "regime": config["regime"], "seed": config["seed"],
-            "suite": config.get("suite", ""), "preset": config.get("preset", ""), "variant": variant_of(config),
+            "suite": config.get("suite", ""), "preset": config.get("preset", ""),
+            "variant": variant_of(config) or str(config.get("variant") or ""), "identity": cell_identity(config),
             "task": config.get("task", "fracture"), "train_fraction": float(config.get("train_fraction", 1.0)),
             "protocol": config.get("protocol", "finetune"),
             "val_auc": metrics.get("val", {}).get("auc"), "val_n": metrics.get("val", {}).get("n"),
@@ -87,7 +89,32 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
         })
     if not rows:
         raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")
-    return pd.DataFrame(rows)
+    return split_cells(pd.DataFrame(rows))
+
+
+# Keys that say where and how a run executed, or which seed it drew; two runs that differ only in
+# these are seeds of one cell. Anything else (a learning rate, a pinned pretraining seed, the data)
+# makes another cell.
+EXECUTION_KEYS = ("seed", "out", "suite", "progress", "threads", "num_workers", "cache_dir", "device", "compile",
+                  "channels_last", "deterministic", "save_model")
+CELL_KEYS = ("method", "regime", "variant", "protocol", "task", "train_fraction", "geometry")
+
+
+def cell_identity(config: dict[str, Any]) -> str:
+    """A digest of a run's config without its seed and execution keys: what makes it a cell."""
+    what = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def split_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that would share a cell but whose configs differ in more than the seed become separate
+    cells: each gets its config digest in its variant ("cfg 1a2b3c"), so no cell averages them."""
+    runs = runs.copy()
+    for _, group in runs.groupby(list(CELL_KEYS), sort=False):
+        if group["identity"].nunique() > 1:
+            runs.loc[group.index, "variant"] = [f"{v} cfg {i[:6]}".strip()
+                                                for v, i in zip(group.variant, group.identity)]
+    return runs
 
 
 def _broken(folder: Path, metrics: Any, config: Any, env: Any) -> str:

@@ -186,3 +186,30 @@ def test_cells_of_different_input_geometry_never_share_a_table_or_a_test(tmp_pat
     assert ">a48<" in t48 and ">b48<" in t48 and ">c32<" not in t48
     assert ">c32<" in t32 and ">a48<" not in t32
     assert "c32 / scratch" not in _verdict_rows(html, "linear, input 48^3 at 2.00 mm")
+
+
+def test_runs_whose_configs_differ_beyond_the_seed_never_share_a_cell(tmp_path):
+    """A `variant=` run, or one that changed any key but the seed and where it ran, is its own cell:
+    the report never averages it with the default run of the same method and seed."""
+    from bench.metrics import binary_metrics
+
+    out = tmp_path / "runs"
+    for folder, extra in (("default", {}), ("lowlr", {"lr": 1e-7}), ("named", {"variant": "lowlr", "lr": 1e-7}),
+                          ("elsewhere", {"threads": 1, "out": "x", "device": "cpu"})):
+        preds = _predictions(1.0 if folder in ("default", "elsewhere") else 0.2, len(folder))
+        cfg = OmegaConf.create({"method": "resnet18", "regime": "scratch", "seed": 0, "preset": "tiny",
+                                "protocol": "finetune", "suite": folder, "model": {}, "lr": 1e-3, **extra})
+        metrics = {"test": binary_metrics(preds["label"], preds["score"]),
+                   "val": {"auc": 0.9, "n": 400, "n_positive": 100}, "epochs": [], "cost": {}, "pretraining": {},
+                   "data": {"name": "hand", "fingerprint": "f" * 64}}
+        write_run(out / folder / "resnet18-scratch-s0", cfg, metrics, preds, {"started": "2026-01-01T00:00:00"})
+    from bench.reports.collect import load_runs
+
+    runs = load_runs([out])
+    cells = runs.groupby("variant")["folder"].apply(lambda f: sorted(p.split("/")[-2] for p in f)).to_dict()
+    assert cells.pop("lowlr") == ["named"]
+    assert sorted(cells.values()) == [["default", "elsewhere"], ["lowlr"]]  # same config but where it ran: seeds
+    assert all(v.startswith("cfg ") for v in cells)
+    assert main(["report", str(out), f"out={tmp_path / 'rep'}", "bootstrap=50"]) == 0
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "runs that differ in anything else are separate cells, named by a digest of their config" in html
