@@ -42,6 +42,10 @@ def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tup
         message = str(exc)
         raise BenchError(message if message.startswith("weights '") else f"weights '{path}': {message}") from None
     state = method.transfer(spec.convert(raw, target), target)
+    if not state:
+        sample = ", ".join(list(raw)[:4])
+        raise BenchError(f"weights '{path}': none of its keys is an encoder key of {method.name} (the file's keys "
+                         f"look like: {sample}); expected the layout {spec.layout}")
     return state, f"{path} (sha256 {digest[:12]})"
 
 

@@ -53,7 +53,17 @@ class LoadReport:
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "matched": len(self.matched), "missing": self.missing,
-                "unexpected": self.unexpected, "shape_mismatched": self.shape_mismatched}
+                "unexpected": self.unexpected, "ignored_outside_encoder": len(self.unexpected),
+                "shape_mismatched": self.shape_mismatched}
+
+
+def _inside(module: nn.Module, key: str) -> bool:
+    """Whether a tensor name lies inside one of `module`'s submodules (a tensor of the encoder that
+    this encoder lacks, such as a layer-scale gamma or an attention norm of another release),
+    rather than outside it (a decoder, a head, another network's keys)."""
+    names = {name for name, _ in module.named_modules() if name}
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
 
 
 def sha256_of(path: Path) -> str:
@@ -176,13 +186,17 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     """Copy the tensors into `module`: every one of its tensors must come from `state` by name and
     shape, except the `optional` keys (left at their initialisation); anything less is one error
     line listing what did not match, and nothing is loaded. Keys of `state` the module does not
-    have (decoders, heads) are reported, not loaded."""
+    have are of two kinds: outside the encoder (decoders, heads) they are listed as ignored; inside
+    one of its submodules they are encoder tensors this encoder was built without (another release's
+    options), and the load fails with a line naming them."""
     own = module.state_dict()
     report = LoadReport(source=source)
-    accepted, misshapen = {}, set()
+    accepted, misshapen, foreign = {}, set(), []
     for key, value in state.items():
         if key not in own:
-            report.unexpected.append(key)
+            if key.endswith("num_batches_tracked"):
+                continue
+            (foreign if _inside(module, key) else report.unexpected).append(key)
         elif own[key].shape != value.shape:
             report.shape_mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
             misshapen.add(key)
@@ -195,6 +209,10 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
         sample = ", ".join(list(state)[:3])
         raise BenchError(f"weights '{source}': no {what} key matched (checkpoint keys look like: {sample}); "
                          f"wrong architecture or layout")
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 6 else "")
+        raise BenchError(f"weights '{source}': {len(foreign)} tensors of the file's {what} are not in the {what} "
+                         f"built here (another architecture option or release?): {shown}")
     if required or report.shape_mismatched:
         bad = [f"{k} (missing)" for k in required] + report.shape_mismatched
         shown = ", ".join(bad[:6]) + (f", ... ({len(bad)} in all)" if len(bad) > 6 else "")

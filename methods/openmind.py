@@ -27,7 +27,8 @@ masked-image modelling the OpenMind MAE checkpoints were made with. ResEnc: 75 %
 blocks (16^3 voxels at the paper preset) set to zero, the whole U-Net reconstructs the image, MSE on
 the masked voxels. Primus: 75 % of the patch tokens dropped before the Eva encoder, a learned mask
 token put back in their places, an Eva decoder (nnssl's EvaMAE: the encoder's width, its own position
-embeddings; 4 blocks for Primus-M) mixes them with the kept tokens, and Primus' patch decoder
+embeddings; 2 blocks for Primus-M, `BaseEvaMAETrainer`; layer scale 0.1 and the inner attention norm
+in encoder and decoder alike) mixes them with the kept tokens, and Primus' patch decoder
 reconstructs; MSE on the dropped patches. The Eva decoder is what carries the kept tokens' information
 to the dropped places: the patch decoder restores each patch from its own token alone.
 """
@@ -251,7 +252,12 @@ class PrimusParams:
     patch_size: int = 8
     drop_path: float = 0.0
     mask_ratio: float = 0.75
-    decoder_depth: int = 4  # the pretext's Eva decoder blocks (nnssl's PrimusM EvaMAE: 4, at the encoder's heads)
+    decoder_depth: int = 2  # the pretext's Eva decoder blocks (nnssl's BaseEvaMAETrainer: 2, at the encoder's heads)
+    # nnssl's BaseEvaMAETrainer builds Primus-M's Eva (encoder and decoder) with layer scale
+    # (`gamma_1`, `gamma_2`, initialised to 0.1) and a norm inside each attention (`attn.norm`):
+    # without them a published file cannot load whole. 0 turns layer scale off.
+    init_values: float = 0.1
+    scale_attn_inner: bool = True
 
 
 class PrimusEncoder(nn.Module):
@@ -373,7 +379,8 @@ class OpenMindPrimusM(Method):
                              f"(got {p.embed_dim} / {p.num_heads})")
         return Primus(input_channels=1, embed_dim=p.embed_dim, patch_embed_size=(p.patch_size,) * 3, num_classes=1,
                       eva_depth=p.depth, eva_numheads=p.num_heads, input_shape=(self.cfg.crop_size,) * 3,
-                      drop_path_rate=p.drop_path)
+                      drop_path_rate=p.drop_path, init_values=p.init_values or None,
+                      scale_attn_inner=p.scale_attn_inner)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         return PrimusEncoder(self.make_primus()), self.params.embed_dim
@@ -400,5 +407,6 @@ class OpenMindPrimusM(Method):
                              f"the Eva decoder no masked patch sees a kept one")
         side = self.cfg.crop_size // p.patch_size
         decoder = Eva(embed_dim=p.embed_dim, depth=p.decoder_depth, num_heads=p.num_heads, ref_feat_shape=(side,) * 3,
-                      use_rot_pos_emb=True, use_abs_pos_emb=True, mlp_ratio=4 * 2 / 3, drop_path_rate=p.drop_path)
+                      use_rot_pos_emb=True, use_abs_pos_emb=True, mlp_ratio=4 * 2 / 3, drop_path_rate=p.drop_path,
+                      init_values=p.init_values or None, scale_attn_inner=p.scale_attn_inner)
         return PrimusMAE(self.make_primus(), p.mask_ratio, decoder)

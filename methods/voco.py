@@ -41,13 +41,20 @@ from bench.registry import register_method
 from bench.weights import WeightsSpec
 
 ENCODER_PREFIXES = ("swinViT.", "swin_vit.")
+WRAPPERS = ("module.", "backbone.")  # DDP, and the training model's `backbone` (voco_train.py)
 
 
 def convert_voco(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder tensors of a VoCo checkpoint (`module.` already stripped), named as MONAI's
-    SwinTransformer names them; decoder and SSL-head keys are left out."""
+    """The encoder tensors of a VoCo checkpoint, named as MONAI's SwinTransformer names them. The
+    layouts VoCo's code writes: voco_train.py's periodic checkpoint (`state_dict` ->
+    `module.backbone.swinViT.*`), its final model (flat `backbone.swinViT.*`), and the released
+    files (`swinViT.*` or `swin_vit.*`, with or without `module.`); the published downstream loader
+    (Finetune/BTCV/main.py) strips `module.` and `backbone.` and renames `swin_vit` the same way.
+    Decoder and SSL-head keys are left out."""
     out = {}
     for key, value in state.items():
+        while key.startswith(WRAPPERS):
+            key = key.split(".", 1)[1]
         prefix = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
         if prefix is not None:
             out[key[len(prefix):]] = value
@@ -58,7 +65,7 @@ VOCO_WEIGHTS = WeightsSpec(
     filename="VoCo_B_SSL_head.pt",
     url="",  # the files sit on Hugging Face (Luffy503/VoCo); pass the downloaded file as weights.public
     sha256="",
-    layout="{['state_dict':] {'[module.]swinViT|swin_vit.patch_embed.*', '...layers{1-4}.0.blocks.{0,1}.*', "
+    layout="{['state_dict':] {'[module.][backbone.]swinViT|swin_vit.patch_embed.*', '...layers{1-4}.0.blocks.{0,1}.*', "
            "'...layers{1-4}c.0.*' (v2 residual blocks), 'encoder*/decoder*/out.*' (dropped)}}",
     convert=convert_voco,
 )

@@ -66,18 +66,35 @@ def test_resencl_checkpoint_loads_every_encoder_tensor_at_the_paper_architecture
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
 
 
-def test_primusm_checkpoint_loads_with_the_plans_position_embedding_interpolated(tmp_path):
-    """An OpenMind Primus-M file (pretrained at 160^3, 20^3 tokens) into the paper's 96^3 crops."""
-    primus = Primus(1, 864, (8, 8, 8), 1, eva_depth=16, eva_numheads=12, input_shape=(160, 160, 160))
+def _primusm_checkpoint(path):
+    """A Primus-M file as nnssl's BaseEvaMAETrainer writes it: its EvaMAE's encoder (dynamic-network-
+    architectures' Eva with layer scale 0.1 and the inner attention norm, pretrained at 160^3: 20^3
+    tokens) and its 2-block Eva decoder with the same options, in the nnssl container."""
+    from dynamic_network_architectures.building_blocks.eva import Eva
+
+    primus = Primus(1, 864, (8, 8, 8), 1, eva_depth=16, eva_numheads=12, input_shape=(160, 160, 160),
+                    init_values=0.1, scale_attn_inner=True)
+    decoder = Eva(embed_dim=864, depth=2, num_heads=12, ref_feat_shape=(20, 20, 20), use_rot_pos_emb=True,
+                  use_abs_pos_emb=True, mlp_ratio=4 * 2 / 3, init_values=0.1, scale_attn_inner=True)
     known = randomised_in_place(primus)
-    decoder = {"decoder.blocks.0.norm1.weight": torch.ones(864)}  # the Eva MAE's own decoder: not an encoder key
+    weights = {**known, **{f"decoder.{k}": v for k, v in decoder.state_dict().items()},
+               "mask_token": torch.zeros(1, 1, 864)}
+    torch.save(_container(weights, _plan("PrimusM", "eva", "down_projection", "eva.pos_embed"), "BaseEvaMAETrainer"),
+               path)
+    return known
+
+
+def test_primusm_checkpoint_loads_with_the_plans_position_embedding_interpolated(tmp_path):
+    """An OpenMind Primus-M file (pretrained at 160^3, 20^3 tokens) into the paper's 96^3 crops: every
+    encoder tensor, layer scale and inner attention norms included; the decoder listed as ignored."""
     path = tmp_path / "checkpoint_final.pth"
-    torch.save(_container({**known, **decoder}, _plan("PrimusM", "eva", "down_projection", "eva.pos_embed"),
-                          "BaseEvaMAETrainer"), path)
+    known = _primusm_checkpoint(path)
     method, cfg, model = setup_public("openmind_primusm", path, preset="paper")
     report = encoder_init(method, cfg, model)["load_report"]
     loaded = method.finetune_encoder(model).state_dict()
     assert report["matched"] == len(loaded) and not report["missing"]
+    assert any(k.endswith("gamma_1") for k in loaded) and any(".attn.norm." in k for k in loaded)
+    assert report["ignored_outside_encoder"] == 0  # the plan hands over the encoder alone
     for key, value in known.items():
         if key.startswith(("eva.", "down_projection.")) and key != "eva.pos_embed":
             torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
@@ -85,6 +102,28 @@ def test_primusm_checkpoint_loads_with_the_plans_position_embedding_interpolated
     grid = known["eva.pos_embed"].reshape(1, 20, 20, 20, 864).permute(0, 4, 1, 2, 3)
     expected = torch.nn.functional.interpolate(grid, size=(12, 12, 12), mode="trilinear", align_corners=False)
     torch.testing.assert_close(loaded["eva.pos_embed"], expected.permute(0, 2, 3, 4, 1).reshape(1, -1, 864))
+
+
+def test_primusm_file_into_an_encoder_without_layer_scale_is_one_line_naming_them(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    _primusm_checkpoint(path)
+    method, cfg, model = setup_public("openmind_primusm", path, preset="paper",
+                                      **{"model.init_values": "0", "model.scale_attn_inner": "false"})
+    with pytest.raises(BenchError) as err:
+        encoder_init(method, cfg, model)
+    line = str(err.value)
+    assert "\n" not in line and "64 tensors of the file's encoder are not in the encoder built here" in line
+    assert "eva.blocks.0.gamma_1" in line
+
+
+def test_primusm_pretext_is_nnssls_evamae():
+    """The pretext's Eva decoder has nnssl's 2 blocks with the encoder's options at the paper preset."""
+    cfg = compose({"method": "openmind_primusm", "regime": "public_to_vertebrae", "preset": "paper"},
+                  get_method("openmind_primusm"))
+    pretext = create_method("openmind_primusm", cfg).build_pretext()
+    keys = pretext.state_dict()
+    assert len(pretext.decoder.blocks) == 2 and "decoder.blocks.1.gamma_2" in keys
+    assert "decoder.blocks.0.attn.norm.weight" in keys and "encoder.eva.blocks.15.gamma_1" in keys
 
 
 def test_the_plan_says_where_the_encoder_is(tmp_path):

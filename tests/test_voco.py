@@ -32,6 +32,48 @@ def test_voco_checkpoint_loads_every_encoder_tensor(tmp_path):
     assert model(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 2)
 
 
+def _training_head(known: dict, ddp: bool) -> dict:
+    """voco_train.py's VoCoHead state dict: the Swin UNETR as `backbone` (its encoder `swinViT`),
+    projection heads beside it, `module.` when trained under DistributedDataParallel."""
+    heads = {"student.layer1.0.weight": torch.zeros(4, 4), "teacher.layer1.0.weight": torch.zeros(4, 4)}
+    state = {**{f"backbone.{k}": v for k, v in known.items()}, **heads}
+    return {f"module.{k}" if ddp else k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout", ["model_final_epoch.pt", "final_model.pth", "final_model_ddp.pth"])
+def test_voco_training_checkpoints_load_every_encoder_tensor(tmp_path, layout):
+    """The files voco_train.py writes: the final checkpoint ({"epoch", "state_dict", "optimizer":
+    optimizer.state_dict()}, under DDP) and the final model (the state dict alone, with and without
+    DDP). Its periodic checkpoints pickle the optimizer object itself, which weights_only refuses."""
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=48, use_v2=True)
+    known = randomised(net.state_dict())
+    encoder = {k[len("swinViT."):]: v for k, v in known.items() if k.startswith("swinViT.")}
+    if layout == "model_final_epoch.pt":
+        obj = {"epoch": 100, "state_dict": _training_head(known, ddp=True),
+               "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}
+    else:
+        obj = _training_head(known, ddp=layout.endswith("_ddp.pth"))
+    path = tmp_path / layout
+    torch.save(obj, path)
+    method, cfg, model = setup_public("voco", path, preset="paper")
+    report = encoder_init(method, cfg, model)["load_report"]
+    assert report["matched"] == len(encoder) and not report["missing"]
+    assert len([k for k in encoder if "relative_position_index" not in k]) == 126  # parameters; 8 index buffers
+    loaded = method.finetune_encoder(model).state_dict()
+    for key, value in encoder.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+def test_a_file_whose_encoder_keys_carry_an_unknown_prefix_shows_the_files_keys(tmp_path):
+    published, _ = _voco_checkpoint()
+    path = tmp_path / "renamed.pt"
+    torch.save({k.replace("module.swin_vit.", "net.encoder.swin."): v for k, v in published.items()}, path)
+    method, cfg, model = setup_public("voco", path, preset="paper")
+    with pytest.raises(BenchError) as err:
+        encoder_init(method, cfg, model)
+    assert "the file's keys look like: net.encoder.swin." in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_voco_l_file_into_voco_b_is_one_line(tmp_path):
     published, _ = _voco_checkpoint(feature=96)
     path = tmp_path / "VoCo_L_SSL_head.pt"
