@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]: paper-preset steps, "
                                          "FLOPs, projected GPU time and memory")
     p_cost.add_argument("args", nargs="*")
+    p_weights = sub.add_parser("weights", help="weights list | weights check FILE method=NAME [preset=paper]: "
+                                               "published checkpoints, and a load report without training")
+    p_weights.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")
     p_data.add_argument("--verify", action="store_true", help="data info: check every crop against its checksum")
@@ -280,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_report(args.args)
         elif args.command == "cost":
             _cmd_cost(args.args)
+        elif args.command == "weights":
+            from bench.weights_cli import weights_command
+
+            print(weights_command(args.args))
         elif args.command == "explain":
             from bench.explain import explain_command
 

@@ -116,6 +116,19 @@ def test_primusm_file_into_an_encoder_without_layer_scale_is_one_line_naming_the
     assert "eva.blocks.0.gamma_1" in line
 
 
+def test_bench_weights_check_prints_the_load_report_of_a_published_layout(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    _primusm_checkpoint(path)
+    done = run_cli("weights", "check", str(path), "method=openmind_primusm")
+    assert done.returncode == 0, done.stderr
+    assert "openmind_primusm (paper): 373 of 373 encoder tensors loaded from" in done.stdout
+    listed = run_cli("weights", "list")
+    assert listed.returncode == 0 and '"method": "openmind_primusm"' in listed.stdout
+    bad = run_cli("weights", "check", str(path), "method=openmind_primusm", "model.init_values=0",
+                  "model.scale_attn_inner=false")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "eva.blocks.0.gamma_1" in bad.stderr
+
+
 def test_primusm_pretext_is_nnssls_evamae():
     """The pretext's Eva decoder has nnssl's 2 blocks with the encoder's options at the paper preset."""
     cfg = compose({"method": "openmind_primusm", "regime": "public_to_vertebrae", "preset": "paper"},
