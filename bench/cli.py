@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -186,9 +187,14 @@ def _cmd_report(args: list[str]) -> None:
     try:
         n_boot = int(opts.get("bootstrap", "300"))
     except ValueError:
-        raise BenchError(f"bad value for 'bootstrap': '{opts['bootstrap']}'; expected a whole number") from None
+        n_boot = -1
+    if not 1 <= n_boot <= 100_000:
+        raise BenchError(f"bad value for 'bootstrap': '{opts['bootstrap']}'; expected a whole number from 1 to 100000")
     dirs = dirs or [Path("runs")]
     name = opts.get("name") or (dirs[0].name if len(dirs) == 1 else "report")
+    if "out" not in opts and not re.fullmatch(r"(?!\.{1,2}$)[A-Za-z0-9_.+=-]+", name):
+        raise BenchError(f"bad value for 'name': '{name}'; expected one folder name inside reports/ (letters, digits, "
+                         f"'_', '.', '+', '=', '-'; no '/' or '..'), or give out=DIR")
     out = Path(opts.get("out") or Path("reports") / name)
     from bench.reports.build import build_report
 

@@ -270,8 +270,15 @@ _SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.+=-]+")  # one path component,
 
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express."""
+    for key in ("seed", "pretrain.seed", "synthetic.seed"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise BenchError(f"bad value for '{key}': {value}; expected a whole number from 0 to {MAX_SEED}")
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected > 0")

@@ -42,6 +42,8 @@ def ray_session(address: str | None) -> Iterator[None]:
     import ray
 
     started_here = not ray.is_initialized()
+    if started_here and address and address not in ("auto", "local") and not address.startswith("ray://"):
+        _reachable(address)
     if started_here:
         cache = os.environ.get("BENCH_CACHE")
         try:
@@ -55,6 +57,23 @@ def ray_session(address: str | None) -> Iterator[None]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT that answers a TCP connection within the timeout; else one line (ray.init itself
+    retries an unreachable address for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BenchError(f"bad value for 'ray.address': '{address}'; expected auto or HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise BenchError(f"ray.address '{address}': nothing answers there within {timeout_s:g} s "
+                         f"({exc.strerror or type(exc).__name__}); start the head with `ray start --head` "
+                         f"or check the address") from None
 
 
 def _trial(config: dict[str, Any]) -> None:

@@ -68,13 +68,12 @@ def run_tune(overrides: dict[str, str]) -> Path:
     metric = overrides.get("metric", "val_auc")
     if metric not in METRICS:
         raise BenchError(f"bad value for 'metric': '{metric}'; {choices_hint(metric, METRICS)}")
-    try:
-        samples = int(overrides.get("samples", "8"))
-        grace = int(overrides.get("grace_epochs", "1"))
-        cpus = float(overrides.get("ray.cpus_per_trial", "1"))
-        max_conc = int(overrides.get("ray.max_concurrent", "0")) or None
-    except ValueError as exc:
-        raise BenchError(f"bad value in tune options ({exc}); expected numbers") from None
+    from bench.orchestrate import _number
+
+    samples = int(_number(overrides, "samples", "8", minimum=1, whole=True))
+    grace = int(_number(overrides, "grace_epochs", "1", minimum=1, whole=True))
+    cpus = _number(overrides, "ray.cpus_per_trial", "1", minimum=0.01)
+    max_conc = int(_number(overrides, "ray.max_concurrent", "0", minimum=0, whole=True)) or None
     base = {k: v for k, v in overrides.items() if k not in TUNE_KEYS}
     base.update(threads=str(max(1, int(cpus))), progress="false")
     base.setdefault("device", "cpu")

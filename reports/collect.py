@@ -127,6 +127,23 @@ def _broken(folder: Path, metrics: Any, config: Any, env: Any) -> str:
         return "env.json is not a mapping"
     if not (folder / "predictions.parquet").is_file():
         return "predictions.parquet is missing"
+    try:
+        import pyarrow.parquet as pq
+
+        columns = set(pq.read_schema(folder / "predictions.parquet").names)
+    except Exception as exc:  # noqa: BLE001 (pyarrow raises several kinds for a file that is not parquet)
+        return f"predictions.parquet is unreadable ({type(exc).__name__})"
+    lacking = {"patient_id", "vertebra", "label", "score", "prediction"} - columns
+    if lacking:
+        return f"predictions.parquet lacks column(s) {', '.join(sorted(lacking))}"
+    for split in ("test", "val"):
+        values = metrics.get(split) or {}
+        if not isinstance(values, dict):
+            return f"metrics.json '{split}' is not a mapping"
+        wrong = [k for k, v in values.items() if v is not None and not isinstance(v, (int, float))
+                 and k in ("f1", "acc", "auc", "ap", "n", "n_positive", "sensitivity", "specificity")]
+        if wrong:
+            return f"metrics.json '{split}.{wrong[0]}' is {values[wrong[0]]!r}, expected a number or null"
     return ""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,41 @@ def group_rows(explained: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     return rows
 
 
+def _check_explanations(found: Any) -> None:
+    """Raise ValueError unless `found` has the shape bench explain writes."""
+    if not isinstance(found, dict) or not isinstance(found.get("maps"), list) or \
+            not isinstance(found.get("summary"), dict) or not isinstance(found.get("vertebrae"), list):
+        raise ValueError("not the layout bench explain writes")
+    for name in found["maps"]:
+        if not isinstance(found["summary"].get(name), dict):
+            raise ValueError(f"no summary for map {name!r}")
+    if not all(isinstance(v, dict) and isinstance(v.get("files", {}), dict) for v in found["vertebrae"]):
+        raise ValueError("a vertebra entry is not a mapping")
+
+
+def inside(root: Path, name: str) -> Path | None:
+    """`root / name` when it stays inside `root` (a received run folder is untrusted: an absolute
+    path or `..` in its explain.json must not pull another file of this machine into a report)."""
+    if not name:
+        return None
+    path = (root / name).resolve()
+    return path if path.is_relative_to(root.resolve()) else None
+
+
 def explain_section(runs: pd.DataFrame) -> dict[str, Any] | None:
     """Rows of the score table (each map of each explained run, then its baselines), the family
     summary and the gallery."""
     rows, gallery, explained = [], [], []
     for run in runs.sort_values(["method", "regime", "protocol"]).itertuples():
         folder = Path(run.folder)
-        found = read_explanations(folder)
+        try:
+            found = read_explanations(folder)
+            if found is not None:
+                _check_explanations(found)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"bench report: skipping the explanations of '{folder}': explain/explain.json is unreadable "
+                  f"({type(exc).__name__})", file=sys.stderr)
+            continue
         if found is None:
             continue
         explained.append((run.regime, found))
@@ -100,8 +129,8 @@ def explain_section(runs: pd.DataFrame) -> dict[str, Any] | None:
             if first is None:
                 continue
             for key, what in (("png", "maps"), ("mae_png", "MAE reconstruction: original, masked, reconstructed")):
-                png = folder / "explain" / first["files"].get(key, "")
-                if key in first["files"] and png.is_file():
+                png = inside(folder / "explain", str(first["files"].get(key, "")))
+                if key in first["files"] and png is not None and png.is_file():
                     images.append({"kind": kind, "uri": _jpeg_uri(png),
                                    "caption": f"{kind} {first['patient_id']} {first['vertebra']} "
                                               f"(score {first['score']:.2f}): {what}"})
