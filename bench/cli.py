@@ -191,10 +191,12 @@ def _cmd_report(args: list[str]) -> None:
     if not 1 <= n_boot <= 100_000:
         raise BenchError(f"bad value for 'bootstrap': '{opts['bootstrap']}'; expected a whole number from 1 to 100000")
     dirs = dirs or [Path("runs")]
-    name = opts.get("name") or (dirs[0].name if len(dirs) == 1 else "report")
-    if "out" not in opts and not re.fullmatch(r"(?!\.{1,2}$)[A-Za-z0-9_.+=-]+", name):
+    safe = r"(?!\.{1,2}$)[A-Za-z0-9_.+=-]+"
+    name = opts.get("name") or re.sub(r"[^A-Za-z0-9_.+=-]", "_", dirs[0].resolve().name if len(dirs) == 1 else "")
+    name = name if "name" in opts or re.fullmatch(safe, name) else "report"
+    if not re.fullmatch(safe, name):
         raise BenchError(f"bad value for 'name': '{name}'; expected one folder name inside reports/ (letters, digits, "
-                         f"'_', '.', '+', '=', '-'; no '/' or '..'), or give out=DIR")
+                         f"'_', '.', '+', '=', '-'; no '/' or '..')")
     out = Path(opts.get("out") or Path("reports") / name)
     from bench.reports.build import build_report
 

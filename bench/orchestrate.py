@@ -42,9 +42,8 @@ def ray_session(address: str | None) -> Iterator[None]:
     import ray
 
     started_here = not ray.is_initialized()
-    if started_here and address and address not in ("auto", "local") and not address.startswith("ray://"):
-        _reachable(address)
     if started_here:
+        check_address(address)
         cache = os.environ.get("BENCH_CACHE")
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
@@ -59,11 +58,13 @@ def ray_session(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
-def _reachable(address: str, timeout_s: float = 10.0) -> None:
-    """A HOST:PORT that answers a TCP connection within the timeout; else one line (ray.init itself
-    retries an unreachable address for minutes)."""
+def check_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """A `ray.address` of HOST:PORT must answer a TCP connection within the timeout, checked before
+    any work; else one line (ray.init itself retries an unreachable address for minutes)."""
     import socket
 
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise BenchError(f"bad value for 'ray.address': '{address}'; expected auto or HOST:PORT")
@@ -236,6 +237,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
     gpus = _number(overrides, "ray.gpus_per_trial", "0", minimum=0.0)
     max_conc = int(_number(overrides, "ray.max_concurrent", "0", minimum=0.0, whole=True)) or None
     address = overrides.get("ray.address") or None
+    check_address(address)
     common = {k: v for k, v in overrides.items() if k not in SUITE_KEYS}
     common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
     if gpus == 0:

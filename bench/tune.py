@@ -68,8 +68,9 @@ def run_tune(overrides: dict[str, str]) -> Path:
     metric = overrides.get("metric", "val_auc")
     if metric not in METRICS:
         raise BenchError(f"bad value for 'metric': '{metric}'; {choices_hint(metric, METRICS)}")
-    from bench.orchestrate import _number
+    from bench.orchestrate import _number, check_address
 
+    check_address(overrides.get("ray.address") or None)
     samples = int(_number(overrides, "samples", "8", minimum=1, whole=True))
     grace = int(_number(overrides, "grace_epochs", "1", minimum=1, whole=True))
     cpus = _number(overrides, "ray.cpus_per_trial", "1", minimum=0.01)

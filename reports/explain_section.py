@@ -86,8 +86,12 @@ def _check_explanations(found: Any) -> None:
             not isinstance(found.get("summary"), dict) or not isinstance(found.get("vertebrae"), list):
         raise ValueError("not the layout bench explain writes")
     for name in found["maps"]:
-        if not isinstance(found["summary"].get(name), dict):
-            raise ValueError(f"no summary for map {name!r}")
+        summary = found["summary"].get(name)
+        if not isinstance(summary, dict) or not all(isinstance(summary.get(s), dict) for s in SCORES):
+            raise ValueError(f"no summary of every score for map {name!r}")
+        numbers = (summary[s].get(k) for s in SCORES for k in ("mean", "lo", "hi"))
+        if not all(isinstance(v, (int, float, type(None))) for v in numbers):
+            raise ValueError(f"a score of map {name!r} is not a number")
     if not all(isinstance(v, dict) and isinstance(v.get("files", {}), dict) for v in found["vertebrae"]):
         raise ValueError("a vertebra entry is not a mapping")
 

@@ -278,6 +278,25 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
     "ingest_label_map_unknown": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}",
                                                "label_map=martian"], "unknown label map 'martian'"),
     "ingest_unknown_key": (lambda t, s: ["data", "ingest", *CT_MASK, "spacingg=1"], "unknown config key 'spacingg'"),
+    # round 3: numeric keys checked where they are parsed, runs with an end
+    "seed_negative": (lambda t, s: ["run", "method=resnet18", "seed=-1"], "bad value for 'seed': -1"),
+    "seed_huge": (lambda t, s: ["run", "method=resnet18", "seed=1e20"], "bad value for 'seed'"),
+    "pretrain_seed_negative": (lambda t, s: ["run", "method=mae3d", "regime=vertebrae", "pretrain.seed=-2"],
+                               "bad value for 'pretrain.seed': -2"),
+    "tune_samples_negative": (lambda t, s: ["tune", "method=resnet18", "regime=scratch", "samples=-1"],
+                              "bad value for 'samples': '-1'"),
+    "tune_grace_zero": (lambda t, s: ["tune", "method=resnet18", "regime=scratch", "grace_epochs=0"],
+                        "bad value for 'grace_epochs': '0'"),
+    "tune_grace_negative": (lambda t, s: ["tune", "method=resnet18", "regime=scratch", "grace_epochs=-2"],
+                            "bad value for 'grace_epochs': '-2'"),
+    "tune_cpus_negative": (lambda t, s: ["tune", "method=resnet18", "regime=scratch", "ray.cpus_per_trial=-1"],
+                           "bad value for 'ray.cpus_per_trial': '-1'"),
+    "ray_address_unreachable": (lambda t, s: ["run", _suite(t, SUITE), "ray.address=127.0.0.1:1"],
+                                "ray.address '127.0.0.1:1': nothing answers there"),
+    "report_bootstrap_negative": (lambda t, s: ["report", str(_folder(t, "empty")), "bootstrap=-5"],
+                                  "bad value for 'bootstrap': '-5'"),
+    "report_name_escapes": (lambda t, s: ["report", str(_folder(t, "empty")), "name=../.."],
+                            "bad value for 'name': '../..'"),
     "out_cannot_exist": (lambda t, s: ["run", "method=resnet18", "epochs=1", "out=/proc/vertebench-out"],
                          "cannot read or write '/proc/vertebench-out'"),
 }
@@ -323,6 +342,70 @@ def test_report_skips_a_broken_run_folder_with_a_warning(store, tmp_path, capsys
                  f"out={runs}", f"cache_dir={tmp_path / 'cache'}"]) == 0
     assert main(["report", str(runs), f"out={tmp_path / 'report'}", "bootstrap=10"]) == 0
     assert pd.read_parquet(tmp_path / "report" / "cells.parquet")["seeds"].tolist() == [1]
+
+
+def _hand_run(folder, auc_strength=1.0):
+    """A finished run folder written directly (known predictions), for report robustness."""
+    from omegaconf import OmegaConf
+
+    from bench.metrics import binary_metrics
+    from bench.store import write_run
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(200) < 0.3).astype(int)
+    scores = 1 / (1 + np.exp(-(auc_strength * (labels - 0.5) * 4 + rng.normal(0, 1, 200))))
+    preds = pd.DataFrame({"patient_id": [f"p{i // 4}" for i in range(200)],
+                          "vertebra": [f"L{i % 4}" for i in range(200)], "label": labels, "score": scores,
+                          "prediction": (scores >= 0.5).astype(int)})
+    cfg = OmegaConf.create({"method": "resnet18", "regime": "scratch", "seed": 0, "preset": "tiny", "model": {}})
+    metrics = {"test": binary_metrics(labels, scores), "val": {"auc": 0.9, "n": 200, "n_positive": 60}, "epochs": [],
+               "cost": {}, "pretraining": {}, "data": {"name": "hand", "fingerprint": "f" * 64}}
+    write_run(folder, cfg, metrics, preds, {"started": "2026-01-01T00:00:00"})
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["garbage_parquet", "metrics_wrong_type", "garbage_explain"])
+def test_one_broken_run_folder_is_one_line_and_the_report_goes_on(tmp_path, capsys, damage):
+    import json
+
+    good = _hand_run(tmp_path / "runs" / "a" / "resnet18-scratch-s0")
+    bad = _hand_run(tmp_path / "runs" / "b" / "resnet18-scratch-s1")
+    if damage == "garbage_parquet":
+        (bad / "predictions.parquet").write_bytes(b"PAR1 not really")
+    elif damage == "metrics_wrong_type":
+        metrics = json.loads((bad / "metrics.json").read_text())
+        metrics["test"]["auc"] = "high"
+        (bad / "metrics.json").write_text(json.dumps(metrics))
+    else:
+        (bad / "explain").mkdir()
+        (bad / "explain" / "explain.json").write_text('{"maps": 3, "summary": "x"}')
+    assert main(["report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", "bootstrap=20"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench report: skipping")]
+    assert len(err) == 1 and str(bad) in err[0], err
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert good.name in html
+
+
+def test_a_report_embeds_no_file_outside_the_run_folder(tmp_path):
+    """explain.json is a received file: an absolute path or `..` in it must not pull a local image in."""
+    import json
+
+    from PIL import Image
+
+    from bench.explain import SCORES
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(secret)
+    run = _hand_run(tmp_path / "runs" / "s" / "resnet18-scratch-s0")
+    (run / "explain").mkdir()
+    vertebrae = [{"kind": kind, "patient_id": "p0", "vertebra": "L0", "score": 0.9,
+                  "files": {"png": str(secret) if kind == "TP" else "../../../../secret.png"}}
+                 for kind in ("TP", "FN")]
+    (run / "explain" / "explain.json").write_text(json.dumps({
+        "maps": ["occlusion"], "vertebrae": vertebrae,
+        "summary": {"occlusion": {s: {"mean": 0.5, "lo": 0.4, "hi": 0.6} for s in SCORES}}}))
+    assert main(["report", str(tmp_path / "runs"), f"out={tmp_path / 'rep'}", "bootstrap=20"]) == 0
+    assert "data:image/jpeg" not in (tmp_path / "rep" / "index.html").read_text()
 
 
 def test_every_crop_is_checked_once_per_version_of_the_store(store, tmp_path):
