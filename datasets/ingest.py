@@ -66,16 +66,33 @@ class Vertebra:
     touches_border: bool
 
 
+MAX_LABELS = 1024  # a segmentation has tens of labels (TotalSegmentator: 117); a CT thousands of values
+
+
+def check_label_image(mask: np.ndarray, where: str) -> None:
+    """A vertebra mask must be an integer label image: whole, finite, non-negative values, and few of
+    them. A CT given as its own mask (a copy, another file name) has negative HU and thousands of
+    values, and its voxels of 1-25 HU would otherwise be read as vertebrae."""
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
+            raise BenchError(f"{where} holds non-integer or non-finite values; expected integer labels")
+    low = mask.min() if mask.size else 0
+    if low < 0:
+        raise BenchError(f"{where} holds negative values (down to {low:g}); a label image has none: is it the CT?")
+    sample = np.asarray(mask).ravel()[:: max(1, mask.size // 2_000_000)]
+    count = len(np.unique(sample))
+    if count > MAX_LABELS:
+        raise BenchError(f"{where} holds {count} distinct values; a label image has at most {MAX_LABELS}: "
+                         f"is it the CT?")
+
+
 def vertebra_centroids(mask: np.ndarray, affine: np.ndarray, label_map: dict[int, str]) -> list[Vertebra]:
     """Centroids of every vertebra label, cranial to caudal; other labels are ignored.
 
     One pass over the mask finds its labelled voxels (a small share of a CT); everything else is
     computed from those alone. The mask is read in its memory order (nibabel's arrays are Fortran-
-    ordered), so the pass makes no copy of it.
+    ordered), so the pass makes no copy of it. The mask has passed `check_label_image`.
     """
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
-            raise BenchError("mask holds non-integer or non-finite values; expected integer labels")
     ids = np.asarray(mask).astype(np.int32, copy=False) if mask.dtype.kind == "f" else np.asarray(mask)
     order = "F" if ids.flags.f_contiguous and not ids.flags.c_contiguous else "C"
     flat_ids = ids.ravel(order=order)
@@ -161,6 +178,7 @@ def ingest_case(case: Case, opts: IngestOptions,
             f"mask '{case.mask}' is not on the CT's grid: shapes {ct.shape} vs {mask.shape}, "
             f"affines differ by {np.abs(ct_affine - mask_affine).max():.3g}; resample the mask to the CT first"
         )
+    check_label_image(mask, f"mask '{case.mask}'")
     vertebrae = vertebra_centroids(mask, mask_affine, label_map)
     if not vertebrae:
         present = sorted(int(v) for v in np.unique(mask) if v)[:12]

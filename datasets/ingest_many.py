@@ -153,12 +153,25 @@ def _one_row_per_vertebra(manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndar
     return manifest[keep].reset_index(drop=True), keep, also_seen[[*key, "source", "series", "reason"]]
 
 
+def _same_content(a: str | Path, b: str | Path) -> bool:
+    """Two files (or DICOM folders: never) with the same bytes, compared by size first."""
+    a, b = Path(a), Path(b)
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+        return False
+    from bench.weights import sha256_of
+
+    return sha256_of(a) == sha256_of(b)
+
+
 def _check_inputs(cases: list[Case], out: str, labels: str) -> None:
     """Refuse inputs that the store would replace, and a CT given as its own mask."""
     target = Path(out).resolve()
     for case in cases:
         if Path(case.ct).resolve() == Path(case.mask).resolve():
             raise BenchError(f"ct and mask are the same path '{case.ct}'; expected a CT and its vertebra mask")
+        if _same_content(case.ct, case.mask):
+            raise BenchError(f"mask '{case.mask}' has the same content as the CT '{case.ct}'; expected its vertebra "
+                             f"mask (an integer label image)")
         for given in (case.ct, case.mask, case.centroids, labels):
             if given and target in (Path(given).resolve(), *Path(given).resolve().parents):
                 raise BenchError(f"out '{out}' holds the input '{given}'; writing the store there would replace it, "

@@ -109,6 +109,18 @@ def _folder(tmp_path, name):
     return tmp_path / name
 
 
+def _copy_file(source, target):
+    shutil.copyfile(source, target)
+    return target
+
+
+def _resaved(source, target):
+    """The CT's voxels under another header: other bytes, the same content."""
+    image = nib.load(source)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj).astype(np.int32), image.affine), target)
+    return target
+
+
 def _suite(tmp_path, text):
     path = tmp_path / "s.yaml"
     path.write_text(text)
@@ -297,6 +309,12 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
                                   "bad value for 'bootstrap': '-5'"),
     "report_name_escapes": (lambda t, s: ["report", str(_folder(t, "empty")), "name=../.."],
                             "bad value for 'name': '../..'"),
+    "ingest_mask_is_a_copy_of_the_ct": (lambda t, s: ["data", "ingest", f"ct={TP_CT}",
+                                                      f"mask={_copy_file(TP_CT, t / 'mask.nii.gz')}",
+                                                      "label_map=verse"], "has the same content as the CT"),
+    "ingest_mask_is_the_ct_resaved": (lambda t, s: ["data", "ingest", f"ct={TP_CT}",
+                                                    f"mask={_resaved(TP_CT, t / 'mask.nii.gz')}", "label_map=verse"],
+                                      "holds negative values"),
     "out_cannot_exist": (lambda t, s: ["run", "method=resnet18", "epochs=1", "out=/proc/vertebench-out"],
                          "cannot read or write '/proc/vertebench-out'"),
 }
