@@ -33,6 +33,24 @@ def is_store(path: Path) -> bool:
     return (path / "store.json").is_file() and (path / "crops.npy").is_file()
 
 
+MARKER = "vertebench crop store"  # store.json's `written_by`: this suite made the folder
+LATER_FILES = ("splits.csv",)  # written into a finished store on first use
+
+
+def files_not_ours(path: Path) -> list[str] | None:
+    """What `overwrite=true` would lose that this suite did not write: the folder's entries outside the
+    file list its store.json records (None when the folder is no store this suite marked as its own)."""
+    try:
+        meta = json.loads((path / "store.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("written_by") != MARKER or not isinstance(meta.get("files"), list):
+        return None
+    ours = set(meta["files"]) | set(LATER_FILES)
+    return sorted(p.name for p in path.iterdir()
+                  if p.name not in ours and not (p.name.startswith(".") and p.name.endswith((".tmp", ".lock"))))
+
+
 def open_store(path: str | Path, verified_in: Path | None = None) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
     """The crops (a memory map), the manifest and store.json of a store, checked: a sample of crops
     against their checksums on every open, and, with `verified_in` (the cache), every crop once per
@@ -144,9 +162,16 @@ class StoreWriter:
         self.target = Path(target)
         if self.target.exists() and not overwrite:
             raise BenchError(f"out '{self.target}' already exists; choose another out= or pass overwrite=true")
-        if self.target.exists() and not is_store(self.target):
-            raise BenchError(f"out '{self.target}' exists and is not a crop store (no store.json and crops.npy); "
-                             f"overwrite=true only replaces a crop store, choose another out=")
+        if self.target.exists():
+            foreign = files_not_ours(self.target) if self.target.is_dir() else None
+            if foreign is None:
+                raise BenchError(f"out '{self.target}' exists and is not a crop store this suite made (its store.json "
+                                 f"carries no marker and file list); overwrite=true only replaces one, choose "
+                                 f"another out=")
+            if foreign:
+                raise BenchError(f"out '{self.target}' holds files this suite did not write ({', '.join(foreign[:5])}"
+                                 f"{', ...' if len(foreign) > 5 else ''}); overwrite=true would lose them: move them "
+                                 f"out or choose another out=")
         self._created = [p for p in reversed(self.target.parents) if not p.exists()]
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.stage = self.target.with_name(f".{self.target.name}.staging")
@@ -191,8 +216,9 @@ class StoreWriter:
         (self.stage / PLAN_FILE).unlink()
         manifest.to_parquet(self.stage / "manifest.parquet", index=False)
         skipped.to_csv(self.stage / "skipped.csv", index=False)
-        (self.stage / "store.json").write_text(json.dumps({"version": STORE_VERSION, **meta}, indent=2,
-                                                          default=str) + "\n")
+        files = sorted([*(p.name for p in self.stage.iterdir()), "store.json"])
+        (self.stage / "store.json").write_text(json.dumps({"version": STORE_VERSION, "written_by": MARKER,
+                                                           "files": files, **meta}, indent=2, default=str) + "\n")
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")

@@ -320,3 +320,27 @@ def test_a_ctspine1k_style_collection_pairs_by_suffix_and_stays_unlabelled(tmp_p
                  f"out={tmp_path / 's'}", "workers=1", "progress=false"]) == 0
     _, manifest, _ = open_store(tmp_path / "s")
     assert manifest.patient_id.tolist() == ["case1", "case2"] and set(manifest.label) == {-1}
+
+
+def test_overwrite_never_empties_a_folder_holding_a_users_file(tmp_path, capsys):
+    """overwrite=true replaces only a store this suite made (its store.json's marker and file list),
+    and refuses while anything it did not write sits inside: a fake store with the user's file, and a
+    real store the user kept notes in, both stay as they are."""
+    args = ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse", "overwrite=true", "progress=false"]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "store.json").write_text("{}")
+    (fake / "crops.npy").write_bytes(b"")
+    (fake / "important.txt").write_text("mine")
+    assert main([*args, f"out={fake}"]) == 2
+    assert "is not a crop store this suite made" in capsys.readouterr().err
+    assert sorted(p.name for p in fake.iterdir()) == ["crops.npy", "important.txt", "store.json"]
+    real = tmp_path / "real"
+    assert main([*args, f"out={real}"]) == 0
+    (real / "labels.csv").write_text("patient_id,vertebra,label\n")
+    stamp = (real / "store.json").read_text()
+    assert main([*args, f"out={real}"]) == 2
+    assert "holds files this suite did not write (labels.csv)" in capsys.readouterr().err
+    assert (real / "labels.csv").is_file() and (real / "store.json").read_text() == stamp
+    (real / "labels.csv").unlink()
+    assert main([*args, f"out={real}"]) == 0  # nothing of the user's inside: replaced
