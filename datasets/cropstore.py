@@ -78,6 +78,7 @@ def open_store(path: str | Path, verified_in: Path | None = None) -> tuple[np.nd
     if len(crops) != len(manifest):
         raise BenchError(f"crop store '{path}' is inconsistent: {len(crops)} crops, {len(manifest)} manifest rows")
     verify_crops(path, crops, manifest, sample=VERIFY_SAMPLE)
+    open_masks(path, len(crops))  # the ground truth, when there is one, must be whole too
     if verified_in is not None:
         ensure_verified(path, crops, manifest, verified_in)
     return crops, manifest, meta
@@ -143,7 +144,11 @@ def open_masks(path: str | Path, n_crops: int) -> np.ndarray | None:
     file = Path(path) / MASKS_FILE
     if not file.is_file():
         return None
-    masks = np.load(file, mmap_mode="r", allow_pickle=False)
+    try:
+        masks = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # a truncated file cannot be memory-mapped at its header's size
+        raise BenchError(f"crop store '{path}': {MASKS_FILE} is unreadable or truncated ({exc}); re-ingest the "
+                         f"store") from None
     if masks.ndim != 4 or len(masks) != n_crops or masks.dtype != np.uint8:
         raise BenchError(f"crop store '{path}': {MASKS_FILE} holds {masks.dtype} {masks.shape}; expected uint8 "
                          f"masks of its {n_crops} crops")

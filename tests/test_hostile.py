@@ -40,6 +40,11 @@ def _truncate(folder):
     (folder / "crops.npy").write_bytes(data[: len(data) // 3])
 
 
+def _truncate_masks(folder):
+    data = (folder / "masks.npy").read_bytes()
+    (folder / "masks.npy").write_bytes(data[: len(data) // 2])
+
+
 def _reorder(folder):
     crops = np.load(folder / "crops.npy")
     np.save(folder / "crops.npy", crops[::-1].copy())
@@ -160,6 +165,10 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
                            "'method' (command line) is a single value"),
     "store_truncated_crops": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _truncate)}"],
                               "crops.npy is unreadable or truncated"),
+    "store_truncated_masks": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _truncate_masks)}"],
+                              "masks.npy is unreadable or truncated"),
+    "store_truncated_masks_verify": (lambda t, s: ["data", "info", str(_copy(s, t, _truncate_masks)), "--verify"],
+                                     "masks.npy is unreadable or truncated"),
     "store_corrupt_manifest": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _bad_manifest)}"],
                                "manifest.parquet is unreadable"),
     "store_corrupt_json": (lambda t, s: ["run", "method=resnet18", f"data={_copy(s, t, _bad_json)}"],
