@@ -17,6 +17,7 @@ obtained here, so the reader checks the columns it needs and names what it did n
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -61,7 +62,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     if path.suffix.lower() in (".xlsx", ".xls"):
         try:
             return pd.read_excel(path)
-        except (ValueError, OSError, KeyError) as exc:  # openpyxl reports a bad workbook as these
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a bad or truncated workbook
             raise BenchError(f"grades '{path}': not a readable spreadsheet ({type(exc).__name__}: {exc})") from None
     try:
         return pd.read_csv(path)
@@ -83,7 +84,7 @@ def read_verse_grades(path: str | Path) -> pd.DataFrame:
     for line, (_, record) in enumerate(table.iterrows(), start=2):
         raw_id = str(record["verse_ID"]).strip()
         number = raw_id.removeprefix("sub-").removeprefix("verse")
-        if not number.split(".")[0].isdigit():
+        if not re.fullmatch(r"\d+(\.0*)?", number):
             raise BenchError(f"grades '{path}' row {line}: verse_ID '{raw_id}'; expected a number such as 4 or 004")
         patient = f"sub-verse{int(float(number)):03d}"
         for column, level in levels.items():

@@ -4,6 +4,7 @@ import pytest
 
 from bench.cli import main
 from bench.datasets.verse import find_verse_cases, read_verse_grades
+from bench.errors import BenchError
 from tests_helpers import GRADED_LEVELS, VERSE_GRADES, make_verse_tree, write_verse_grades
 
 
@@ -37,6 +38,15 @@ def test_bad_grades_are_one_line(tmp_path, capsys):
     other.write_text("id,grade\n4,1\n")
     with pytest.raises(Exception, match="expected a column verse_ID and per-level columns"):
         read_verse_grades(other)
+    odd_id = tmp_path / "odd.csv"
+    odd_id.write_text("verse_ID,L1_fx-g\n4.x,1\n")
+    with pytest.raises(BenchError, match=r"row 2: verse_ID '4.x'; expected a number"):
+        read_verse_grades(odd_id)
+    workbook = write_verse_grades(tmp_path / "grades.xlsx")
+    truncated = tmp_path / "truncated.xlsx"
+    truncated.write_bytes(workbook.read_bytes()[:300])
+    with pytest.raises(BenchError, match="not a readable spreadsheet"):
+        read_verse_grades(truncated)
 
 
 def test_one_command_ingests_the_release_with_its_grades(release, tmp_path, capsys):
