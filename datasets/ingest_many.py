@@ -209,8 +209,21 @@ def ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str | pd.Da
            overwrite: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Ingest every case into the store at `out`; returns its path and a summary. `labels` is a
     labels CSV, or a table already read from a data set's own label file. An interrupted
-    ingestion into the same `out=` with the same options continues where it stopped."""
+    ingestion into the same `out=` with the same options continues where it stopped. Two ingestions
+    into one `out=` take turns (a lock named after it in the temp folder, so a refused ingestion leaves
+    nothing beside `out=`): the second finds the first's store and stops."""
+    import tempfile
+
+    from bench.locks import locked
+
     opts.validate()
+    name = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:24]
+    with locked(Path(tempfile.gettempdir()) / "vertebench-locks" / f"ingest-{name}"):
+        return _ingest(cases, opts, out, labels, workers, overwrite, progress)
+
+
+def _ingest(cases: list[Case], opts: IngestOptions, out: str, labels: str | pd.DataFrame, workers: int,
+            overwrite: bool, progress: bool) -> tuple[Path, dict[str, Any]]:
     if isinstance(labels, pd.DataFrame):
         label_table, labels = labels, ""
     else:

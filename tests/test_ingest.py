@@ -344,3 +344,25 @@ def test_overwrite_never_empties_a_folder_holding_a_users_file(tmp_path, capsys)
     assert (real / "labels.csv").is_file() and (real / "store.json").read_text() == stamp
     (real / "labels.csv").unlink()
     assert main([*args, f"out={real}"]) == 0  # nothing of the user's inside: replaced
+
+
+def test_two_ingests_into_one_out_take_turns(tmp_path):
+    """Started together, one ingestion makes the store and the other finds it there and stops with
+    one line; the store is whole (every crop matches its checksum)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "store"
+    args = [sys.executable, "-m", "bench.cli", "data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
+            f"out={out}", "progress=false", "workers=1"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "already exists" in refused and "Traceback" not in refused
+    crops, manifest, _ = open_store(out)
+    from bench.datasets.cropstore import verify_crops
+
+    assert verify_crops(out, crops, manifest) == len(manifest) > 0
