@@ -27,6 +27,7 @@ mid-slices, a row per map), each map as NIfTI in the crop's frame, and `explain.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -253,7 +254,7 @@ def explain_run(folder: Path, n: int = 3) -> Path:
             deletion = deletion_curves(lambda crops: fracture_probability(method, cfg, model, crops), crop, every)
             scores = {name: {**mask_scores(m, truth, int(pick.label)), "deletion": deletion[name]}
                       for name, m in every.items()}
-            stem = f"{i:02d}_{pick.kind}_{pick.patient_id}_{pick.vertebra}"
+            stem = file_stem(i, pick.kind, pick.patient_id, pick.vertebra)
             spacing = float(test.table["spacing"].iloc[int(pick.row)]) if "spacing" in test.table else 1.0
             crops[stem] = (crop, spacing)
             files = _write_outputs(stage, stem, crop, truth, maps, spacing)
@@ -431,6 +432,12 @@ def explain_command(args: list[str]) -> list[Path]:
     if not dirs:
         raise BenchError("bench explain needs at least one run folder (bench explain RUN_DIR... [n=3])")
     return [explain_run(d, n) for d in dirs]
+
+
+def file_stem(index: int, kind: str, patient_id: Any, vertebra: Any) -> str:
+    """One file name for an explained vertebra: patient ids come from the user's data and may hold
+    '/', '..' or spaces, so everything but a safe set of characters becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", f"{index:02d}_{kind}_{patient_id}_{vertebra}").replace("..", "__")
 
 
 def read_explanations(folder: Path) -> dict[str, Any] | None:

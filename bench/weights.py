@@ -75,9 +75,14 @@ def sha256_of(path: Path) -> str:
 
 
 def fetch(path_or_url: str, sha256: str, cache: Path) -> Path:
-    """A local file for `path_or_url`; URLs are downloaded once into `cache`. A given sha256 must match."""
+    """A local file for `path_or_url`; URLs are downloaded once into `cache`. A given sha256 must match.
+    A file:// URL is a local file: read where it is, never copied, so a file fixed in place is what
+    the next run reads."""
     parsed = urllib.parse.urlparse(path_or_url)
-    if parsed.scheme in ("http", "https", "file", "ftp"):
+    if parsed.scheme == "file":
+        path_or_url = urllib.request.url2pathname(parsed.path)
+        parsed = urllib.parse.urlparse("")
+    if parsed.scheme in ("http", "https", "ftp"):
         name = Path(urllib.parse.unquote(parsed.path)).name or "weights"
         target = cache / (sha256[:16] if sha256 else hashlib.sha256(path_or_url.encode()).hexdigest()[:16]) / name
         if not target.exists():

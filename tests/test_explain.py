@@ -376,3 +376,11 @@ def test_every_methods_maps_come_back_to_the_crop(name):
     assert "occlusion" in maps and ("gradcam" in maps or "rollout" in maps)
     for m in maps.values():
         assert m.shape == crop.shape and np.isfinite(m).all() and m.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_explain_file_names_stay_inside_the_explain_folder():
+    """A patient id from the user's data may hold '/' or '..': the file stem is one safe name."""
+    from bench.explain import file_stem
+
+    stem = file_stem(3, "TP", "../site A/p01", "L1")
+    assert "/" not in stem and ".." not in stem and stem.startswith("03_TP_") and stem.endswith("_L1")

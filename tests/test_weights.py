@@ -149,7 +149,8 @@ def test_wrong_sha256_wrong_architecture_no_keys(tmp_path, capsys):
     assert "does not match the expected" in capsys.readouterr().err
     assert main([*base, f"weights.public={other}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no encoder key matched" in err[0]
+    assert len(err) == 1 and "none of its keys is an encoder key of models_genesis" in err[0]
+    assert "the file's keys look like: conv1.weight" in err[0]  # the file's own keys, not an empty list
     empty = tmp_path / "empty.pt"
     torch.save({"epoch": 1, "note": "no tensors"}, empty)
     assert main([*base, f"weights.public={empty}"]) == 2
@@ -158,15 +159,31 @@ def test_wrong_sha256_wrong_architecture_no_keys(tmp_path, capsys):
 
 
 def test_fetch_from_url_into_cache_with_sha(tmp_path):
-    src = tmp_path / "w.pt"
+    """An http URL (a server on 127.0.0.1 here) is downloaded once into the cache and sha-checked."""
+    import functools
+    import http.server
+    import threading
+
+    src = tmp_path / "served" / "w.pt"
+    src.parent.mkdir()
     torch.save({"a": torch.ones(2)}, src)
     digest = sha256_of(src)
-    local = fetch(src.as_uri(), digest, tmp_path / "cache")
-    assert local.read_bytes() == src.read_bytes() and tmp_path / "cache" in local.parents
-    assert fetch(src.as_uri(), digest, tmp_path / "cache") == local  # cached
-    with pytest.raises(BenchError, match="does not match"):
-        fetch(src.as_uri(), "f" * 64, tmp_path / "cache2")
-    assert not any((tmp_path / "cache2").rglob("*.pt"))  # nothing half-downloaded left
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/w.pt"
+    try:
+        local = fetch(url, digest, tmp_path / "cache")
+        assert local.read_bytes() == src.read_bytes() and tmp_path / "cache" in local.parents
+        src.unlink()
+        assert fetch(url, digest, tmp_path / "cache") == local  # cached: the server is not asked again
+        torch.save({"a": torch.zeros(2)}, src)
+        with pytest.raises(BenchError, match="does not match"):
+            fetch(url, "f" * 64, tmp_path / "cache2")
+        assert not any((tmp_path / "cache2").rglob("*.pt"))  # nothing half-downloaded left
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.parametrize("damage", ["one_key", "wrong_shapes"])
@@ -185,3 +202,16 @@ def test_a_partial_or_misshapen_public_load_is_one_line_not_a_silent_init(tmp_pa
     method, cfg, model = _setup("models_genesis", path, **{"model.width": "1.0"})
     with pytest.raises(BenchError, match=r"of 48 encoder tensors matched by name and shape; not matched: "):
         encoder_init(method, cfg, model)
+
+
+def test_a_file_url_is_read_where_it_is_never_from_a_stale_copy(tmp_path):
+    """weights.public=file:///x.pt: a file fixed in place is what the next run reads."""
+    from bench.weights import fetch, sha256_of
+
+    source = tmp_path / "weights.pt"
+    source.write_bytes(b"broken")
+    first = fetch(source.as_uri(), "", tmp_path / "cache")
+    source.write_bytes(b"fixed")
+    second = fetch(source.as_uri(), "", tmp_path / "cache")
+    assert first == second == source and sha256_of(second) == sha256_of(source)
+    assert not (tmp_path / "cache").exists()
