@@ -296,6 +296,10 @@ class TrainingLoop:
                 parts, n = stage.step(self.step_model, self.execution.to(batch))
             loss = parts["loss"].float()
             if not torch.isfinite(loss):
+                if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                    raise BenchError(f"{stage.name}: the model's weights hold NaN or Inf at epoch {epoch} (loss "
+                                     f"{float(loss.detach())}); they came so from its initialisation or weights, "
+                                     f"or diverged: lower {self.schedule.lr_key}={self.schedule.lr} if it trained")
                 raise BenchError(f"{stage.name} diverged at epoch {epoch} (loss {float(loss.detach())}); "
                                  f"lower {self.schedule.lr_key}={self.schedule.lr}")
             opt.zero_grad(set_to_none=True)

@@ -122,6 +122,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             return load_file(str(path))
         except Exception as exc:
             raise BenchError(f"weights '{path}': not a readable safetensors file ({exc})") from None
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a pickle
+        raise BenchError(f"weights '{path}': not a checkpoint (neither a torch.save archive nor a pickle nor "
+                         f"safetensors; it starts with {head!r})")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses: the line below says it
             warnings.simplefilter("ignore")
@@ -225,5 +230,9 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
         total = len(matched) + len(required) + len(misshapen)
         raise BenchError(f"weights '{source}': {len(matched)} of {total} {what} tensors matched by name and "
                          f"shape; not matched: {shown}")
+    broken = [k for k, v in accepted.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise BenchError(f"weights '{source}': {len(broken)} {what} tensors hold NaN or Inf (e.g. {broken[0]}); the "
+                         f"file is damaged or was saved from a diverged run")
     module.load_state_dict(accepted, strict=False)
     return report

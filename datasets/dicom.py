@@ -56,6 +56,11 @@ def load_dicom_series(folder: str | Path, what: str = "CT") -> tuple[np.ndarray,
     from pydicom.errors import InvalidDicomError
 
     folder = Path(folder)
+    named = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ".ima")]
+    impostor = next((p for p in sorted(named) if not is_dicom_file(p)), None)
+    if impostor is not None:  # skipped, it would leave a gap read as a missing slice
+        raise BenchError(f"{what} '{impostor}': named as a DICOM file but is not one (no DICM preamble); remove it "
+                         f"or replace it with the slice it stands for")
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
     if not files:
         raise BenchError(f"{what} '{folder}': no DICOM files in the folder; expected one series, one file per slice")

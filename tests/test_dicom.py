@@ -97,6 +97,9 @@ def _bad_series(tmp_path, kind):
     elif kind == "duplicate":
         write_dicom_series(volume, affine, folder)
         shutil.copy(folder / "IM0003.dcm", folder / "IM0003b.dcm")
+    elif kind == "text_dcm":  # a slice replaced by a text file of the same name
+        write_dicom_series(volume, affine, folder)
+        (folder / "IM0008.dcm").write_text("not an image")
     elif kind == "corrupt":
         write_dicom_series(volume, affine, folder)
         first = folder / "IM0001.dcm"
@@ -108,7 +111,8 @@ def _bad_series(tmp_path, kind):
                                             ("missing_slice", "non-uniform slice spacing"),
                                             ("tilt", "gantry tilt"),
                                             ("duplicate", "two slices at the same position"),
-                                            ("corrupt", "IM0001.dcm")])
+                                            ("corrupt", "IM0001.dcm"),
+                                            ("text_dcm", "IM0008.dcm': named as a DICOM file but is not one")])
 def test_bad_series_is_one_line_and_writes_nothing(tmp_path, capsys, kind, expected):
     series = _bad_series(tmp_path, kind)
     out = tmp_path / "out" / "store"

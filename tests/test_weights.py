@@ -215,3 +215,27 @@ def test_a_file_url_is_read_where_it_is_never_from_a_stale_copy(tmp_path):
     second = fetch(source.as_uri(), "", tmp_path / "cache")
     assert first == second == source and sha256_of(second) == sha256_of(source)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_text_file_and_nan_weights_are_called_what_they_are(tmp_path, capsys):
+    """A text file given as a checkpoint is "not a checkpoint", not "pickled objects"; a checkpoint
+    whose tensors hold NaN is named so at load, not blamed on the learning rate after a step."""
+    from bench.cli import main
+    from bench.methods.models_genesis import UNet3D
+
+    base = ["run", "method=models_genesis", "regime=public", "preset=tiny", f"out={tmp_path}/runs"]
+    text = tmp_path / "weights.pt"
+    text.write_text("this is a README, not weights\n")
+    assert main([*base, f"weights.public={text}"]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint (neither a torch.save archive nor a pickle" in err and "pickled objects" not in err
+    net = UNet3D(width=0.125)
+    state = {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point() and "down_tr" in k)
+    state[first][...] = float("nan")
+    damaged = tmp_path / "nan.pt"
+    torch.save({"state_dict": state}, damaged)
+    assert main([*base, f"weights.public={damaged}"]) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or Inf" in err and "lower lr" not in err
+    assert not (tmp_path / "runs").exists()
