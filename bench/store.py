@@ -10,6 +10,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,18 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """A write whose OSError names no file (numpy's "N requested and M written" on a full disk) is
+    raised again naming `path`, so the one error line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if getattr(exc, "filename", None):
+            raise
+        raise OSError(exc.errno or 28, exc.strerror or str(exc).splitlines()[0][:200], str(path)) from None
+
+
 def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], predictions: pd.DataFrame,
               env: dict[str, Any], model_state: dict[str, Any] | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +101,15 @@ def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], prediction
         predictions.to_parquet(stage / "predictions.parquet", index=False)
         (stage / "env.json").write_text(dumps(env))
         if model_state is not None:
+            from safetensors import SafetensorError
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()},
-                      str(stage / MODEL_FILE), metadata={"method": str(cfg.method), "regime": str(cfg.regime)})
+            try:
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()},
+                          str(stage / MODEL_FILE), metadata={"method": str(cfg.method), "regime": str(cfg.regime)})
+            except SafetensorError as exc:  # a full or read-only disk: safetensors says so without a file name
+                raise OSError(28 if "space" in str(exc).lower() else 5, str(exc).splitlines()[0][:200],
+                              str(target / MODEL_FILE)) from None
         replace_folder(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -237,17 +237,20 @@ class StoreWriter:
     def _assemble(chunks: list[Path], target: Path, dtype: Any, shape: tuple[int, ...],
                   keep: np.ndarray | None) -> None:
         """Stream chunk by chunk into one memory-mapped array: memory stays at one case's crops."""
-        out = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape)
-        pos = seen = 0
-        for path in chunks:
-            chunk = np.load(path)
-            if keep is not None:
-                chunk, seen = chunk[keep[seen:seen + len(chunk)]], seen + len(chunk)
-            out[pos:pos + len(chunk)] = chunk
-            pos += len(chunk)
-        assert pos == shape[0], (pos, shape[0])
-        out.flush()
-        del out
+        from bench.store import naming
+
+        with naming(target):
+            out = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape)
+            pos = seen = 0
+            for path in chunks:
+                chunk = np.load(path)
+                if keep is not None:
+                    chunk, seen = chunk[keep[seen:seen + len(chunk)]], seen + len(chunk)
+                out[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+            assert pos == shape[0], (pos, shape[0])
+            out.flush()
+            del out
 
     def abort(self) -> None:
         """Remove the staging folder and any parent folder this writer created."""

@@ -186,8 +186,11 @@ def mask_chunk(chunk: str | Path) -> str:
 def _work(index: int, case: Case, opts: IngestOptions, chunk: str) -> tuple[int, list, list, int]:
     masks: list[np.ndarray] = []
     crops, rows, skipped = ingest_case(case, opts, masks)
-    np.save(chunk, crops)
-    np.save(mask_chunk(chunk), np.stack(masks) if masks else np.empty((0,) + crops.shape[1:], np.uint8))
+    from bench.store import naming
+
+    with naming(chunk):
+        np.save(chunk, crops)
+        np.save(mask_chunk(chunk), np.stack(masks) if masks else np.empty((0,) + crops.shape[1:], np.uint8))
     return index, rows, skipped, len(crops)
 
 

@@ -21,6 +21,7 @@ from bench.envinfo import now
 from bench.errors import BenchError, choices_hint
 from bench.locks import locked
 from bench.registry import DATASETS, register_dataset
+from bench.store import naming
 
 
 def cache_root(cfg: DictConfig) -> Path:
@@ -88,11 +89,13 @@ def synthesize_store(cfg: DictConfig, target: Path, overwrite: bool = False, lab
             difficulty=cfg.synthetic.difficulty, labelled=labelled, masks=masks,
         )
         if masks is not None:
-            np.save(writer.stage / MASKS_FILE, np.stack(masks))
+            with naming(writer.stage / MASKS_FILE):
+                np.save(writer.stage / MASKS_FILE, np.stack(masks))
         table["checksum"] = [crop_checksum(c) for c in images]
         table["split"] = ""
         table["spacing"] = cfg.synthetic.fov_mm / cfg.crop_size
-        np.save(writer.chunk_path(0), images)
+        with naming(writer.chunk_path(0)):
+            np.save(writer.chunk_path(0), images)
         if cohorts:  # the cohorts are the splits: train, then validation, then test patients
             write_cohort_splits(table, cohorts, writer.stage / "splits.csv")
         meta = {"frame": "RAS", "size": cfg.crop_size, "spacing_mm": cfg.synthetic.fov_mm / cfg.crop_size,
@@ -261,6 +264,6 @@ def _write_corpus(cfg: DictConfig, kind: str, n: int, size: int, path: Path) -> 
     else:
         items = [corpora.video_clip(i, frames, size, seed) for i in range(n)]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with naming(path), open(tmp, "wb") as fh:
         np.save(fh, np.stack(items))
     os.replace(tmp, path)

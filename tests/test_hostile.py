@@ -447,3 +447,35 @@ def test_every_crop_is_checked_once_per_version_of_the_store(store, tmp_path):
     crops, manifest, _ = open_store(copy)  # the sample on open does not see the swap
     with pytest.raises(BenchError, match="does not match its checksum"):
         ensure_verified(copy, crops, manifest, tmp_path / "cache")
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, capsys, monkeypatch):
+    """numpy's "N requested and M written" names no file: the one line does."""
+    import bench.datasets.ingest_many as ingest_many
+
+    def full(*args, **kwargs):
+        raise OSError(28, "4194304 requested and 0 written")
+
+    monkeypatch.setattr(ingest_many.np, "save", full)
+    out = tmp_path / "store"
+    assert main(["data", "ingest", *CT_MASK, f"out={out}", "progress=false", "workers=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read or write '" in err[0] and ".staging" in err[0], err
+    assert "requested and 0 written" in err[0] and not out.exists()
+
+
+def test_a_full_disk_under_out_names_the_model_file(store, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "runs"
+    assert main(["run", "method=_test_tiny_cnn", "preset=tiny", "epochs=1", f"data={store}", f"out={out}",
+                 f"cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0] and "No space left" in err[0], err
+    assert not any(out.rglob("metrics.json"))
