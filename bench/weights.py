@@ -215,7 +215,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str,
             report.matched.append(key)
     report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
     required = [k for k in report.missing if k not in optional and k not in misshapen]  # optional: listed, allowed
-    if not report.matched:
+    if not report.matched and not report.shape_mismatched:
         sample = ", ".join(list(state)[:3])
         raise BenchError(f"weights '{source}': no {what} key matched (checkpoint keys look like: {sample}); "
                          f"wrong architecture or layout")

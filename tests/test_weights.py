@@ -239,3 +239,18 @@ def test_a_text_file_and_nan_weights_are_called_what_they_are(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "hold NaN or Inf" in err and "lower lr" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_right_names_of_the_wrong_shape_are_reported_as_shapes(tmp_path):
+    """Every name matches and no shape does (another model size): the line lists the shapes, it does
+    not say that no key matched."""
+    from torch import nn
+
+    from bench.weights import load_into
+
+    target = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    other = nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 3)).state_dict()
+    with pytest.raises(BenchError) as err:
+        load_into(target, other, "big.pt")
+    assert "0 of 4 encoder tensors matched by name and shape" in str(err.value)
+    assert "0.weight: checkpoint (16, 6) vs model (8, 4)" in str(err.value)
