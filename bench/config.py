@@ -73,6 +73,7 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0 disables clipping
     seed: Optional[int] = None  # noqa: UP045 (OmegaConf reads Optional)  # None: the run's seed; N pins it
+    micro_batch: int = 0  # > 0: accumulate each batch in chunks of this many samples (see RunConfig)
 
 
 @dataclass
@@ -117,7 +118,10 @@ class RunConfig:
 
     # optimisation
     epochs: int = 20
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: one optimiser step
+    # > 0: each batch runs in accumulated chunks of this many samples; the step is the whole batch's
+    # (exactly, for networks without BatchNorm: a BatchNorm layer normalises each chunk by its own statistics)
+    micro_batch: int = 0
     eval_batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -261,7 +265,8 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "probe.knn_k", "probe.knn_temperature",
              "probe.max_iter", "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels",
              "synthetic.video_size")
-_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip", "num_workers", "threads",
+_NON_NEGATIVE = ("micro_batch", "pretrain.micro_batch", "lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip",
+                 "num_workers", "threads",
                  "pretrain.min_lr", "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.grad_clip",
                  "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
                  "synthetic.n_videos", "synthetic.n_val_patients", "synthetic.n_test_patients")

@@ -90,6 +90,11 @@ class FinetuneStage(Stage):
         x, y = batch
         return {"loss": self.method.training_loss(model, x, y, self.loss_fn)}, len(y)
 
+    def batch_weight(self, batch: Any) -> float:
+        """The class-weighted loss is a weighted mean: a micro-batch weighs its samples' class weights."""
+        y = batch[1].to(self.loss_fn.weight.device)
+        return float(self.loss_fn.weight[y.long()].sum()) if y.dim() == 1 else float(len(y))
+
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         cfg = self.cfg
         probs, val_loss = predict(self.step_model, self.val_loader, self.execution, self.loss_fn)
@@ -137,7 +142,8 @@ def layer_groups(method: Any, cfg: DictConfig) -> dict[str, Any]:
 
 def schedule_of(cfg: DictConfig) -> Schedule:
     return Schedule(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                    optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip)
+                    optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip,
+                    micro_batch=cfg.micro_batch)
 
 
 def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module | None = None,

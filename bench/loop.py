@@ -166,6 +166,7 @@ class Schedule:
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0: no clipping
     lr_key: str = "lr"  # the config key to name when the loss diverges
+    micro_batch: int = 0  # > 0: each batch runs in chunks of this many samples, one optimiser step per batch
 
 
 class Stage:
@@ -194,6 +195,13 @@ class Stage:
     def after_step(self, step: int, total_steps: int) -> None:
         """After each optimiser step (e.g. an EMA teacher update)."""
 
+    def batch_weight(self, batch: Any) -> float:
+        """How much a (micro-)batch weighs in its batch's mean loss: its number of samples, or, for a
+        class-weighted loss, its samples' class weights. Accumulated micro-batches are weighed by it,
+        so their summed gradient is the whole batch's."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return float(len(first))
+
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         """After each epoch: may evaluate and add to the epoch's record."""
 
@@ -203,6 +211,26 @@ class Stage:
 
     def load_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def micro_batches(batch: Any, size: int) -> list[Any]:
+    """`batch` in chunks of at most `size` samples along the first axis of every tensor in it (a
+    tensor, or a tuple, list or dict of them); other items go to every chunk as they are."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else (next(iter(batch.values())) if isinstance(batch, dict)
+                                                                else batch)
+    n = len(first)
+    if size <= 0 or n <= size:
+        return [batch]
+    starts = range(0, n, size)
+
+    def cut(item: Any, start: int) -> Any:
+        return item[start:start + size] if isinstance(item, torch.Tensor) and len(item) == n else item
+
+    if isinstance(batch, dict):
+        return [{k: cut(v, s) for k, v in batch.items()} for s in starts]
+    if isinstance(batch, (list, tuple)):
+        return [type(batch)(cut(v, s) for v in batch) for s in starts]
+    return [cut(batch, s) for s in starts]
 
 
 @dataclass
@@ -292,18 +320,18 @@ class TrainingLoop:
         sums: dict[str, float] = {}
         seen = 0
         for batch in stage.loader:
-            with self.execution.autocast():
-                parts, n = stage.step(self.step_model, self.execution.to(batch))
-            loss = parts["loss"].float()
-            if not torch.isfinite(loss):
-                if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                    raise BenchError(f"{stage.name}: the model's weights hold NaN or Inf at epoch {epoch} (loss "
-                                     f"{float(loss.detach())}); they came so from its initialisation or weights, "
-                                     f"or diverged: lower {self.schedule.lr_key}={self.schedule.lr} if it trained")
-                raise BenchError(f"{stage.name} diverged at epoch {epoch} (loss {float(loss.detach())}); "
-                                 f"lower {self.schedule.lr_key}={self.schedule.lr}")
             opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            chunks = micro_batches(batch, self.schedule.micro_batch)
+            weights = [stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
+            for chunk, weight in zip(chunks, weights):
+                with self.execution.autocast():
+                    parts, n = stage.step(self.step_model, self.execution.to(chunk))
+                loss = parts["loss"].float()
+                self._check_finite(loss, epoch)
+                self.scaler.scale(loss * (weight / sum(weights))).backward()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+                seen += n
             if clip > 0:
                 self.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -312,11 +340,18 @@ class TrainingLoop:
             self.step += 1
             self.scheduler.step_update(self.step)
             stage.after_step(self.step, self.total_steps)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
-            seen += n
         means = {("train_loss" if k == "loss" else k): v / max(seen, 1) for k, v in sums.items()}
         return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        if torch.isfinite(loss):
+            return
+        name, key, lr = self.stage.name, self.schedule.lr_key, self.schedule.lr
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise BenchError(f"{name}: the model's weights hold NaN or Inf at epoch {epoch} (loss "
+                             f"{float(loss.detach())}); they came so from its initialisation or weights, "
+                             f"or diverged: lower {key}={lr} if it trained")
+        raise BenchError(f"{name} diverged at epoch {epoch} (loss {float(loss.detach())}); lower {key}={lr}")
 
     def state(self) -> dict[str, Any]:
         """Everything `run(resume=...)` needs, in types that torch.load(weights_only=True) accepts."""

@@ -75,6 +75,15 @@ class PretextStage(Stage):
         self.generator.set_state(state["loader_rng"])
 
 
+def pretrain_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The pretraining keys that name an artifact: the effective seed, and `micro_batch` only when it
+    splits batches (BatchNorm statistics then come from the micro-batches)."""
+    keys = {**OmegaConf.to_container(cfg.pretrain, resolve=True), "seed": pretrain_seed(cfg)}
+    if not keys.get("micro_batch"):
+        keys.pop("micro_batch", None)
+    return keys
+
+
 def artifact_root(cfg: DictConfig) -> Path:
     from bench.datasets.loading import cache_root
 
@@ -116,7 +125,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     identity = method.artifact_key(stage)
     spec = {
         "version": ARTIFACT_VERSION, **identity, "stage": stage,
-        "pretrain": {**OmegaConf.to_container(cfg.pretrain, resolve=True), "seed": pretrain_seed(cfg)},
+        "pretrain": pretrain_identity(cfg),
         "data": data_spec,
         "dtype": Execution.of(cfg, method).dtype_name,  # bf16 and fp32 pretexts are different artifacts
         "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
@@ -172,7 +181,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     staging.mkdir(parents=True, exist_ok=True)
     schedule = Schedule(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay, optimizer=p.optimizer,
                         betas=tuple(p.betas), warmup_epochs=p.warmup_epochs, grad_clip=p.grad_clip,
-                        lr_key="pretrain.lr")
+                        lr_key="pretrain.lr", micro_batch=p.micro_batch)
     loop = TrainingLoop(PretextStage(method, pretext, dataset, cfg, stage), schedule, Execution.of(cfg, method),
                         progress=cfg.progress)
     started = now()
