@@ -1,0 +1,73 @@
+"""What one input geometry costs the four methods that used to see 32^3 crops at `small`.
+
+Run: pytest tests/benchmarks/test_bench_geometry.py --benchmark-enable -s
+Per method, at its `small` preset (autocast as the run would use it): one finetuning step (batch 16)
+and one pretext step (batch 16, the pretext's own data) at crop 32 and at crop 48, in the same
+process; the ratio 48/32 is what moving the method to the other methods' geometry costs per step
+(the FLOPs grow with the voxels: 3.4x).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from bench.config import compose
+from bench.datasets.pretext import pretext_dataset
+from bench.loop import Execution, make_optimizer
+from bench.registry import create_method, get_method
+
+METHODS = ("swin_unetr", "voco", "suprem", "ctfm")
+
+
+def _median(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _steps(name: str, crop: int) -> tuple[float, float]:
+    cfg = compose({"method": name, "regime": "public", "preset": "small", "crop_size": str(crop), "progress": "false"},
+                  get_method(name))
+    method = create_method(name, cfg)
+    execution = Execution.of(cfg, method)
+    model = method.build_model()
+    opt = make_optimizer(model, "adamw", 1e-4, 0.05)
+    x, y = torch.rand(16, 1, crop, crop, crop), torch.randint(0, 2, (16,))
+
+    def finetune_step():
+        opt.zero_grad(set_to_none=True)
+        with execution.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    dataset, _ = pretext_dataset(method, cfg, "public", 0)
+    pretext = method.build_pretext("public")
+    popt = make_optimizer(pretext, "adamw", 1e-4, 0.05)
+    batch = default_collate([dataset[i] for i in range(16)])
+
+    def pretext_step():
+        popt.zero_grad(set_to_none=True)
+        with execution.autocast():
+            loss = method.pretext_step(pretext, batch)["loss"]
+        loss.backward()
+        popt.step()
+
+    return _median(finetune_step), _median(pretext_step)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_step_cost_of_48_against_32_voxel_crops(name, report_lines):
+    torch.set_num_threads(2)
+    f32, p32 = _steps(name, 32)
+    f48, p48 = _steps(name, 48)
+    report_lines.append(f"{name}: finetune step {f32:.2f} s -> {f48:.2f} s ({f48 / f32:.1f}x), pretext step "
+                        f"{p32:.2f} s -> {p48:.2f} s ({p48 / p32:.1f}x) for crops 32^3 -> 48^3")
+    assert f48 > f32 and p48 > p32  # more voxels cost more: the ratio is the finding, printed above
