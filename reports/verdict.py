@@ -1,6 +1,7 @@
 """The verdict: which pretraining to pick, with the uncertainty of the test patients and of the seeds.
 
-Per protocol (and input geometry), every cell whose model learned is ranked by test AUC. Each
+Per protocol (and data set and input geometry: only cells tested on the same vertebrae and seeing
+the same crops are ranked together), every cell whose model learned is ranked by test AUC. Each
 bootstrap replicate draws the test patients with replacement (one draw shared by every cell, so the
 comparison stays paired) and, for each cell, its seeds with replacement; a cell's AUC in the
 replicate is the mean over its drawn seeds of their AUCs on the drawn patients, as its point value is
@@ -245,26 +246,29 @@ def verdict_section(runs: pd.DataFrame, effect: pd.DataFrame, paper: pd.DataFram
         caveats.append(f"No ranking is claimed: some cells have {min_seeds} seed(s), fewer than "
                        f"{MIN_SEEDS_FOR_RANKING}, so the variance between seeds (pretraining, initialisation, "
                        f"augmentation, data order) is not sampled. Run the suite with seeds=3 or more.")
-    rankings, blocks = [], []
-    for geometry in geometries:
-        for protocol in protocols:
-            part = learned[(learned.protocol == protocol) & ((learned.geometry == geometry) | (geometry == ""))]
-            if part.empty:
-                continue
-            seed_auc, _ = per_seed_auc(part, n_boot)
-            point = part.groupby(["method", "regime", "variant"])["auc"].mean()
-            title = f"{protocol}" + (f", input {geometry}" if len(geometries) > 1 else "")
-            ranking = rank_cells(title, seed_auc, {cell_label(*k): float(v) for k, v in point.items()})
-            if ranking is None:
-                continue
-            rankings.append((geometry, ranking))
-            blocks.append(_block(ranking, claimed, paper, labels, plots))
-    for geometry in geometries:
-        same = [r for g, r in rankings if g == geometry]
-        both = consensus(same)
-        if both is not None:
-            both.title += f", input {geometry}" if len(geometries) > 1 else ""
-            blocks.append(_block(both, claimed, paper, labels, plots, agreement=False))
+    blocks = []
+    datasets = sorted(set(learned.data)) or [""]
+    for data in datasets:
+        for geometry in geometries:
+            where = ", ".join(filter(None, [f"data {data}" if len(datasets) > 1 else "",
+                                            f"input {geometry}" if len(geometries) > 1 else ""]))
+            same = []
+            for protocol in protocols:
+                part = learned[(learned.protocol == protocol) & ((learned.geometry == geometry) | (geometry == ""))
+                               & (learned.data == data)]
+                if part.empty:
+                    continue
+                seed_auc, _ = per_seed_auc(part, n_boot)
+                point = part.groupby(["method", "regime", "variant"])["auc"].mean()
+                ranking = rank_cells(protocol + (f", {where}" if where else ""), seed_auc,
+                                     {cell_label(*k): float(v) for k, v in point.items()})
+                if ranking is not None:
+                    same.append(ranking)
+                    blocks.append(_block(ranking, claimed, paper, labels, plots))
+            both = consensus(same)
+            if both is not None:
+                both.title += f", {where}" if where else ""
+                blocks.append(_block(both, claimed, paper, labels, plots, agreement=False))
     return {"caveats": caveats, "synthetic": synthetic, "claimed": claimed, "blocks": blocks,
             "effects": _effect_sentences(effect), "alpha": ALPHA, "n_boot": n_boot}
 
