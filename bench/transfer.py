@@ -32,8 +32,10 @@ def public_file(method: Any, cfg: DictConfig) -> tuple[Path, str]:
     return path, sha256_of(path)
 
 
-def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
-    """The encoder tensors of the real public file, in the layout of `target`."""
+def public_encoder_state(method: Any, cfg: DictConfig,
+                         target: nn.Module) -> tuple[dict[str, torch.Tensor], str, int]:
+    """The encoder tensors of the real public file, in the layout of `target`, its source, and how
+    many of the file's tensors the method's key mapping left out (decoders, heads)."""
     path, digest = public_file(method, cfg)
     spec = method.public_weights
     try:
@@ -46,13 +48,15 @@ def public_encoder_state(method: Any, cfg: DictConfig, target: nn.Module) -> tup
         sample = ", ".join(list(raw)[:4])
         raise BenchError(f"weights '{path}': none of its keys is an encoder key of {method.name} (the file's keys "
                          f"look like: {sample}); expected the layout {spec.layout}")
-    return state, f"{path} (sha256 {digest[:12]})"
+    return state, f"{path} (sha256 {digest[:12]})", max(len(raw) - len(state), 0)
 
 
 def load_public(method: Any, cfg: DictConfig, target: nn.Module) -> dict[str, Any]:
-    state, source = public_encoder_state(method, cfg, target)
+    state, source, left_out = public_encoder_state(method, cfg, target)
     report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys()))
-    return {"init": source, "load_report": report.summary()}
+    summary = report.summary()
+    summary["ignored_outside_encoder"] += left_out
+    return {"init": source, "load_report": summary}
 
 
 def pretext_from_artifact(method: Any, folder: Path) -> nn.Module:

@@ -26,6 +26,7 @@ def test_genesis_chest_ct_layout(tmp_path):
     method, cfg, model = _setup("models_genesis", path, **{"model.width": "1.0"})
     info = encoder_init(method, cfg, model)
     assert info["load_report"]["matched"] == 56 and not info["load_report"]["missing"]
+    assert info["load_report"]["ignored_outside_encoder"] == 106 - 56  # the decoder, listed as left out
     encoder = method.finetune_encoder(model).state_dict()
     for key in (k for k in known if k.startswith(ENCODER_BLOCKS)):
         torch.testing.assert_close(encoder[key], known[key], rtol=0, atol=0)
