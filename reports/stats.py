@@ -48,7 +48,7 @@ def cells(runs: pd.DataFrame, n_boot: int, by: tuple[str, ...] = ()) -> pd.DataF
     keys = ["method", "regime", "variant", *by]
     for key_values, group in runs.groupby(keys, sort=False):
         preds = [pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]]
-        preds = _align(preds)
+        preds = align_seeds(preds)
         ci = bootstrap_ci(preds, n_boot) if n_boot and preds else {}
         row = {**dict(zip(keys, key_values)), "seeds": len(group),
                "s_per_epoch": group["s_per_epoch"].mean(), "pretrain_s": group["pretrain_s"].mean(),
@@ -72,7 +72,7 @@ def grade_cells(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFrame:
             values = group[m].astype(float)
             row[m] = values.mean()
             row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
-        preds = _align([pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]])
+        preds = align_seeds([pd.read_parquet(f"{f}/predictions.parquet") for f in group["folder"]])
         probs = [p[[f"p_grade{g}" for g in range(4)]].to_numpy() for p in preds]
         base, rng = preds[0], np.random.default_rng(seed)
         index = {p: np.flatnonzero(base["patient_id"].to_numpy() == p) for p in base["patient_id"].unique()}
@@ -95,7 +95,7 @@ def _percentiles(arr: np.ndarray) -> tuple[float, float]:
     return (float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))) if len(arr) else (np.nan, np.nan)
 
 
-def _align(preds: list[pd.DataFrame]) -> list[pd.DataFrame]:
+def align_seeds(preds: list[pd.DataFrame]) -> list[pd.DataFrame]:
     """The seeds' predictions on the same test vertebrae, in the same order."""
     key = ["patient_id", "vertebra"]
     first = preds[0].sort_values(key).reset_index(drop=True)
@@ -109,7 +109,7 @@ def _align(preds: list[pd.DataFrame]) -> list[pd.DataFrame]:
 
 
 def seed_mean_scores(runs: pd.DataFrame) -> pd.DataFrame | None:
-    preds = _align([pd.read_parquet(f"{f}/predictions.parquet") for f in runs["folder"]])
+    preds = align_seeds([pd.read_parquet(f"{f}/predictions.parquet") for f in runs["folder"]])
     out = preds[0][["patient_id", "vertebra", "label"]].copy()
     out["score"] = np.mean([p["score"].to_numpy() for p in preds], axis=0)
     return out

@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau, rankdata
-from statsmodels.stats.multitest import multipletests
 
 from bench.metrics import resampled_binary_metrics
-from bench.reports.stats import _align, patient_draw_weights
+from bench.reports.stats import adjust, align_seeds, patient_draw_weights
 
 MIN_SEEDS_FOR_RANKING = 3
 ALPHA = 0.05
@@ -61,7 +60,7 @@ class Ranking:
         self.p_vs_top = p
         self.p_holm = np.full(len(p), np.nan)
         if len(p) > 1:
-            self.p_holm[1:] = multipletests(p[1:], method="holm")[1]
+            self.p_holm[1:] = adjust(list(p[1:]))[0]
         self.top_set = [self.cells[0]] + [c for c, q in zip(self.cells[1:], self.p_holm[1:]) if q >= ALPHA]
 
     @property
@@ -83,17 +82,18 @@ def cell_label(method: str, regime: str, variant: str) -> str:
     return f"{method} / {regime}" + (f" / {variant}" if variant else "")
 
 
-def per_seed_auc(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+def per_seed_auc(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> dict[str, np.ndarray]:
     """(seeds, n_boot) AUC of each cell's seeds on shared patient resamples of the common test split."""
     groups = {cell_label(*k): g for k, g in runs.groupby(["method", "regime", "variant"], sort=True)}
-    preds = {c: _align([pd.read_parquet(f"{f}/predictions.parquet") for f in g["folder"]]) for c, g in groups.items()}
+    preds = {c: align_seeds([pd.read_parquet(f"{f}/predictions.parquet") for f in g["folder"]])
+             for c, g in groups.items()}
     key = ["patient_id", "vertebra"]
     common = None
     for ps in preds.values():
         rows = ps[0][key + ["label"]]
         common = rows if common is None else common.merge(rows, on=key + ["label"])
     if common is None or common.empty or common["label"].nunique() < 2:
-        return {}, pd.DataFrame()
+        return {}
     common = common.sort_values(key).reset_index(drop=True)
     weights = patient_draw_weights(common["patient_id"].to_numpy(), n_boot, seed)
     y = common["label"].to_numpy()
@@ -101,7 +101,7 @@ def per_seed_auc(runs: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[dict[s
     for cell, ps in preds.items():
         scores = [common.merge(p[key + ["score"]], on=key, how="left")["score"].to_numpy() for p in ps]
         out[cell] = np.vstack([resampled_binary_metrics(y, s, weights)["auc"] for s in scores])
-    return out, common
+    return out
 
 
 def rank_cells(title: str, seed_auc: dict[str, np.ndarray], point_auc: dict[str, float],
@@ -258,7 +258,7 @@ def verdict_section(runs: pd.DataFrame, effect: pd.DataFrame, paper: pd.DataFram
                                & (learned.data == data)]
                 if part.empty:
                     continue
-                seed_auc, _ = per_seed_auc(part, n_boot)
+                seed_auc = per_seed_auc(part, n_boot)
                 point = part.groupby(["method", "regime", "variant"])["auc"].mean()
                 ranking = rank_cells(protocol + (f", {where}" if where else ""), seed_auc,
                                      {cell_label(*k): float(v) for k, v in point.items()})
