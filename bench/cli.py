@@ -264,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]: paper-preset steps, "
                                          "FLOPs, projected GPU time and memory")
     p_cost.add_argument("args", nargs="*")
-    p_weights = sub.add_parser("weights", help="weights list | weights check FILE method=NAME [preset=paper]: "
-                                               "published checkpoints, and a load report without training")
+    p_weights = sub.add_parser("weights", help="weights list | weights fetch [methods=a,b] | weights check FILE "
+                                               "method=NAME [preset=paper]: published checkpoints, their download, "
+                                               "and a load report without training")
     p_weights.add_argument("args", nargs="*")
     p_data = sub.add_parser("data", help="data synth|ingest [key=value ...] | data info PATH")
     p_data.add_argument("args", nargs="*")

@@ -74,14 +74,21 @@ class PretrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     seed: Optional[int] = None  # noqa: UP045 (OmegaConf reads Optional)  # None: the run's seed; N pins it
     micro_batch: int = 0  # > 0: accumulate each batch in chunks of this many samples (see RunConfig)
+    # Edge of the pretext's crops, at the run's voxel spacing; 0: the run's crop_size. A smaller edge
+    # takes random sub-crops of the pretraining data, for encoders that take any input size
+    # (`Method.pretext_any_size`); the finetuned and probed geometry stays the run's.
+    crop_size: int = 0
 
 
 @dataclass
 class WeightsConfig:
-    """Real public weights: a path or URL (http, https, file); "" uses the embedded stand-in."""
+    """Real public weights: a path, a URL (http, https, file) or hf://OWNER/NAME/FILE[@REVISION];
+    "published": the method's own published file (`bench weights list`), or the embedded stand-in
+    where it publishes none; "" uses the embedded stand-in."""
 
     public: str = ""
     sha256: str = ""  # expected sha256; "" uses the method's published one, if any
+    dir: str = ""  # a folder of files already downloaded under their published names (no download then)
 
 
 @dataclass
@@ -257,16 +264,22 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
         method_layer = method_cls.presets.get(preset, {})
         cfg = _merge(cfg, OmegaConf.create(method_layer), f"method {method_cls.name}, preset {preset}")
     cfg = _merge(cfg, overrides, "command line")
+    if method_cls is not None and cfg.weights.public == PUBLISHED:
+        spec = getattr(method_cls, "public_weights", None)
+        cfg.weights.public = spec.source if spec is not None else ""  # the address, so the run records it
     validate(cfg)
     return cfg
+
+
+PUBLISHED = "published"  # weights.public: each method's published file
 
 
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "probe.knn_k", "probe.knn_temperature",
              "probe.max_iter", "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels",
              "synthetic.video_size")
-_NON_NEGATIVE = ("micro_batch", "pretrain.micro_batch", "lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip",
-                 "num_workers", "threads",
+_NON_NEGATIVE = ("micro_batch", "pretrain.micro_batch", "pretrain.crop_size", "lr", "min_lr", "weight_decay",
+                 "warmup_epochs", "grad_clip", "num_workers", "threads",
                  "pretrain.min_lr", "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.grad_clip",
                  "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
                  "synthetic.n_videos", "synthetic.n_val_patients", "synthetic.n_test_patients")
@@ -308,6 +321,9 @@ def validate(cfg: DictConfig) -> None:
         raise BenchError(f"bad value for 'train_fraction': {cfg.train_fraction}; expected in (0, 1]")
     if not 0 <= cfg.synthetic.difficulty <= 1:
         raise BenchError(f"bad value for 'synthetic.difficulty': {cfg.synthetic.difficulty}; expected in [0, 1]")
+    if cfg.pretrain.crop_size > cfg.crop_size:
+        raise BenchError(f"bad value for 'pretrain.crop_size': {cfg.pretrain.crop_size}; expected 0 (the run's crop) "
+                         f"or at most crop_size ({cfg.crop_size}): the pretext takes sub-crops of the run's crops")
     if cfg.views.frames + 2 > cfg.crop_size:
         raise BenchError(f"bad value for 'views.frames': {cfg.views.frames}; expected <= crop_size - 2 "
                          f"({cfg.crop_size - 2})")
@@ -320,6 +336,11 @@ def validate(cfg: DictConfig) -> None:
             f"bad value for 'synthetic.max_vertebrae': {cfg.synthetic.max_vertebrae}; expected >= "
             f"synthetic.min_vertebrae ({cfg.synthetic.min_vertebrae})"
         )
+
+
+def pretext_crop_size(cfg: DictConfig) -> int:
+    """The edge of the run's pretext crops: `pretrain.crop_size` when set, else the run's crop."""
+    return int(cfg.pretrain.crop_size or cfg.crop_size)
 
 
 def pretrain_seed(cfg: DictConfig) -> int:

@@ -160,7 +160,7 @@ def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict
                                                                       optional=_beyond_encoder(method, pretext),
                                                                       what="pretext").summary()}
     target = method.pretext_encoder(pretext)
-    state, source, left_out = public_encoder_state(method, cfg, target)
+    state, source, left_out, _ = public_encoder_state(method, cfg, target)
     report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys())).summary()
     report["ignored_outside_encoder"] += left_out
     return {"init": source, "load_report": report}

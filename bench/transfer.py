@@ -28,14 +28,14 @@ def public_file(method: Any, cfg: DictConfig) -> tuple[Path, str]:
     spec = method.public_weights
     if spec is None:
         raise BenchError(f"method '{method.name}' has no public weights layout; weights.public cannot be used")
-    path = fetch(cfg.weights.public, cfg.weights.sha256 or spec.sha256, cache_root(cfg) / "weights")
+    path = fetch(cfg.weights.public, cfg.weights.sha256 or spec.sha256, cache_root(cfg) / "weights", cfg.weights.dir)
     return path, sha256_of(path)
 
 
 def public_encoder_state(method: Any, cfg: DictConfig,
-                         target: nn.Module) -> tuple[dict[str, torch.Tensor], str, int]:
-    """The encoder tensors of the real public file, in the layout of `target`, its source, and how
-    many of the file's tensors the method's key mapping left out (decoders, heads)."""
+                         target: nn.Module) -> tuple[dict[str, torch.Tensor], str, int, str]:
+    """The encoder tensors of the real public file, in the layout of `target`, its source, how many
+    of the file's tensors the method's key mapping left out (decoders, heads), and its sha256."""
     path, digest = public_file(method, cfg)
     spec = method.public_weights
     try:
@@ -48,15 +48,15 @@ def public_encoder_state(method: Any, cfg: DictConfig,
         sample = ", ".join(list(raw)[:4])
         raise BenchError(f"weights '{path}': none of its keys is an encoder key of {method.name} (the file's keys "
                          f"look like: {sample}); expected the layout {spec.layout}")
-    return state, f"{path} (sha256 {digest[:12]})", max(len(raw) - len(state), 0)
+    return state, f"{path} (sha256 {digest[:12]})", max(len(raw) - len(state), 0), digest
 
 
 def load_public(method: Any, cfg: DictConfig, target: nn.Module) -> dict[str, Any]:
-    state, source, left_out = public_encoder_state(method, cfg, target)
+    state, source, left_out, digest = public_encoder_state(method, cfg, target)
     report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys()))
     summary = report.summary()
     summary["ignored_outside_encoder"] += left_out
-    return {"init": source, "load_report": summary}
+    return {"init": source, "load_report": summary, "public_file_sha256": digest}
 
 
 def pretext_from_artifact(method: Any, folder: Path) -> nn.Module:
@@ -110,4 +110,15 @@ def initialise_encoder(method: Any, cfg: DictConfig, model: nn.Module, artifact:
     return {"init": f"artifact {artifact.name}", "artifact": str(artifact), "load_report": report.summary(),
             "plan": plan, "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],
             "pretrain_source": record["source"], "pretrain_init": record["init"],
-            "pretrain_seed": pretrain_seed(cfg), "pretrain_seed_pinned": cfg.pretrain.seed is not None}
+            "pretrain_seed": pretrain_seed(cfg), "pretrain_seed_pinned": cfg.pretrain.seed is not None,
+            "public_file_sha256": _public_parent(artifact)}
+
+
+def _public_parent(artifact: Path) -> str | None:
+    """The sha256 of the real public file an artifact's chain of stages started from, if any."""
+    while artifact is not None:
+        parent = json.loads((artifact / "pretrain.json").read_text())["spec"].get("parent", {})
+        if "public_file" in parent:
+            return parent["public_file"]
+        artifact = Path(parent["artifact"]) if "artifact" in parent else None
+    return None

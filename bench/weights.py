@@ -41,6 +41,19 @@ class WeightsSpec:
     # the checkpoint's contents -> its tensor dict; containers that say where the encoder is (an
     # adaptation plan) read it here, before the tensors are separated from it
     unwrap: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    hf_repo: str = ""  # the Hugging Face repository ("owner/name") the file is published in, if any
+    hf_file: str = ""  # its path in that repository
+    revision: str = "main"  # the repository revision (a commit pins the file)
+    licence: str = ""  # as the publisher states it
+    trained_on: str = ""  # what data trained the published file
+
+    @property
+    def source(self) -> str:
+        """Where the published file comes from, as `weights.public` takes it: hf://REPO/FILE@REV, a
+        download URL, or "" when the publisher gives no address a download can use."""
+        if self.hf_repo:
+            return f"hf://{self.hf_repo}/{self.hf_file}@{self.revision}"
+        return self.url if self.url.startswith(("http://", "https://")) and " " not in self.url else ""
 
 
 @dataclass
@@ -74,17 +87,89 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(path_or_url: str, sha256: str, cache: Path) -> Path:
-    """A local file for `path_or_url`; URLs are downloaded once into `cache`. A given sha256 must match.
-    A file:// URL is a local file: read where it is, never copied, so a file fixed in place is what
-    the next run reads."""
+def parse_hf(address: str) -> tuple[str, str, str]:
+    """hf://OWNER/NAME/PATH/IN/REPO[@REVISION] -> (repository, file, revision)."""
+    head, _, last = address[len("hf://"):].rpartition("/")
+    last, _, revision = last.partition("@")
+    parts = [p for p in f"{head}/{last}".split("/") if p]
+    if len(parts) < 3 or any(p in (".", "..") for p in parts):
+        raise BenchError(f"weights '{address}': expected hf://OWNER/NAME/FILE[@REVISION]")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or "main"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_downloaded(address: str, weights_dir: str) -> Path | None:
+    """A file already downloaded into `weights_dir` (clusters without internet): DIR/NAME/FILE (as
+    `hf download REPO FILE --local-dir DIR/NAME` leaves it), DIR/FILE, or Hugging Face's cache
+    layout under DIR; for a URL, DIR/<its file name>."""
+    if not weights_dir:
+        return None
+    root = Path(weights_dir).expanduser()
+    if not root.is_dir():
+        raise BenchError(f"bad value for 'weights.dir': '{weights_dir}' is not a folder")
+    if address.startswith("hf://"):
+        repo, file, revision = parse_hf(address)
+        for candidate in (root / repo.split("/")[1] / file, root / file):
+            if candidate.is_file():
+                return candidate
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, file, cache_dir=str(root), revision=revision)
+        return Path(cached) if isinstance(cached, str) else None
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(address).path)).name
+    return root / name if name and (root / name).is_file() else None
+
+
+def _fetch_hf(address: str, sha256: str, cache: Path) -> Path:
+    """The file of an hf:// address through huggingface_hub, into `cache` (its own cache layout):
+    HF_ENDPOINT (a mirror), HF_HUB_OFFLINE (cache only) and HF_TOKEN (gated repositories) apply."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, file, revision = parse_hf(address)
+    try:
+        path = Path(hf_hub_download(repo, file, revision=revision, cache_dir=str(cache / "hf"),
+                                    endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=_offline()))
+    except GatedRepoError:
+        raise BenchError(f"weights '{address}': the repository is gated; accept its terms on Hugging Face and set "
+                         "HF_TOKEN (or run `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
+        raise BenchError(f"weights '{address}': not downloaded yet and {why}; run `bench weights fetch` where there "
+                         "is a connection, or pass weights.dir=DIR with the file in it") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BenchError(f"weights '{address}': download failed ({first[:200]})") from None
+    _check_sha(path, sha256, address)
+    return path
+
+
+def url_target(url: str, sha256: str, cache: Path) -> Path:
+    """Where a download of `url` is kept in `cache`: a folder per sha256 (or per URL), the file's name."""
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "weights"
+    return cache / (sha256[:16] if sha256 else hashlib.sha256(url.encode()).hexdigest()[:16]) / name
+
+
+def fetch(path_or_url: str, sha256: str, cache: Path, weights_dir: str = "") -> Path:
+    """A local file for `path_or_url`; URLs and hf:// addresses are downloaded once into `cache`,
+    unless `weights_dir` holds the file already. A given sha256 must match. A file:// URL is a local
+    file: read where it is, never copied, so a file fixed in place is what the next run reads."""
+    found = find_downloaded(path_or_url, weights_dir) if "://" in path_or_url else None
+    if found is not None:
+        _check_sha(found, sha256, str(found))
+        return found
+    if path_or_url.startswith("hf://"):
+        return _fetch_hf(path_or_url, sha256, cache)
     parsed = urllib.parse.urlparse(path_or_url)
     if parsed.scheme == "file":
         path_or_url = urllib.request.url2pathname(parsed.path)
         parsed = urllib.parse.urlparse("")
     if parsed.scheme in ("http", "https", "ftp"):
-        name = Path(urllib.parse.unquote(parsed.path)).name or "weights"
-        target = cache / (sha256[:16] if sha256 else hashlib.sha256(path_or_url.encode()).hexdigest()[:16]) / name
+        target = url_target(path_or_url, sha256, cache)
+        name = target.name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")

@@ -9,6 +9,10 @@
 - "segmentation": body-CT patches (1, S, S, S) with their organ label maps (S, S, S), the same random
   flips on both, for supervised pretraining stand-ins (`public` stage only).
 
+`pretrain.crop_size` smaller than the run's crop takes one random sub-crop of that edge from each
+sample, at the same voxel spacing (volume and segmentation kinds; both arrays of a segmentation
+sample alike), for methods whose encoder takes any input size (`Method.pretext_any_size`).
+
 A method's `pretext_views(stage)` (optional) turns each sample into the views its pretext compares
 (two augmented crops, multi-crop), with a generator seeded per (seed, epoch, index), so the views
 are the same whatever the DataLoader's worker layout.
@@ -23,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from bench.config import pretext_crop_size
 from bench.datasets.torch_data import SliceViewDataset, load_crop
 from bench.errors import BenchError, choices_hint
 
@@ -36,11 +41,25 @@ def public_corpora(kind: str | None) -> tuple[str, ...]:
 Views = Callable[[torch.Tensor, np.random.Generator], Any]
 
 
-class VolumeCorpus(Dataset):
-    """(1, S, S, S) crops or patches in [0, 1], random flips along every axis (pretext augmentation)."""
+def random_subcrop(arrays: tuple[np.ndarray, ...], edge: int | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The same random `edge`^3 window of each (S, S, S) array; the arrays unchanged when `edge` is None
+    or not smaller than them."""
+    shape = arrays[0].shape
+    if edge is None or all(n <= edge for n in shape):
+        return arrays
+    start = [int(rng.integers(0, n - edge + 1)) if n > edge else 0 for n in shape]
+    window = tuple(slice(s, s + edge) for s in start)
+    return tuple(a[window] for a in arrays)
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, size: int, seed: int) -> None:
+
+class VolumeCorpus(Dataset):
+    """(1, S, S, S) crops or patches in [0, 1] (random `edge`^3 sub-crops when given), random flips along
+    every axis (pretext augmentation)."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, size: int, seed: int, edge: int | None = None) -> None:
         self.images, self.rows, self.size, self.seed, self.epoch = images, rows, size, seed, 0
+        self.edge = edge
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -48,6 +67,7 @@ class VolumeCorpus(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x = load_crop(self.images, self.rows[index], self.size)
         rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        (x,) = random_subcrop((x,), self.edge, np.random.default_rng([self.seed, self.epoch, index, 6]))
         for axis in range(3):
             if rng.random() < 0.5:
                 x = np.flip(x, axis)
@@ -55,12 +75,13 @@ class VolumeCorpus(Dataset):
 
 
 class OrganCorpus(Dataset):
-    """((1, S, S, S) patch in [0, 1], (S, S, S) int64 organ labels), the same random flips on both."""
+    """((1, S, S, S) patch in [0, 1], (S, S, S) int64 organ labels), the same random flips (and
+    `edge`^3 sub-crop, when given) on both."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, edge: int | None = None) -> None:
         if images.shape != labels.shape:
             raise BenchError(f"organ corpus: {images.shape} patches but {labels.shape} label maps")
-        self.images, self.labels, self.seed, self.epoch = images, labels, seed, 0
+        self.images, self.labels, self.seed, self.epoch, self.edge = images, labels, seed, 0, edge
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,6 +89,7 @@ class OrganCorpus(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = load_crop(self.images, index, None), np.asarray(self.labels[index])
         rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        x, y = random_subcrop((x, y), self.edge, np.random.default_rng([self.seed, self.epoch, index, 6]))
         for axis in range(3):
             if rng.random() < 0.5:
                 x, y = np.flip(x, axis), np.flip(y, axis)
@@ -131,6 +153,12 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
     if kind not in KINDS:
         raise BenchError(f"method '{method.name}': pretext_data('{stage}') returned {kind!r}; "
                          f"{choices_hint(str(kind), KINDS)}")
+    edge = pretext_crop_size(cfg)
+    if edge != cfg.crop_size and (kind not in ("volume", "segmentation") or not method.pretext_any_size):
+        raise BenchError(f"bad value for 'pretrain.crop_size': {cfg.pretrain.crop_size}; method '{method.name}' "
+                         f"pretrains on the run's crop ({cfg.crop_size}) only (its encoder or its '{kind}' pretext "
+                         "data is tied to the input size); expected 0")
+    edge_spec = {"pretext_crop_size": edge} if edge != cfg.crop_size else {}
     if stage == "public":
         if cfg.data != "synthetic" and not cfg.weights.public:
             raise BenchError(f"regime public on data '{cfg.data}' needs weights.public=PATH_OR_URL "
@@ -141,19 +169,20 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
         corpora = public_corpora(kind)
         corpus = corpora[-1]
         items = load_corpus(cfg, corpora[0])
-        spec = {"corpus": corpus, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size}
+        spec = {"corpus": corpus, "n": len(items), "synthetic": synthetic_spec(cfg), "crop_size": cfg.crop_size,
+                **edge_spec}
         if kind == "video":
             dataset = VideoCorpus(items, seed)
         elif kind == "segmentation":
-            dataset = OrganCorpus(items, load_corpus(cfg, corpora[1]), seed)
+            dataset = OrganCorpus(items, load_corpus(cfg, corpora[1]), seed, edge)
         else:
-            dataset = VolumeCorpus(items, np.arange(len(items)), cfg.crop_size, seed)
+            dataset = VolumeCorpus(items, np.arange(len(items)), cfg.crop_size, seed, edge)
     else:
         if kind in ("video", "segmentation"):
             raise BenchError(f"method '{method.name}': the vertebrae stage reads 'volume' or 'slices', not '{kind}'")
         data = load_unlabelled(cfg)
         spec = {"corpus": "unlabelled_vertebrae", "name": data.name, "fingerprint": data.fingerprint(),
-                "crop_size": cfg.crop_size}
+                "crop_size": cfg.crop_size, **edge_spec}
         if kind == "slices":
             v = cfg.views
             frame_size = method.view_options().get("frame_size", v.frame_size)
@@ -162,6 +191,6 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
                                   augment=True, seed=seed, axis=v.axis, frames=v.frames, frame_size=frame_size,
                                   channels=v.channels)
         else:
-            dataset = VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed)
+            dataset = VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed, edge)
     views = method.pretext_views(stage)
     return (WithViews(dataset, views, seed) if views is not None else dataset), spec

@@ -60,6 +60,7 @@ class Method:
     public_weights: ClassVar[Any] = None  # bench.weights.WeightsSpec of the real public checkpoint
     channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.loop.Execution)
     architecture: ClassVar[str] = "convolutional"  # or "transformer": how the report groups what models look at
+    pretext_any_size: ClassVar[bool] = False  # the pretext may see smaller crops (`pretrain.crop_size`)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

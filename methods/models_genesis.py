@@ -246,6 +246,7 @@ GENESIS_WEIGHTS = WeightsSpec(
     sha256="",
     layout="{'epoch', 'state_dict': {'module.down_tr64.ops.0.conv1.weight', ...}, 'optimizer_state_dict'}",
     convert=convert_genesis,
+    trained_on="623 chest CTs (LUNA16)",
 )
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+from bench.config import pretext_crop_size
 from bench.datasets.corpora import ORGANS
 from bench.methods.base import Method
 from bench.methods.inputs import HUWindow, hu_window
@@ -127,8 +128,12 @@ class SuPreM(SwinClassifier):
     regimes = ("scratch", "public")
     Params = SuPreMSwinParams
     presets = SwinUNETR.presets  # the CPU presets' sizes and recipe are swin_unetr's
-    public_weights = WeightsSpec(filename="supervised_suprem_swinunetr_2100.pth", url="", sha256="",
-                                 layout=SUPREM_LAYOUT, convert=convert_suprem)
+    public_weights = WeightsSpec(filename="supervised_suprem_swinunetr_2100.pth",
+                                 url="https://www.dropbox.com/scl/fi/gd1d7k9mac5azpwurds66/supervised_suprem_swinunetr_"
+                                     "2100.pth?rlkey=xoqr7ey52rnese2k4hwmrlqrt&dl=1",
+                                 sha256="", layout=SUPREM_LAYOUT, convert=convert_suprem,
+                                 licence="unverified here (see MrGiovanni/SuPreM)",
+                                 trained_on="AbdomenAtlas (supervised organ segmentation)")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         _, features = super().build_encoder()  # checks the crop size
@@ -142,7 +147,9 @@ class SuPreM(SwinClassifier):
         return "segmentation" if stage == "public" else None
 
     def build_pretext(self, stage: str = "public") -> nn.Module:
-        return OrganSegmentation(hu_window(self.params.hu_window), swin_segmentation(self.params, self.cfg.crop_size))
+        edge = pretext_crop_size(self.cfg)
+        self.check_edge(edge, "pretrain.crop_size")
+        return OrganSegmentation(hu_window(self.params.hu_window), swin_segmentation(self.params, edge))
 
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
         return pretext.network.swinViT
@@ -168,7 +175,9 @@ class SuPreMUNet(Method):
     channels_last = True
     presets = {"tiny": {"model": {"width": 0.125}}, "small": {"amp": True, "model": {"width": 0.125}}}
     public_weights = WeightsSpec(filename="supervised_suprem_unet_2100.pth", url="", sha256="",
-                                 layout=SUPREM_LAYOUT, convert=convert_suprem)
+                                 layout=SUPREM_LAYOUT, convert=convert_suprem,
+                                 licence="unverified here (see MrGiovanni/SuPreM)",
+                                 trained_on="AbdomenAtlas (supervised organ segmentation)")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         encoder = GenesisEncoder(self.params.width)

@@ -21,6 +21,7 @@ from monai.losses import ContrastiveLoss
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from bench.config import pretext_crop_size
 from bench.methods.base import Method
 from bench.methods.vit import TRANSFORMER_FINETUNE
 from bench.registry import register_method
@@ -45,6 +46,7 @@ SWINVIT_WEIGHTS = WeightsSpec(
            "attn.relative_position_bias_table, attn.relative_position_index, attn.qkv, attn.proj, norm2, "
            "mlp.fc1, mlp.fc2}', 'module.layers{k}.0.downsample.*'}}",
     convert=convert_swinvit,
+    licence="Apache-2.0 (MONAI)", trained_on="5,050 CT scans (Swin UNETR SSL)",
 )
 
 
@@ -133,11 +135,17 @@ class SwinClassifier(Method):
 
     use_v2: bool = False
 
-    def build_encoder(self) -> tuple[nn.Module, int]:
-        if self.cfg.crop_size % 16 or self.cfg.crop_size < 32:
+    pretext_any_size = True  # windowed attention with relative positions: a pretext may see smaller crops
+
+    def check_edge(self, edge: int, key: str = "crop_size") -> None:
+        """Swin's four x2 patch mergings after a x2 patch embedding want an edge of 32 or more."""
+        if edge % 16 or edge < 32:
             from bench.errors import BenchError
 
-            raise BenchError(f"{self.name} needs crop_size a multiple of 16 and at least 32, got {self.cfg.crop_size}")
+            raise BenchError(f"bad value for '{key}': {edge}; {self.name} needs a multiple of 16 and at least 32")
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        self.check_edge(self.cfg.crop_size)
         return SwinEncoder(make_swin(self.params, self.use_v2)), 16 * self.params.feature_size
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
@@ -160,12 +168,13 @@ class SwinUNETR(SwinClassifier):
     Params = SwinParams
     public_weights = SWINVIT_WEIGHTS
     # The CPU presets see the preset's crop like every other method (the encoder pads an odd last
-    # stage, the SSL decoder's output is cut to the input). They keep 12 channels per head: the
-    # paper's head count at feature size 12 (4 channels per head) spends most of a step in small
-    # attention products and softmax.
+    # stage, the SSL decoder's output is cut to the input); at `small` their pretexts see 32^3
+    # sub-crops at the same spacing (as Swin UNETR's SSL pretrains on sub-crops of its scans). They
+    # keep 12 channels per head: the paper's head count at feature size 12 (4 channels per head)
+    # spends most of a step in small attention products and softmax.
     presets = {
         "tiny": {"model": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}},
-        "small": {**TRANSFORMER_FINETUNE, "amp": True,
+        "small": {**TRANSFORMER_FINETUNE, "amp": True, "pretrain": {"crop_size": 32},
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
 
@@ -173,4 +182,5 @@ class SwinUNETR(SwinClassifier):
         return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
+        self.check_edge(pretext_crop_size(self.cfg), "pretrain.crop_size")
         return SwinSSL(make_swin(self.params), self.params.feature_size)

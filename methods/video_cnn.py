@@ -112,7 +112,7 @@ def _spec(arch: str, digest: str) -> WeightsSpec:
         filename=name, url=f"https://download.pytorch.org/models/{name}",
         sha256="",  # torchvision publishes only the first 8 hex digits of the sha256, in the file name
         layout="torchvision VideoResNet state dict: stem.*, layer{1-4}.{0,1}.conv{1,2}.*, fc.* (Kinetics-400)",
-        convert=convert_torchvision)
+        convert=convert_torchvision, licence="BSD-3-Clause (torchvision)", trained_on="Kinetics-400 (videos)")
 
 
 class ContrastivePretext(nn.Module):

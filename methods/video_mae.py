@@ -212,6 +212,7 @@ MAE_ST_WEIGHTS = WeightsSpec(
            "pos_embed_temporal [1,8,1024], pos_embed_class, blocks.i.attn.{q,k,v,proj}, ..., norm, decoder_embed, "
            "mask_token, decoder_pos_embed [1,1569,512], pred_head.transforms.0.{0..3,4}, pred_head.projections.0}}",
     convert=convert_mae_st,
+    licence="CC BY-NC 4.0 (facebookresearch/mae_st)", trained_on="Kinetics-700 (videos)",
 )
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from bench.config import pretext_crop_size
 from bench.errors import BenchError
 from bench.methods.swin_unetr import SwinClassifier, SwinParams, SwinUNETR, make_swin
 from bench.registry import register_method
@@ -63,8 +64,10 @@ def convert_voco(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str,
 
 VOCO_WEIGHTS = WeightsSpec(
     filename="VoCo_B_SSL_head.pt",
-    url="",  # the files sit on Hugging Face (Luffy503/VoCo); pass the downloaded file as weights.public
+    url="",
     sha256="",
+    hf_repo="Luffy503/VoCo", hf_file="VoCo_B_SSL_head.pt", licence="unverified here (see Luffy03/VoCo)",
+    trained_on="VoCo-B: about 1.6k public CT scans (VoCo's pretraining set)",
     layout="{['state_dict':] {'[module.][backbone.]swinViT|swin_vit.patch_embed.*', '...layers{1-4}.0.blocks.{0,1}.*', "
            "'...layers{1-4}c.0.*' (v2 residual blocks), 'encoder*/decoder*/out.*' (dropped)}}",
     convert=convert_voco,
@@ -162,10 +165,11 @@ class VoCo(SwinClassifier):
         return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
-        p = self.params
-        if p.voco_grid < 2 or self.cfg.crop_size % p.voco_grid or p.voco_random_crops < 1:
-            raise BenchError(f"{self.name}: model.voco_grid={p.voco_grid} must be >= 2 and divide crop_size "
-                             f"{self.cfg.crop_size}, and model.voco_random_crops={p.voco_random_crops} be >= 1")
+        p, edge = self.params, pretext_crop_size(self.cfg)
+        self.check_edge(edge, "pretrain.crop_size")
+        if p.voco_grid < 2 or edge % p.voco_grid or p.voco_random_crops < 1:
+            raise BenchError(f"{self.name}: model.voco_grid={p.voco_grid} must be >= 2 and divide the pretext's crop "
+                             f"({edge}), and model.voco_random_crops={p.voco_random_crops} be >= 1")
         return VolumeContrast(make_swin(p, use_v2=True), p.feature_size, p)
 
     def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:

@@ -86,6 +86,7 @@ def _rows(keys: list[tuple[str, str, str]], table: pd.DataFrame, paper: pd.DataF
                    worse=str(c["not_learned"]).startswith(WORSE_THAN_CHANCE))
         members = runs[(runs.method == method) & (runs.regime == regime) & (runs.variant == variant)]
         row["sources"] = sd_sources(members) if len(members) > 1 else "one seed: no sd"
+        row["weights"] = ", ".join(sorted(set(members["weights"]) - {""})) if "weights" in members else ""
         row["cell"] = {m: _mean_sd(c, m) for m in METRICS}
         row["cis"] = {m: _cis(c, m) for m in METRICS}
         row["best"] = {m: bool(not c["not_learned"] and c[m] == best.get(m)) for m in METRICS}

@@ -86,6 +86,7 @@ def load_runs(roots: list[Path]) -> pd.DataFrame:
             "started": env.get("started"), "config_text": (folder / "config.yaml").read_text(),
             "geometry": geometry_of(metrics, config),
             "pretrain_seed": init.get("pretrain_seed"), "pretrain_pinned": bool(init.get("pretrain_seed_pinned")),
+            "weights": weights_of(init),
         })
     if not rows:
         raise BenchError(f"no runs (metrics.json) under {', '.join(map(str, roots))}")
@@ -100,9 +101,21 @@ EXECUTION_KEYS = ("seed", "out", "suite", "progress", "threads", "num_workers", 
 CELL_KEYS = ("method", "regime", "variant", "protocol", "task", "train_fraction", "geometry")
 
 
+def weights_of(init: dict[str, Any]) -> str:
+    """What a run's public stage was: the real file (by its hash), the embedded stand-in, or "" when
+    its regime has no public stage."""
+    if "public" not in (init.get("plan") or []):
+        return ""
+    digest = init.get("public_file_sha256")
+    return f"real file, sha256 {digest[:12]}" if digest else "embedded stand-in"
+
+
 def cell_identity(config: dict[str, Any]) -> str:
-    """A digest of a run's config without its seed and execution keys: what makes it a cell."""
+    """A digest of a run's config without its seed and execution keys (and the folder real weights
+    were found in): what makes it a cell."""
     what = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    if isinstance(what.get("weights"), dict):
+        what["weights"] = {k: v for k, v in what["weights"].items() if k != "dir"}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

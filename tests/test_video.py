@@ -82,7 +82,7 @@ def test_mae_st_vit_l_layout_with_pe_cropping(tmp_path):
     from bench.transfer import public_encoder_state
 
     pretext = method.build_pretext("vertebrae")
-    full, _, _ = public_encoder_state(method, cfg, pretext)
+    full, _, _, _ = public_encoder_state(method, cfg, pretext)
     pretext.load_state_dict(full)
     _check_cropped(state, method.finetune_encoder(model).state_dict(), pretext.state_dict(), side=6)
 
