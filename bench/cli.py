@@ -205,7 +205,7 @@ def _cmd_report(args: list[str]) -> None:
 
 def _cmd_cost(args: list[str]) -> None:
     """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md] [model.KEY=VALUE ...]`: one paper-preset
-    step of every method (with the given config keys, e.g. model.use_checkpoint=true),
+    step of every method (with the given config keys, e.g. model.grad_checkpointing=true),
     FLOPs, memory and projected GPU time per epoch, as a Markdown table."""
     from bench.cost import markdown, method_cost, projections
     from bench.errors import choices_hint

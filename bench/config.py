@@ -10,6 +10,8 @@ with one line naming the key and what is valid there.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -249,6 +251,16 @@ def _preset_layer(preset: str) -> DictConfig:
     return OmegaConf.create(text)
 
 
+@functools.cache
+def with_harness_keys(params: type) -> type:
+    """A method's `model.*` schema with the keys the harness reads for every method:
+    `grad_checkpointing` (bench.checkpointing)."""
+    names = {f.name for f in dataclasses.fields(params)}
+    if "grad_checkpointing" in names:
+        return params
+    return dataclasses.make_dataclass(params.__name__, [("grad_checkpointing", bool, False)], bases=(params,))
+
+
 def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictConfig:
     """The fully resolved, validated config of one run (regime may still be None)."""
     preset = overrides.get("preset", "small")
@@ -257,7 +269,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
     cfg: DictConfig = OmegaConf.structured(RunConfig)
     if method_cls is not None:
         OmegaConf.set_struct(cfg, False)
-        cfg.model = OmegaConf.structured(method_cls.Params)
+        cfg.model = OmegaConf.structured(with_harness_keys(method_cls.Params))
         OmegaConf.set_struct(cfg, True)
     cfg = _merge(cfg, _preset_layer(preset), f"preset {preset}")
     if method_cls is not None:

@@ -176,7 +176,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
               spec: dict, stage: str) -> None:
     p = cfg.pretrain
     seed_everything(pretrain_seed(cfg), cfg.deterministic)
-    pretext = method.build_pretext(stage)
+    pretext = method.checkpointed(method.build_pretext(stage))
     init = _init_pretext(method, cfg, pretext, parent)
     staging = folder.with_name(f".{folder.name}.staging")
     staging.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from bench.checkpointing import BLOCKS
+
 
 @dataclass
 class NoParams:
@@ -61,6 +63,8 @@ class Method:
     channels_last: ClassVar[bool] = False  # 3D conv nets: run in channels_last_3d (see bench.loop.Execution)
     architecture: ClassVar[str] = "convolutional"  # or "transformer": how the report groups what models look at
     pretext_any_size: ClassVar[bool] = False  # the pretext may see smaller crops (`pretrain.crop_size`)
+    # the blocks `model.grad_checkpointing` checkpoints (bench.checkpointing); None: the network's own switch
+    checkpoint_pattern: ClassVar[str | None] = BLOCKS
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -77,7 +81,15 @@ class Method:
 
     def build_model(self, num_classes: int = 2) -> nn.Module:
         encoder, features = self.build_encoder()
-        return Classifier(encoder, self.build_head(features, num_classes))
+        return self.checkpointed(Classifier(encoder, self.build_head(features, num_classes)))
+
+    def checkpointed(self, model: nn.Module) -> nn.Module:
+        """`model` with its blocks checkpointed when `model.grad_checkpointing` is on (bench.checkpointing)."""
+        if self.params.get("grad_checkpointing") and self.checkpoint_pattern:
+            from bench.checkpointing import enable
+
+            enable(model, self.checkpoint_pattern)
+        return model
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         """The module of the classifier that pretrained tensors initialise."""

@@ -106,7 +106,7 @@ class SupCon(Method):
     def build_model(self, num_classes: int = 2) -> Classifier:
         encoder, features = self.build_encoder()
         projector = nn.Linear(features, self.params.projection_dim)  # Linear(2048 -> 128) as published
-        return SupConClassifier(encoder, self.build_head(features, num_classes), projector)
+        return self.checkpointed(SupConClassifier(encoder, self.build_head(features, num_classes), projector))
 
     def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
         a, b = self.views(x)

@@ -53,7 +53,7 @@ SWINVIT_WEIGHTS = WeightsSpec(
 def make_swin(p, use_v2: bool = False) -> SwinTransformer:
     return SwinTransformer(in_chans=1, embed_dim=p.feature_size, window_size=(p.window_size,) * 3,
                            patch_size=(2, 2, 2), depths=tuple(p.depths), num_heads=tuple(p.num_heads),
-                           spatial_dims=3, use_v2=use_v2, use_checkpoint=p.use_checkpoint)
+                           spatial_dims=3, use_v2=use_v2, use_checkpoint=p.grad_checkpointing)
 
 
 class SwinEncoder(nn.Module):
@@ -125,7 +125,7 @@ class SwinParams:
     window_size: int = 7
     depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    use_checkpoint: bool = False  # activation checkpointing in the Swin blocks (MONAI's): less memory, more compute
+    grad_checkpointing: bool = False  # activation checkpointing in the Swin blocks (MONAI's): less memory, more compute
 
 
 class SwinClassifier(Method):
@@ -135,6 +135,7 @@ class SwinClassifier(Method):
 
     use_v2: bool = False
 
+    checkpoint_pattern = None  # MONAI's SwinTransformer checkpoints its own blocks (make_swin)
     pretext_any_size = True  # windowed attention with relative positions: a pretext may see smaller crops
 
     def check_edge(self, edge: int, key: str = "crop_size") -> None:

@@ -139,7 +139,7 @@ def test_cost_steps_each_method_and_prints_the_table(tmp_path, capsys):
 
 
 def test_swin_activation_checkpointing_changes_memory_not_results():
-    """`model.use_checkpoint=true` (what fits VoCo's paper-preset pretext on a small machine): the same
+    """`model.grad_checkpointing=true` (what fits VoCo's paper-preset pretext on a small machine): the same
     loss and gradients, fewer activations kept for backward."""
     from bench.cost import method_cost
     from bench.registry import create_method
@@ -147,13 +147,13 @@ def test_swin_activation_checkpointing_changes_memory_not_results():
 
     grads = []
     for flag in ("false", "true"):
-        cfg = resolve_runs({"method": "swin_unetr", "preset": "tiny", "model.use_checkpoint": flag})[0]
+        cfg = resolve_runs({"method": "swin_unetr", "preset": "tiny", "model.grad_checkpointing": flag})[0]
         torch.manual_seed(0)
         model = create_method("swin_unetr", cfg).build_model().train()
         model(torch.rand(2, 1, 32, 32, 32)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
-    plain, checkpointed = (method_cost("voco", "tiny", 1, {"model.use_checkpoint": f}) for f in ("false", "true"))
+    plain, checkpointed = (method_cost("voco", "tiny", 1, {"model.grad_checkpointing": f}) for f in ("false", "true"))
     assert checkpointed["pretrain_act_gib"] < plain["pretrain_act_gib"]
 
 def test_cost_at_batch_one_counts_the_same_flops_per_sample():
