@@ -204,20 +204,24 @@ def _cmd_report(args: list[str]) -> None:
 
 
 def _cmd_cost(args: list[str]) -> None:
-    """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md] [model.KEY=VALUE ...]`: one paper-preset
-    step of every method (with the given config keys, e.g. model.grad_checkpointing=true),
-    FLOPs, memory and projected GPU time per epoch, as a Markdown table."""
-    from bench.cost import markdown, method_cost, projections
+    """`bench cost [methods=a,b] [mfu=0.3] [batch=2] [gpu=A40|H100|GiB] [out=FILE.md] [model.KEY=VALUE ...]`:
+    one paper-preset step of every method (with the given config keys, e.g. model.grad_checkpointing=true),
+    FLOPs, memory and projected GPU time per epoch, as a Markdown table; with gpu=, whether each
+    method fits that GPU and the micro-batch and checkpointing that make it fit."""
+    from bench.cost import fit_markdown, fits, gpu_gib, markdown, method_cost, projections
     from bench.errors import choices_hint
     from bench.registry import list_methods
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
     overrides = {k: v for k, v in opts.items() if "." in k}  # config keys of the methods, checked by their configs
     stray = [a for a in args if "=" not in a] + sorted(set(opts) - set(overrides) - {"methods", "mfu", "out",
-                                                                                    "preset", "batch"})
+                                                                                    "preset", "batch", "gpu"})
     if stray:
         raise BenchError(f"unknown cost argument '{stray[0]}'; "
-                         f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset=', 'batch='])}")
+                         f"{choices_hint(stray[0], ['methods=', 'mfu=', 'out=', 'preset=', 'batch=', 'gpu='])}")
+    gpu = opts.get("gpu")
+    if gpu is not None:
+        gpu_gib(gpu)  # a bad value fails before any step runs
     names = [m for m in list_methods() if not m.startswith("_")]
     chosen = opts["methods"].split(",") if opts.get("methods") else names
     for name in chosen:
@@ -235,12 +239,16 @@ def _cmd_cost(args: list[str]) -> None:
     rows = []
     for name in chosen:
         try:
-            rows.append(method_cost(name, opts.get("preset", "paper"), int(batch), overrides))
+            rows.append(method_cost(name, opts.get("preset", "paper"), int(batch), overrides,
+                                    checkpointed=gpu is not None))
         except RuntimeError as exc:  # a step that cannot run at this preset is the finding, not a crash
             preset = opts.get("preset", "paper")
             raise BenchError(f"method '{name}' at preset {preset}: {str(exc).splitlines()[0]}") from None
         print(f"{name}: {rows[-1]['finetune_cpu_s']:.1f} s per finetuning step on this CPU", file=sys.stderr)
-    text = markdown(projections(rows, mfu), mfu)
+    table = projections(rows, mfu)
+    text = markdown(table, mfu)
+    if gpu is not None:
+        text += "\n\n" + fit_markdown(fits(table, gpu), gpu)
     if opts.get("out"):
         from bench.store import write_text_atomic
 
@@ -261,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("args", nargs="*")
     p_explain = sub.add_parser("explain", help="explain RUN_DIR... [n=3]: attribution maps and localisation scores")
     p_explain.add_argument("args", nargs="*")
-    p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [batch=2] [out=FILE.md]: paper-preset steps, "
+    p_cost = sub.add_parser("cost", help="cost [methods=a,b] [mfu=0.3] [batch=2] [gpu=A40|H100|GiB] [out=FILE.md]: "
+                                         "paper-preset steps, "
                                          "FLOPs, projected GPU time and memory")
     p_cost.add_argument("args", nargs="*")
     p_weights = sub.add_parser("weights", help="weights list | weights fetch [methods=a,b] | weights check FILE "

@@ -26,6 +26,8 @@ from torch.utils.data import default_collate
 from bench.loop import measured_step
 
 GPU_PEAK_BF16 = {"A40": 149.7e12, "H100": 989.4e12}  # dense bf16 tensor-core FLOP/s, vendor datasheets
+GPU_MEMORY_GB = {"A40": 48, "H100": 80, "H200": 141}  # vendor datasheets, decimal GB
+USABLE = 0.9  # of a GPU's memory, for the CUDA context, the allocator's fragmentation and the data
 FINETUNE_SAMPLES = round(0.6 * 6245)  # the paper's labelled training split (60 % of 6,245 vertebrae)
 PRETRAIN_SAMPLES = 27776  # the paper's unlabelled vertebrae
 PAPER_A40_FINETUNE_MIN = 9.0  # Video-CT MAE finetuning, minutes per epoch on one A40 (the paper, Table 2)
@@ -74,9 +76,20 @@ def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int) -> Any:
 
 
 def method_cost(name: str, preset: str = "paper", batch: int = BATCH,
-                overrides: dict[str, str] | None = None) -> dict[str, Any]:
+                overrides: dict[str, str] | None = None, checkpointed: bool = False) -> dict[str, Any]:
     """The costs of one method at `preset` with config `overrides` (one real step of each kind at
-    `batch`), per sample."""
+    `batch`), per sample; with `checkpointed`, also the activations kept under
+    `model.grad_checkpointing=true` (another step of each kind)."""
+    row = _one_cost(name, preset, batch, overrides)
+    if checkpointed:
+        again = _one_cost(name, preset, batch, {**(overrides or {}), "model.grad_checkpointing": "true"})
+        row["finetune_act_ckpt_gib"] = again["finetune_act_gib"]
+        if "pretrain_act_gib" in again:
+            row["pretrain_act_ckpt_gib"] = again["pretrain_act_gib"]
+    return row
+
+
+def _one_cost(name: str, preset: str, batch: int, overrides: dict[str, str] | None) -> dict[str, Any]:
     from bench.evaluation import forward_views
     from bench.registry import create_method
     from bench.run import resolve_runs
@@ -102,13 +115,58 @@ def method_cost(name: str, preset: str = "paper", batch: int = BATCH,
                            "pretrain_batch": int(cfg.pretrain.batch_size)}
     stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
     if stage is not None:
-        pretext = method.build_pretext(stage)
+        pretext = method.checkpointed(method.build_pretext(stage))
         sample = _pretext_sample(method, cfg, stage, batch)
         pre = measured_step(pretext, lambda m: method.pretext_step(m, sample)["loss"], batch)
         row.update(pretext_stage=stage, pretext_params_m=sum(p.numel() for p in pretext.parameters()) / 1e6,
                    pretrain_gflop=pre.flops / 1e9, pretrain_act_gib=pre.activation_bytes / 2**30,
                    pretrain_cpu_s=pre.seconds)
     return row
+
+
+def gpu_gib(gpu: str) -> float:
+    """The memory of `gpu` (a name in GPU_MEMORY_GB, or a number of GiB) in GiB."""
+    if gpu.upper() in GPU_MEMORY_GB:
+        return GPU_MEMORY_GB[gpu.upper()] * 1e9 / 2**30
+    try:
+        value = float(gpu)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        from bench.errors import BenchError
+
+        raise BenchError(f"bad value for 'gpu': '{gpu}'; expected {', '.join(GPU_MEMORY_GB)} or a size in GiB")
+    return value
+
+
+def fitting_setting(state_gib: float, act_gib: float, act_checkpointed_gib: float, batch: int,
+                    memory_gib: float) -> str:
+    """The cheapest setting under which one step of the global `batch` fits in `memory_gib`: the whole
+    batch; else the largest micro-batch (a divisor of the batch) without, then with, activation
+    checkpointing; else "does not fit". From the fp32 upper bound of the measured activations."""
+    budget = USABLE * memory_gib - state_gib
+    for act, extra in ((act_gib, ""), (act_checkpointed_gib, " + model.grad_checkpointing=true")):
+        if pd.isna(act):
+            continue
+        fitting = [m for m in range(batch, 0, -1) if batch % m == 0 and act * m <= budget]
+        if fitting:
+            return ("fits" if fitting[0] == batch and not extra else f"micro_batch={fitting[0]}") + extra
+    return "does not fit"
+
+
+def fits(table: pd.DataFrame, gpu: str) -> pd.DataFrame:
+    """Per method, the setting that fits finetuning and pretraining at the preset's batches on `gpu`."""
+    memory = gpu_gib(gpu)
+    table = table.copy()
+    for stage, params, batch in (("finetune", "params_m", "batch"), ("pretrain", "pretext_params_m", "pretrain_batch")):
+        if f"{stage}_act_gib" not in table:
+            continue
+        params_m = table.get(params, table.params_m).fillna(table.params_m)
+        checkpointed = table.get(f"{stage}_act_ckpt_gib", pd.Series(np.nan, index=table.index))
+        table[f"{stage}_fit"] = [
+            "-" if pd.isna(act) else fitting_setting(p * 1e6 * 16 / 2**30, act, ck, int(b), memory)
+            for p, act, ck, b in zip(params_m, table[f"{stage}_act_gib"], checkpointed, table[batch])]
+    return table
 
 
 def projections(rows: list[dict[str, Any]], mfu: float) -> pd.DataFrame:
@@ -125,6 +183,18 @@ def projections(rows: list[dict[str, Any]], mfu: float) -> pd.DataFrame:
     pretext_params = table.get("pretext_params_m", table.params_m).fillna(table.params_m)
     table["pretrain_mem_gib"] = pretext_params * 1e6 * 16 / 2**30 + table.pretrain_act_gib * table.pretrain_batch
     return table
+
+
+def fit_markdown(table: pd.DataFrame, gpu: str) -> str:
+    """`bench cost gpu=...`: per method, whether the paper preset fits and what makes it fit."""
+    lines = [f"| method | finetuning (batch) on {gpu} | pretraining (batch) on {gpu} |", "|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| `{r.method}` | {r.finetune_fit} ({r.batch}) | {getattr(r, 'pretrain_fit', '-')} "
+                     f"({r.pretrain_batch}) |")
+    lines += ["", f"{gpu}: {gpu_gib(gpu):.1f} GiB, {USABLE:.0%} of it usable; fp32 weights, gradients and AdamW "
+              "moments plus the measured fp32 activations per sample times the micro-batch (bf16 autocast keeps "
+              "about half: these are upper bounds)."]
+    return "\n".join(lines)
 
 
 def markdown(table: pd.DataFrame, mfu: float) -> str:

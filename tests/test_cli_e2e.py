@@ -156,6 +156,23 @@ def test_swin_activation_checkpointing_changes_memory_not_results():
     plain, checkpointed = (method_cost("voco", "tiny", 1, {"model.grad_checkpointing": f}) for f in ("false", "true"))
     assert checkpointed["pretrain_act_gib"] < plain["pretrain_act_gib"]
 
+def test_cost_gpu_says_what_fits_and_what_makes_it_fit(capsys):
+    """`bench cost gpu=...`: the whole batch, a micro-batch, checkpointing on top, or does not fit."""
+    from bench.cost import fitting_setting, gpu_gib
+
+    assert fitting_setting(1.0, 0.5, 0.1, 16, 20.0) == "fits"  # 1 + 8 <= 18
+    assert fitting_setting(1.0, 2.0, 0.5, 16, 20.0) == "micro_batch=8"  # 1 + 16 <= 18 < 1 + 32
+    assert fitting_setting(1.0, 40.0, 2.0, 16, 20.0) == "micro_batch=8 + model.grad_checkpointing=true"
+    assert fitting_setting(19.0, 1.0, 0.5, 16, 20.0) == "does not fit"
+    assert gpu_gib("A40") == pytest.approx(48e9 / 2**30) and gpu_gib("12") == 12.0
+    assert main(["cost", "methods=resnet18", "preset=tiny", "gpu=0.05"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| `resnet18` |") and "(" in line.split("|")[2])
+    assert row.split("|")[2].strip().endswith("(8)")  # the tiny preset's batch
+    assert "0.1 GiB, 90% of it usable" in out or "0.0 GiB, 90% of it usable" in out
+    assert main(["cost", "gpu=B200x"]) == 2 and "bad value for 'gpu': 'B200x'" in capsys.readouterr().err
+
+
 def test_cost_at_batch_one_counts_the_same_flops_per_sample():
     """`batch=1` (what fits a large pretext on a small machine) measures the same per-sample costs."""
     from bench.cost import method_cost
