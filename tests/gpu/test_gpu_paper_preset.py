@@ -1,0 +1,116 @@
+"""The paper preset on a GPU: every method's training and pretext steps under fp16 and bf16
+autocast (channels_last where the method asks for it), its peak memory against `bench cost`'s
+estimate and its MFU; torch.compile on one method per family; a two-epoch paper-preset finetuning
+of resnet18 and video_ct_mae whose training loss falls."""
+import time
+
+import pytest
+import torch
+
+from bench.registry import list_methods
+
+pytestmark = pytest.mark.gpu
+METHODS = [m for m in list_methods() if not m.startswith("_")]
+COMPILED = ("resnet18", "vit_b", "video_ct_mae", "swin_unetr")  # one per family: compiling all 23 takes too long
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "A40": 149.7e12, "L40S": 362e12}
+
+
+def _peak_flops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def _step(name: str, dtype: torch.dtype, compile_: bool, batch: int = 2) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.cost import _finetune_sample, _pretext_sample
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    cfg = resolve_runs({"method": name, "regime": "scratch", "preset": "paper", "progress": "false",
+                        "device": "cuda"})[0]
+    method = create_method(name, cfg)
+    fmt = torch.channels_last_3d if method.channels_last else torch.contiguous_format
+    out = {}
+    for kind in ("finetune", "pretext"):
+        if kind == "finetune":
+            model = method.build_model().cuda().to(memory_format=fmt)
+            x, y = (t.cuda() for t in _finetune_sample(method, cfg, batch))
+            loss_fn = torch.nn.CrossEntropyLoss()
+            inputs = x.to(memory_format=fmt) if x.dim() == 5 else x
+
+            def loss_of(m, inputs=inputs, y=y, loss_fn=loss_fn):
+                if inputs.dim() == 6:
+                    from bench.evaluation import forward_views
+
+                    return loss_fn(forward_views(m, inputs[:, :1]).float(), y)
+                return method.training_loss(m, inputs, y, loss_fn)
+        else:
+            stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
+            if stage is None:
+                continue
+            model = method.build_pretext(stage).cuda()
+            sample = _pretext_sample(method, cfg, stage, batch)
+            sample = [t.cuda() for t in sample] if isinstance(sample, (list, tuple)) else sample.cuda()
+
+            def loss_of(m, sample=sample):
+                return method.pretext_step(m, sample)["loss"]
+        stepped = torch.compile(model) if compile_ else model
+        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        for _ in ("warm-up", "measured"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with FlopCounterMode(display=False) as counter:
+                with torch.autocast("cuda", dtype=dtype):
+                    loss = loss_of(stepped)
+                scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            optimiser.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        assert torch.isfinite(loss), f"{name} {kind} {dtype}: loss {float(loss)}"
+        peak = _peak_flops()
+        out[kind] = {"loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "s": seconds,
+                     "mfu": counter.get_total_flops() / seconds / peak if peak else None}
+        del model, stepped, optimiser
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_paper_preset_steps_under_autocast(name, dtype, gpu_results):
+    from bench.cost import method_cost, projections
+
+    compile_ = name in COMPILED and dtype == "bfloat16"
+    measured = _step(name, getattr(torch, dtype), compile_)
+    estimate = projections([method_cost(name, "paper", 2)], 0.3).iloc[0] if dtype == "bfloat16" else None
+    for kind, row in measured.items():
+        bound = None
+        if estimate is not None:
+            act = estimate["finetune_act_gib" if kind == "finetune" else "pretrain_act_gib"]
+            params = estimate["params_m"] if kind == "finetune" else estimate.get("pretext_params_m",
+                                                                                  estimate["params_m"])
+            bound = params * 1e6 * 16 / 2**30 + act * 2  # the estimate at this batch (2)
+            assert row["peak_gib"] <= 1.2 * bound + 1.0, (name, kind, row["peak_gib"], bound)
+        gpu_results.append({"check": "step", "method": name, "kind": kind, "dtype": dtype, "compile": compile_,
+                            **row, "estimate_gib": bound})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "video_ct_mae"])
+def test_two_paper_preset_epochs_lower_the_training_loss(name, tmp_path, gpu_results):
+    import json
+
+    from bench.cli import main
+
+    args = ["run", f"method={name}", "regime=scratch", "preset=paper", "epochs=2", "warmup_epochs=0",
+            "device=cuda", "synthetic.n_patients=40", "synthetic.n_val_patients=10", "synthetic.n_test_patients=10",
+            f"out={tmp_path}", "progress=false", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    gpu_results.append({"check": "two epochs", "method": name, "losses": losses})
+    assert losses[-1] < losses[0], losses
