@@ -23,7 +23,7 @@ BLOCKS = r"(^|\.)(blocks\.\d+|layer[1-4]\.\d+|layers\.\d+|denselayer\d+|down_tr\
 
 
 @contextlib.contextmanager
-def _statistics_frozen(module: nn.Module) -> Iterator[None]:
+def statistics_frozen(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of `module` normalise as in training but leave their running statistics and
     batch count as they were (momentum 0 while the block is recomputed)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -45,7 +45,7 @@ class _Checkpointed:
         inner = super().forward
         if not (self.training and torch.is_grad_enabled()):
             return inner(*args, **kwargs)
-        contexts = (lambda: (contextlib.nullcontext(), _statistics_frozen(self)))  # noqa: E731
+        contexts = (lambda: (contextlib.nullcontext(), statistics_frozen(self)))  # noqa: E731
         return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 

@@ -75,7 +75,7 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0 disables clipping
     seed: Optional[int] = None  # noqa: UP045 (OmegaConf reads Optional)  # None: the run's seed; N pins it
-    micro_batch: int = 0  # > 0: accumulate each batch in chunks of this many samples (see RunConfig)
+    micro_batch: Any = 0  # > 0: accumulate each batch in chunks of this many samples; "auto" (see RunConfig)
     # Edge of the pretext's crops, at the run's voxel spacing; 0: the run's crop_size. A smaller edge
     # takes random sub-crops of the pretraining data, for encoders that take any input size
     # (`Method.pretext_any_size`); the finetuned and probed geometry stays the run's.
@@ -129,8 +129,9 @@ class RunConfig:
     epochs: int = 20
     batch_size: int = 16  # the global batch: one optimiser step
     # > 0: each batch runs in accumulated chunks of this many samples; the step is the whole batch's
-    # (exactly, for networks without BatchNorm: a BatchNorm layer normalises each chunk by its own statistics)
-    micro_batch: int = 0
+    # (exactly, for networks without BatchNorm: a BatchNorm layer normalises each chunk by its own statistics);
+    # "auto": the largest chunk that fits the GPU, from a probe step (the whole batch on CPU)
+    micro_batch: Any = 0
     eval_batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -290,7 +291,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "probe.knn_k", "probe.knn_temperature",
              "probe.max_iter", "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels",
              "synthetic.video_size")
-_NON_NEGATIVE = ("micro_batch", "pretrain.micro_batch", "pretrain.crop_size", "lr", "min_lr", "weight_decay",
+_NON_NEGATIVE = ("pretrain.crop_size", "lr", "min_lr", "weight_decay",
                  "warmup_epochs", "grad_clip", "num_workers", "threads",
                  "pretrain.min_lr", "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.grad_clip",
                  "synthetic.noise_hu", "synthetic.n_unlabelled_patients", "synthetic.n_body_ct",
@@ -309,6 +310,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0 <= value <= MAX_SEED:
             raise BenchError(f"bad value for '{key}': {value}; expected a whole number from 0 to {MAX_SEED}")
+    for key in ("micro_batch", "pretrain.micro_batch"):
+        value = OmegaConf.select(cfg, key)
+        if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise BenchError(f"bad value for '{key}': {value!r}; expected a whole number >= 0 (0: whole batches) "
+                             "or auto")
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise BenchError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; expected > 0")

@@ -166,7 +166,8 @@ class Schedule:
     warmup_epochs: float = 1.0
     grad_clip: float = 0.0  # 0: no clipping
     lr_key: str = "lr"  # the config key to name when the loss diverges
-    micro_batch: int = 0  # > 0: each batch runs in chunks of this many samples, one optimiser step per batch
+    micro_batch: int | str = 0  # > 0: each batch runs in chunks of this many samples, one optimiser step per
+    # batch; "auto": the largest chunk that fits the device (a probe step on CUDA; the whole batch on CPU)
 
 
 class Stage:
@@ -233,6 +234,18 @@ def micro_batches(batch: Any, size: int) -> list[Any]:
     return [cut(batch, s) for s in starts]
 
 
+AUTO = "auto"
+
+
+def largest_fitting(batch: int, fits: Callable[[int], bool]) -> int:
+    """The largest divisor of `batch` for which `fits(size)` (tried from the whole batch down)."""
+    for size in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
+        if fits(size):
+            return size
+    raise BenchError("micro_batch=auto: not even one sample per step fits on this device; turn on "
+                     "model.grad_checkpointing=true, lower the crop or use a smaller model")
+
+
 @dataclass
 class StepCost:
     flops: float  # forward + backward, per sample
@@ -271,6 +284,7 @@ class LoopResult:
     steps: int
     train_s: float
     first_epoch: int  # > 0 when resumed
+    micro_batch: int = 0  # the chunk size the batches ran in (0: whole batches)
 
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -295,6 +309,39 @@ class TrainingLoop:
             warmup_t=int(round(s.warmup_epochs * self.steps_per_epoch)), warmup_lr_init=s.lr * 0.01)
         self.scaler = torch.amp.GradScaler("cuda", enabled=execution.dtype == torch.float16)
         self.step, self.epoch, self.history = 0, -1, []
+        self.micro_batch = self._probe_micro_batch() if s.micro_batch == AUTO else int(s.micro_batch)
+
+    def _probe_micro_batch(self) -> int:
+        """micro_batch=auto: on CUDA, the largest divisor of the batch whose forward and backward fit,
+        probed on the stage's first samples with the random state and BatchNorm statistics restored
+        afterwards (the probe changes nothing the run computes); elsewhere the whole batch (0)."""
+        if self.execution.device.type != "cuda":
+            return 0
+        from torch.utils.data import default_collate
+
+        from bench.checkpointing import statistics_frozen
+
+        loader = self.stage.loader
+        size = getattr(loader, "batch_size", None) or len(next(iter(loader.batch_sampler)))
+        dataset = loader.dataset
+        batch = self.execution.to(default_collate([dataset[i % len(dataset)] for i in range(size)]))
+
+        def fits(chunk_size: int) -> bool:
+            chunk = micro_batches(batch, chunk_size)[0]
+            try:
+                with torch.random.fork_rng(devices=[self.execution.device]), statistics_frozen(self.model):
+                    with self.execution.autocast():
+                        loss = self.stage.step(self.step_model, chunk)[0]["loss"].float()
+                    loss.backward()
+                return True
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+
+        chosen = largest_fitting(size, fits)
+        return 0 if chosen == size else chosen
 
     def run(self, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> LoopResult:
         first = 0
@@ -310,7 +357,7 @@ class TrainingLoop:
             self.history.append(record)
             if on_epoch is not None:
                 on_epoch(record, self.state)
-        return LoopResult(self.history, self.step, time.perf_counter() - t0, first)
+        return LoopResult(self.history, self.step, time.perf_counter() - t0, first, self.micro_batch)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         stage, opt, clip = self.stage, self.optimizer, self.schedule.grad_clip
@@ -321,7 +368,7 @@ class TrainingLoop:
         seen = 0
         for batch in stage.loader:
             opt.zero_grad(set_to_none=True)
-            chunks = micro_batches(batch, self.schedule.micro_batch)
+            chunks = micro_batches(batch, self.micro_batch)
             weights = [stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
             for chunk, weight in zip(chunks, weights):
                 with self.execution.autocast():

@@ -62,3 +62,30 @@ def test_the_run_records_the_global_batch_and_the_micro_batch():
                   get_method("resnet18"))
     text = to_yaml(cfg)
     assert "batch_size: 16" in text and "micro_batch: 4" in text and "  micro_batch: 0" in text  # pretrain's too
+
+
+def test_auto_takes_the_largest_divisor_that_fits_and_the_whole_batch_on_cpu():
+    import pytest
+
+    from bench.errors import BenchError
+    from bench.loop import largest_fitting
+
+    assert largest_fitting(16, lambda size: size <= 5) == 4  # the divisors of 16 are tried from 16 down
+    assert largest_fitting(12, lambda size: size <= 6) == 6
+    with pytest.raises(BenchError, match="not even one sample per step fits"):
+        largest_fitting(8, lambda size: False)
+    plain, _ = _one_step(0)
+    auto, _ = _one_step("auto")  # CPU: whole batches, the same step
+    for key in plain:
+        torch.testing.assert_close(auto[key], plain[key], rtol=0, atol=0)
+
+
+def test_micro_batch_accepts_a_count_or_auto_and_nothing_else(tmp_path, capsys):
+    from bench.cli import main
+    from bench.config import compose
+
+    assert compose({"micro_batch": "auto", "pretrain.micro_batch": "4"}).micro_batch == "auto"
+    for bad in ("-1", "many", "true"):
+        assert main(["run", "method=resnet18", "preset=tiny", f"micro_batch={bad}", f"out={tmp_path}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bad value for 'micro_batch'" in err[0] and "or auto" in err[0]
