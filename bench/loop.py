@@ -285,6 +285,7 @@ class LoopResult:
     train_s: float
     first_epoch: int  # > 0 when resumed
     micro_batch: int = 0  # the chunk size the batches ran in (0: whole batches)
+    flops: float = 0.0  # of the steps run here: one step's count (bench.flops) times the steps
 
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -309,6 +310,8 @@ class TrainingLoop:
             warmup_t=int(round(s.warmup_epochs * self.steps_per_epoch)), warmup_lr_init=s.lr * 0.01)
         self.scaler = torch.amp.GradScaler("cuda", enabled=execution.dtype == torch.float16)
         self.step, self.epoch, self.history = 0, -1, []
+        # counted on the first step this process runs (not under torch.compile: the counter breaks graphs)
+        self.flops_per_step: float | None = 0.0 if execution.compile else None
         self.micro_batch = self._probe_micro_batch() if s.micro_batch == AUTO else int(s.micro_batch)
 
     def _probe_micro_batch(self) -> int:
@@ -357,7 +360,9 @@ class TrainingLoop:
             self.history.append(record)
             if on_epoch is not None:
                 on_epoch(record, self.state)
-        return LoopResult(self.history, self.step, time.perf_counter() - t0, first, self.micro_batch)
+        steps_here = self.step - first * self.steps_per_epoch
+        return LoopResult(self.history, self.step, time.perf_counter() - t0, first, self.micro_batch,
+                          (self.flops_per_step or 0.0) * steps_here)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         stage, opt, clip = self.stage, self.optimizer, self.schedule.grad_clip
@@ -368,17 +373,12 @@ class TrainingLoop:
         seen = 0
         for batch in stage.loader:
             opt.zero_grad(set_to_none=True)
-            chunks = micro_batches(batch, self.micro_batch)
-            weights = [stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
-            for chunk, weight in zip(chunks, weights):
-                with self.execution.autocast():
-                    parts, n = stage.step(self.step_model, self.execution.to(chunk))
-                loss = parts["loss"].float()
-                self._check_finite(loss, epoch)
-                self.scaler.scale(loss * (weight / sum(weights))).backward()
-                for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
-                seen += n
+            if self.flops_per_step is None:
+                from bench.flops import counted
+
+                seen, self.flops_per_step = counted(lambda b=batch, s=seen: self._accumulate(b, epoch, sums, s))
+            else:
+                seen = self._accumulate(batch, epoch, sums, seen)
             if clip > 0:
                 self.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -389,6 +389,21 @@ class TrainingLoop:
             stage.after_step(self.step, self.total_steps)
         means = {("train_loss" if k == "loss" else k): v / max(seen, 1) for k, v in sums.items()}
         return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+
+    def _accumulate(self, batch: Any, epoch: int, sums: dict[str, float], seen: int) -> int:
+        """Forward and backward of one batch, in micro-batches when asked; the samples seen so far."""
+        chunks = micro_batches(batch, self.micro_batch)
+        weights = [self.stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
+        for chunk, weight in zip(chunks, weights):
+            with self.execution.autocast():
+                parts, n = self.stage.step(self.step_model, self.execution.to(chunk))
+            loss = parts["loss"].float()
+            self._check_finite(loss, epoch)
+            self.scaler.scale(loss * (weight / sum(weights))).backward()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+            seen += n
+        return seen
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if torch.isfinite(loss):

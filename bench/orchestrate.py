@@ -325,6 +325,7 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
             explain_n: int = 3) -> Path:
     """suite.json, the report (failed runs are cells marked "failed"), and an error when any run failed."""
     from bench.reports.build import build_report
+    from bench.reports.efficiency import efficiency_rows, measure_machine, stage_compute
     from bench.store import dumps, write_text_atomic
 
     errors = [r for r in results if r.error]
@@ -332,7 +333,13 @@ def _finish(name: str, seeds: int, out: Path, runs: list, results: Any, wall_s: 
                 "skipped": r.metrics.get("skipped"), "auc": r.metrics.get("auc"),
                 "error": error_line(r.error) if r.error else None}
                for r in results]
+    finished = [r["folder"] for r in summary if r["folder"] and not r["error"]]
+    compute = stage_compute(finished)
+    threads = [t for c in compute.values() for t in c["threads"]]
+    machine = measure_machine(sorted(threads)[len(threads) // 2] if threads else 1)
     write_text_atomic(out / name / "suite.json", dumps({"suite": name, "seeds": seeds, "wall_s": wall_s,
+                                                        "machine": machine,
+                                                        "compute": efficiency_rows(compute, machine),
                                                         "runs": summary}))
     print(f"suite {name}: {len(runs) - len(errors)} of {len(runs)} runs finished in {wall_s:.0f} s", file=sys.stderr)
     report, unexplained = None, []

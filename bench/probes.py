@@ -67,19 +67,35 @@ def feature_key(method: Any, cfg: DictConfig, encoder: nn.Module, data: Vertebra
 
 
 @torch.no_grad()
-def extract(method: Any, cfg: DictConfig, encoder: nn.Module, part: VertebraSet, execution: Execution) -> np.ndarray:
-    """(N, F) float32 features of a split: eval mode, evaluation inputs, views averaged."""
+def extract(method: Any, cfg: DictConfig, encoder: nn.Module, part: VertebraSet, execution: Execution,
+            flops: list[float] | None = None) -> np.ndarray:
+    """(N, F) float32 features of a split: eval mode, evaluation inputs, views averaged. When given,
+    `flops` gets the split's FLOPs appended (the first batch's count per sample, times the samples)."""
+    from bench.flops import counted
+
     encoder = encoder.to(execution.device, memory_format=execution.memory_format).eval()
-    out = []
-    for x, _ in eval_loader(method, cfg, part, execution):
+    out, per_sample = [], None
+
+    def forward(x: torch.Tensor) -> np.ndarray:
         with execution.autocast():
-            out.append(forward_views(encoder, execution.to(x)).float().cpu().numpy())
+            return forward_views(encoder, execution.to(x)).float().cpu().numpy()
+
+    for x, _ in eval_loader(method, cfg, part, execution):
+        if per_sample is None and flops is not None:
+            batch, count = counted(lambda x=x: forward(x))
+            per_sample = count / len(x)
+            out.append(batch)
+        else:
+            out.append(forward(x))
+    if flops is not None:
+        flops.append((per_sample or 0.0) * len(part.table))
     return np.concatenate(out).astype(np.float32)
 
 
 def features(method: Any, cfg: DictConfig, model: nn.Module, data: VertebraSet,
-             parts: dict[str, VertebraSet]) -> tuple[dict[str, np.ndarray], bool, float]:
-    """The features of every split, from the cache or extracted (and cached); (features, cached, seconds)."""
+             parts: dict[str, VertebraSet]) -> tuple[dict[str, np.ndarray], bool, float, float]:
+    """The features of every split, from the cache or extracted (and cached); (features, cached,
+    seconds, FLOPs), the last two 0 when cached."""
     from bench.datasets.loading import cache_root
 
     encoder = model.encoder
@@ -87,20 +103,20 @@ def features(method: Any, cfg: DictConfig, model: nn.Module, data: VertebraSet,
     with locked(path):  # concurrent trials of one initialisation extract once
         if path.is_file():
             with np.load(path, allow_pickle=False) as stored:
-                return {k: stored[k] for k in parts}, True, 0.0
+                return {k: stored[k] for k in parts}, True, 0.0, 0.0
         return _extract_all(method, cfg, encoder, parts, path)
 
 
 def _extract_all(method: Any, cfg: DictConfig, encoder: nn.Module, parts: dict[str, VertebraSet],
-                 path: Path) -> tuple[dict[str, np.ndarray], bool, float]:
+                 path: Path) -> tuple[dict[str, np.ndarray], bool, float, float]:
     t0 = time.perf_counter()
-    execution = feature_execution(cfg, method)
-    out = {name: extract(method, cfg, encoder, part, execution) for name, part in parts.items()}
+    execution, flops = feature_execution(cfg, method), []
+    out = {name: extract(method, cfg, encoder, part, execution, flops) for name, part in parts.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **out)
     os.replace(tmp, path)
-    return out, False, time.perf_counter() - t0
+    return out, False, time.perf_counter() - t0, sum(flops)
 
 
 def _scores_metric(cfg: DictConfig, y: np.ndarray, probs: np.ndarray) -> float:
@@ -167,11 +183,11 @@ def init_head_from_probe(method: Any, data: VertebraSet, cfg: DictConfig, model:
     cached ones both probes use; only training and validation labels are read."""
     _linear_layers(model.head, method)  # fails before any feature is extracted
     train, val, test = split_parts(data, cfg)
-    x, cached, extract_s = features(method, cfg, model, data, {"train": train, "val": val, "test": test})
+    x, cached, extract_s, extract_flops = features(method, cfg, model, data, {"train": train, "val": val, "test": test})
     scaler, clf, fitted = fit_linear(cfg, x, {"train": targets(train, cfg), "val": targets(val, cfg)})
     model.head = probe_head(scaler, clf, model.head, method)
     return {"from": "linear_probe", "C": fitted["C"], "probe_val_score": fitted["val_score"],
-            "extract_s": extract_s, "features_cached": cached}
+            "extract_s": extract_s, "extract_flops": extract_flops, "features_cached": cached}
 
 
 def knn_probs(bank: np.ndarray, bank_y: np.ndarray, query: np.ndarray, classes: int, k: int,
@@ -198,7 +214,7 @@ def probe(protocol: str, method: Any, data: VertebraSet, cfg: DictConfig, model:
     seed_everything(cfg.seed, cfg.deterministic)
     train, val, test = split_parts(data, cfg)
     parts = {"train": train, "val": val, "test": test}
-    x, cached, extract_s = features(method, cfg, model, data, parts)
+    x, cached, extract_s, extract_flops = features(method, cfg, model, data, parts)
     y = {name: targets(part, cfg) for name, part in parts.items() if name != "test"}
     t0 = time.perf_counter()
     if protocol == "linear":
@@ -209,7 +225,8 @@ def probe(protocol: str, method: Any, data: VertebraSet, cfg: DictConfig, model:
         val_probs, test_probs = (knn_probs(x["train"], y["train"], x[k], classes, p.knn_k, p.knn_temperature,
                                            p.knn_balanced) for k in ("val", "test"))
         fitted = {"k": p.knn_k, "temperature": p.knn_temperature, "balanced": p.knn_balanced}
-    cost = {"train_s": time.perf_counter() - t0, "extract_s": extract_s, "features_cached": cached,
+    cost = {"train_s": time.perf_counter() - t0, "extract_s": extract_s, "extract_flops": extract_flops,
+            "threads": torch.get_num_threads(), "features_cached": cached,
             "n_params": sum(q.numel() for q in model.encoder.parameters()), "feature_dim": int(x["train"].shape[1])}
     return ProtocolResult(None, task_metrics(cfg, targets(test, cfg), test_probs),
                           task_metrics(cfg, targets(val, cfg), val_probs), predictions_table(cfg, test, test_probs),

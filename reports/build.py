@@ -14,6 +14,7 @@ from bench import regimes
 from bench.protocols import PROTOCOLS
 from bench.reports import plots
 from bench.reports.collect import EXECUTION_KEYS, load_failures, load_runs
+from bench.reports.efficiency import efficiency_rows, load_machine, stage_compute
 from bench.reports.explain_section import explain_section
 from bench.reports.export import CELL_COLUMNS, cell_rows, write_cells
 from bench.reports.stats import (
@@ -244,6 +245,7 @@ def build_report(run_dirs: list[Path], out: Path, name: str, n_boot: int = 300) 
                         if r.not_learned],
         "verdict": verdict_section(runs, effect, paper, protocols, geometries, n_boot),
         "explained": explain_section(everything),
+        "compute": efficiency_rows(stage_compute(list(everything.folder)), load_machine(run_dirs)),
     })
     target = out / "index.html"
     write_text_atomic(target, html)

@@ -94,7 +94,7 @@ def test_features_are_fp32_under_autocast(bench_cache):
     data = load_data(cfg)
     model, _ = initialised_model(method, cfg)
     train = data.subset("train")
-    feats, _, _ = features(method, cfg, model, data, {"train": train})
+    feats, _, _, _ = features(method, cfg, model, data, {"train": train})
     crops = torch.stack([torch.from_numpy(np.clip(train.images[i].astype(np.float32), -1000, 1000)[None] / 2000 + 0.5)
                          for i in train.crop_indices])
     with torch.no_grad():

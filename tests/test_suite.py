@@ -51,6 +51,11 @@ def test_suite_runs_on_ray_and_reports(ray_session, suite_file, tmp_path, capsys
     printed = capsys.readouterr()
     assert printed.err.count(": AUC ") == 4  # one line per finished run
     assert (tmp_path / "reports" / "mini" / "index.html").exists()
+    summary = json.loads((out / "mini" / "suite.json").read_text())
+    assert summary["machine"]["float32"] > 0
+    finetuning = [r for r in summary["compute"] if r["stage"] == "finetuning"]
+    assert finetuning and finetuning[0]["tflop"] > 0 and 0 < finetuning[0]["efficiency"] < 1.5
+    assert "Where the compute went" in (tmp_path / "reports" / "mini" / "index.html").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("mini/*/metrics.json")}
     assert main(["run", f"suite={suite_file}", "preset=tiny", "epochs=1", f"out={out}", "resume=true",
                  "explain=true", "explain.n=1"]) == 0
