@@ -25,9 +25,8 @@ class DenseNetParams:
 class _DenseNet(Method):
     channels_last = True
     Params = DenseNetParams
-    # small: 30 epochs, not the preset's 6. From scratch the narrowed DenseNets are still near chance on
-    # validation after six (the run picks an early epoch: test AUC 0.63 / 0.64 for 121 / 169); with 30
-    # their validation AUC climbs to 0.79 / 0.72 (best epochs 22 / 21; test AUC 0.80 / 0.77).
+    # small: 30 epochs, not the preset's 6: from scratch the narrowed DenseNets are still near chance on
+    # validation after six (measured: docs/configuration.md, "Why the per-method presets").
     presets = {
         "tiny": {"model": {"init_features": 16, "growth_rate": 8}},
         "small": {"amp": True, "epochs": 30, "model": {"init_features": 16, "growth_rate": 8}},

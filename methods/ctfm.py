@@ -115,12 +115,9 @@ class CTFM(Method):
     Params = CTFMParams
     channels_last = True
     # The CPU presets' narrowed networks cannot load a CT-FM file, so they keep the harness's own
-    # window: through CT-FM's [-1024, 2048] HU the small
-    # network did not learn from scratch in six epochs (validation AUC 0.52, every vertebra called
-    # intact), through [-1000, 1000] it did (README, "Today's checkpoints"). LP-FT at `small` (Kumar et
-    # al., ICLR 2022; as openmind_resencl): from the public stand-in continued on vertebrae, a random head
-    # did not learn (validation AUC 0.56, test 0.60); with LP-FT it did (0.69, test 0.72), while scratch
-    # (0.757 -> 0.709) and public (0.749 -> 0.748) stayed within their CIs.
+    # window (through CT-FM's the small network did not learn from scratch); LP-FT at `small` (Kumar et
+    # al., ICLR 2022), without which a random head on the continued stand-in did not learn (measured:
+    # docs/configuration.md, "Why the per-method presets").
     presets = {
         "tiny": {"model": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "pretext_crops": 3,
                            "hu_window": [-1000.0, 1000.0]}},

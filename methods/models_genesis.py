@@ -355,9 +355,9 @@ class Engstler(Method):
     description = "Engstler et al. 2022: Genesis encoder + conv/MLP head on a 64^3 centre crop (Table 4)"
     regimes = ("scratch",)
     Params = EngstlerParams
-    # small: 30 epochs, not the preset's 6. From scratch, the BatchNorm MLP head holds the training loss
-    # at ln 2 for about half of them before the encoder and head align; six epochs end on that
-    # plateau, below a linear probe of the same random encoder (README, "Finetuning recipe").
+    # small: 30 epochs, not the preset's 6: from scratch the BatchNorm MLP head holds the training loss
+    # at ln 2 for about half of them before encoder and head align (docs/configuration.md, "Why the
+    # per-method presets").
     presets = {"tiny": {"model": {"width": 0.125}},
                "small": {"amp": True, "epochs": 30, "model": {"width": 0.125}}}
 

@@ -191,9 +191,8 @@ class OpenMindResEncL(Method):
         "tiny": {"model": {"features_per_stage": [4, 8, 16], "n_blocks_per_stage": [1, 1, 1], "first_stride": 2,
                            "mask_block": 8}},
         # LP-FT (Kumar et al., ICLR 2022: the head starts as the linear probe, so finetuning does not distort the
-        # pretrained features through a random head): from the MAE stand-in's init, a random head kept the training
-        # loss at 0.70 for six epochs (test AUC 0.55 and 0.56, seeds 0 and 1, every vertebra called intact); with
-        # LP-FT it fell to 0.45 (AUC 0.75), and from scratch LP-FT gave 0.79 against 0.82 without
+        # pretrained features through a random head); without it, a random head on the MAE stand-in's init did
+        # not learn (docs/configuration.md, "Why the per-method presets")
         "small": {"amp": True, "head_init": "linear_probe",
                   "model": {"features_per_stage": [8, 16, 32, 64], "n_blocks_per_stage": [1, 2, 2, 2],
                             "first_stride": 2, "mask_block": 8}},
@@ -347,12 +346,9 @@ class OpenMindPrimusM(Method):
     Params = PrimusParams
     presets = {
         "tiny": {"lr": 1.0e-3, "model": {"embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_depth": 1}},
-        # the transformers' recipe, at lr 1e-3: at the recipe's 6.25e-5 the small Primus' training loss stayed
-        # at 0.77 over six epochs from scratch (validation AUC 0.51); at 1e-3 it fell to 0.62 (0.57).
-        # 16^3 patches (27 tokens of a 48^3 crop): with Primus' 8^3 (216 tokens) no regime learned in six
-        # epochs (best validation AUC <= 0.58, the epoch-0 checkpoint kept); with 16^3 all three did
-        # (scratch / public / public_to_vertebrae: validation AUC 0.656 / 0.633 / 0.644, test 0.692 / 0.630 /
-        # 0.676). Primus' patch decoder takes powers of two only, so 12^3 (the small ViTs') is not open to it.
+        # the transformers' recipe at lr 1e-3, and 16^3 patches (27 tokens of a 48^3 crop): at the recipe's
+        # lr, or with Primus' 8^3 patches, the small Primus did not learn in six epochs (docs/configuration.md,
+        # "Why the per-method presets"). Primus' patch decoder takes powers of two only, so 12^3 is not open.
         "small": {**TRANSFORMER_FINETUNE, "lr": 1.0e-3, "model": {"embed_dim": 192, "depth": 6, "num_heads": 4,
                                                                          "patch_size": 16, "decoder_depth": 1}},
     }

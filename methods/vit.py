@@ -199,8 +199,8 @@ class ViTParams:
 # loss, predicting one class. Their features differ between crops by about 1e-3 of their size, so
 # a probe's weights are large; the norm standardises by batch statistics in training, which keeps the
 # logits at the probe's scale while the encoder moves. Stochastic depth is off at this preset (MAE
-# uses 0.1): its noise is larger than those differences and drowned the signal (measured on mae3d,
-# vertebrae: test AUC 0.64 with drop path 0.1, 0.70 without). `paper` keeps the paper's recipe.
+# uses 0.1): its noise is larger than those differences and drowned the signal (docs/configuration.md,
+# "Why the per-method presets"). `paper` keeps the paper's recipe.
 TRANSFORMER_FINETUNE = {"lr": 1.0e-3 * 16 / 256, "layer_decay": 0.75, "label_smoothing": 0.1,
                         "head_init": "linear_probe"}
 

@@ -1,4 +1,4 @@
-"""The README's real-data walkthrough, command by command, on trees built from the real fixtures:
+"""The real-data walkthrough of docs/data.md, command by command, on trees built from the real fixtures:
 a VerSe release with its grades spreadsheet, an unlabelled CTSpine1K-style collection, one run
 that pretrains on the collection and finetunes on VerSe, and the report."""
 import shutil
