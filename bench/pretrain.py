@@ -84,6 +84,20 @@ def pretrain_identity(cfg: DictConfig) -> dict[str, Any]:
     return keys
 
 
+def code_digest(method: Any) -> str:
+    """The sha256 of the source files that define the method's class and its bases (a plugin's own
+    file included): an edit to the pretext's code makes a new artifact instead of reusing one the
+    old code made. Harness changes are covered by ARTIFACT_VERSION."""
+    import hashlib
+    import inspect
+
+    digest = hashlib.sha256()
+    files = sorted({inspect.getsourcefile(cls) for cls in type(method).__mro__ if cls is not object} - {None})
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def artifact_root(cfg: DictConfig) -> Path:
     from bench.datasets.loading import cache_root
 
@@ -129,6 +143,7 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
         "data": data_spec,
         "dtype": Execution.of(cfg, method).dtype_name,  # bf16 and fp32 pretexts are different artifacts
         "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
+        "code": code_digest(method),
         "parent": {k: str(v) for k, v in (parent or {}).items()},
     }
     folder = artifact_root(cfg) / identity["family"] / config_hash(spec, length=16)

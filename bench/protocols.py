@@ -1,6 +1,6 @@
 """Evaluation protocols: how an initialised classifier is turned into test predictions.
 
-- `finetune`: the paper's protocol, the whole network trained (bench.engine);
+- `finetune`: the paper's protocol, the whole network trained (bench.finetune);
 - `linear`: logistic regression on the frozen encoder's features (bench.probes);
 - `knn`: weighted cosine kNN on the same features (bench.probes).
 
@@ -22,7 +22,7 @@ PROTOCOLS: dict[str, str] = {
 
 def protocol(name: str) -> Callable[..., Any]:
     if name == "finetune":
-        from bench.engine import finetune
+        from bench.finetune import finetune
 
         return finetune
     from bench.probes import probe

@@ -40,7 +40,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from bench.datasets.loading import load_data
-    from bench.engine import finetune
+    from bench.finetune import finetune
     from bench.registry import create_method
     from bench.run import initialised_model, resolve_runs
 

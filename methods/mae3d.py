@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, _init_linear, patchify, take, unpatchify
+from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, init_linear, patchify, take, unpatchify
 from bench.registry import register_method
 
 
@@ -79,7 +79,7 @@ class MAE3D(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.decoder_pos_embed, std=0.02)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            module.apply(_init_linear)
+            module.apply(init_linear)
 
     def encode(self, patches: torch.Tensor, masking: Masking) -> torch.Tensor:
         """(B, n, P) patches -> (B, 1 + n, decoder_dim) decoder input: the encoder sees the visible

@@ -82,7 +82,8 @@ class OutTransition(nn.Module):
         return torch.sigmoid(self.final_conv(x))
 
 
-def _c(n: int, width: float) -> int:
+def scaled_channels(n: int, width: float) -> int:
+    """A published channel count `n` narrowed by `width` (at least 4)."""
     return max(4, int(round(n * width)))
 
 
@@ -91,7 +92,7 @@ class GenesisEncoder(nn.Module):
 
     def __init__(self, width: float = 1.0, batch_stats: bool = False) -> None:
         super().__init__()
-        c = lambda n: _c(n, width)  # noqa: E731
+        c = lambda n: scaled_channels(n, width)  # noqa: E731
         self.out_channels = c(512)
         self.down_tr64 = DownTransition(1, c(32), c(64), True, batch_stats)
         self.down_tr128 = DownTransition(c(64), c(64), c(128), True, batch_stats)
@@ -114,7 +115,7 @@ class UNet3D(GenesisEncoder):
 
     def __init__(self, width: float = 1.0, batch_stats: bool = False) -> None:
         super().__init__(width, batch_stats)
-        c = lambda n: _c(n, width)  # noqa: E731
+        c = lambda n: scaled_channels(n, width)  # noqa: E731
         self.up_tr256 = UpTransition(c(512), c(256), c(256), batch_stats)
         self.up_tr128 = UpTransition(c(256), c(128), c(128), batch_stats)
         self.up_tr64 = UpTransition(c(128), c(64), c(64), batch_stats)
@@ -326,7 +327,7 @@ class EngstlerEncoder(nn.Module):
         super().__init__()
         self.crop = CentreCrop3d(crop)
         self.encoder = GenesisEncoder(width)
-        chans = [self.encoder.out_channels, _c(256, width), _c(128, width), _c(64, width), 8]
+        chans = [self.encoder.out_channels, *(scaled_channels(n, width) for n in (256, 128, 64)), 8]
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
             layers += [nn.Conv3d(cin, cout, 3, padding=1), nn.InstanceNorm3d(cout, affine=True),

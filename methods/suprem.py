@@ -42,7 +42,7 @@ from bench.config import pretext_crop_size
 from bench.datasets.corpora import ORGANS
 from bench.methods.base import Method
 from bench.methods.inputs import HUWindow, hu_window
-from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, UNet3D, _c
+from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, UNet3D, scaled_channels
 from bench.methods.swin_unetr import SwinClassifier, SwinEncoder, SwinParams, SwinUNETR, make_swin
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -181,7 +181,8 @@ class SuPreMUNet(Method):
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         encoder = GenesisEncoder(self.params.width)
-        return Windowed(hu_window(self.params.hu_window), GenesisEncoderPooled(encoder)), _c(512, self.params.width)
+        features = scaled_channels(512, self.params.width)
+        return Windowed(hu_window(self.params.hu_window), GenesisEncoderPooled(encoder)), features
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder.encoder
@@ -191,7 +192,8 @@ class SuPreMUNet(Method):
 
     def build_pretext(self, stage: str = "public") -> nn.Module:
         network = UNet3D(self.params.width)
-        network.out_tr = nn.Conv3d(_c(64, self.params.width), len(ORGANS), kernel_size=1)  # a logit per organ
+        out_channels = scaled_channels(64, self.params.width)
+        network.out_tr = nn.Conv3d(out_channels, len(ORGANS), kernel_size=1)  # a logit per organ
         return OrganSegmentation(hu_window(self.params.hu_window), network)
 
     def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:

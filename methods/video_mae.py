@@ -35,7 +35,8 @@ from bench.datasets.pretext import corpus_frame_size
 from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.methods.mae3d import masked_patch_loss, random_masking, unshuffle
-from bench.methods.vit import TRANSFORMER_FINETUNE, VIT_LAYER_GROUPS, _init_linear, take
+from bench.methods.recipes import TRANSFORMER_FINETUNE
+from bench.methods.vit import VIT_LAYER_GROUPS, init_linear, take
 from bench.registry import register_method
 from bench.weights import WeightsSpec, fuse_qkv
 
@@ -67,7 +68,7 @@ class VideoViT(nn.Module):
         self.norm = norm(embed_dim)
         for p in (self.cls_token, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class):
             trunc_normal_(p, std=0.02)
-        self.blocks.apply(_init_linear)
+        self.blocks.apply(init_linear)
 
     def pos_embed(self) -> torch.Tensor:
         t, hw = self.grid[0], self.grid[1] * self.grid[2]
@@ -109,7 +110,7 @@ class VideoMAE(VideoViT):
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.decoder_pos_embed, std=0.02)
         for m in (self.decoder_embed, self.pred_head):
-            m.apply(_init_linear)
+            m.apply(init_linear)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """Patches of the 8 (= T / t_patch) target frames, mae_st's "nctuhpwq->nthwupqc" order."""

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from bench.methods.base import Method
+from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
 
@@ -91,7 +92,7 @@ class ViT3D(nn.Module):
         self.norm = norm(embed_dim)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def embed(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, p^3 C) patches -> (B, k, E) position-embedded tokens of the `keep` (B, k) patches
@@ -120,7 +121,7 @@ class ViT3D(nn.Module):
         return self.forward_tokens(x)[:, 0]
 
 
-def _init_linear(m: nn.Module) -> None:
+def init_linear(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -191,18 +192,6 @@ class ViTParams:
     drop_path: float = 0.1
 
 
-# How the transformers are finetuned at the CPU preset: the MAE fine-tuning recipe (He et al. 2022,
-# Table 9: base lr 1e-3 scaled by batch/256, layer-wise lr decay 0.75, label smoothing 0.1, warmup),
-# with the head started from the linear probe of the frozen features (LP-FT, Kumar et al. 2022,
-# "Fine-tuning can distort pretrained features"), kept behind MAE's linear-probe BatchNorm (no affine).
-# Why: with a random head, six epochs on a few hundred crops left every transformer at its starting
-# loss, predicting one class. Their features differ between crops by about 1e-3 of their size, so
-# a probe's weights are large; the norm standardises by batch statistics in training, which keeps the
-# logits at the probe's scale while the encoder moves. Stochastic depth is off at this preset (MAE
-# uses 0.1): its noise is larger than those differences and drowned the signal (docs/configuration.md,
-# "Why the per-method presets"). `paper` keeps the paper's recipe.
-TRANSFORMER_FINETUNE = {"lr": 1.0e-3 * 16 / 256, "layer_decay": 0.75, "label_smoothing": 0.1,
-                        "head_init": "linear_probe"}
 
 # Layer order of ViT3D under the classifier (timm group matcher): embeddings, then each block; the
 # final norm and the head form the top group.

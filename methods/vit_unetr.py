@@ -22,7 +22,7 @@ from torch import nn
 
 from bench.config import pretrain_seed
 from bench.methods.base import Method
-from bench.methods.vit import TRANSFORMER_FINETUNE
+from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
 

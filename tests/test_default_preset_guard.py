@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from bench.datasets.base import VertebraSet
 from bench.datasets.loading import load_data
-from bench.engine import finetune
 from bench.evaluation import forward_views, make_dataset
+from bench.finetune import finetune
 from bench.loop import Execution
 from bench.registry import create_method, list_methods
 from bench.run import resolve_runs
@@ -120,7 +120,7 @@ def _weight_gradient(module, inputs, grad_out, context) -> torch.Tensor:
 def test_non_finite_validation_predictions_are_one_line(handful, monkeypatch):
     """A model whose training loss stays finite but whose validation predictions do not is a diverged
     run (one line naming the stage and epoch), not a scikit-learn traceback."""
-    import bench.engine
+    import bench.finetune
     from bench.errors import BenchError
 
     cfg, method = _small("resnet18")
@@ -128,6 +128,6 @@ def test_non_finite_validation_predictions_are_one_line(handful, monkeypatch):
     def nan_predictions(model, loader, execution, loss_fn=None):
         return np.full((len(loader.dataset), 2), np.nan), float("nan")
 
-    monkeypatch.setattr(bench.engine, "predict", nan_predictions)
+    monkeypatch.setattr(bench.finetune, "predict", nan_predictions)
     with pytest.raises(BenchError, match="resnet18 diverged at epoch 0 \\(non-finite validation predictions\\)"):
         finetune(method, handful, cfg)

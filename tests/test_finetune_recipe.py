@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bench.datasets.loading import load_data
-from bench.engine import FinetuneStage
 from bench.errors import BenchError
 from bench.evaluation import split_parts, targets
+from bench.finetune import FinetuneStage
 from bench.loop import Execution
 from bench.probes import features, fit_linear, init_head_from_probe, knn_probs
 from bench.registry import create_method

@@ -177,7 +177,7 @@ def test_label_efficiency_suite_expands_fractions_and_filters_methods():
 
 def test_balanced_batches_train_with_an_unweighted_loss(monkeypatch):
     """Class weights on top of class-balanced batches would favour the rare grades twice."""
-    import bench.engine as engine
+    import bench.finetune as engine
     from bench.datasets.loading import load_data
     from bench.registry import create_method
     from bench.run import resolve_runs

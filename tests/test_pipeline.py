@@ -36,12 +36,12 @@ def test_each_harness_module_imports_alone(module):
 
 
 def test_the_chain_flows_one_way():
-    """run -> pretrain -> transfer; engine (finetuning) and pretrain share only the loop."""
-    below = {"engine": {"bench.pretrain", "bench.run", "bench.transfer"},
-             "pretrain": {"bench.engine", "bench.run", "bench.evaluation"},
-             "transfer": {"bench.pretrain", "bench.engine", "bench.run"},
-             "loop": {"bench.pretrain", "bench.engine", "bench.run", "bench.transfer", "bench.evaluation"},
-             "evaluation": {"bench.pretrain", "bench.engine", "bench.run"}}
+    """run -> pretrain -> transfer; finetune and pretrain share only the loop."""
+    below = {"finetune": {"bench.pretrain", "bench.run", "bench.transfer"},
+             "pretrain": {"bench.finetune", "bench.run", "bench.evaluation"},
+             "transfer": {"bench.pretrain", "bench.finetune", "bench.run"},
+             "loop": {"bench.pretrain", "bench.finetune", "bench.run", "bench.transfer", "bench.evaluation"},
+             "evaluation": {"bench.pretrain", "bench.finetune", "bench.run"}}
     for module, forbidden in below.items():
         found = _imports(REPO / "bench" / f"{module}.py") & forbidden
         assert not found, f"bench.{module} imports {found}"

@@ -197,3 +197,23 @@ def test_an_interrupted_pretraining_resumes_from_its_last_epoch(tmp_path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     whole_curve = json.loads((whole / "pretrain.json").read_text())["curve"]
     assert [e["loss"] for e in record["curve"]] == [e["loss"] for e in whole_curve]
+
+
+def test_an_edit_to_a_plugins_code_makes_a_new_artifact_identity(tmp_path, monkeypatch):
+    """The artifact's hash covers the source of the method's class and its bases, so a changed
+    pretext schedule is not served the artifact the old code made."""
+    import importlib
+    import sys
+
+    from bench.pretrain import code_digest
+
+    source = ("from bench.methods.mae3d import MAE3DMethod\n\nclass Edited(MAE3DMethod):\n"
+              "    def on_pretext_step(self, pretext, step, total):\n        return {}\n")
+    (tmp_path / "edited_plugin.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    original = importlib.import_module("edited_plugin").Edited
+    first = code_digest(original.__new__(original))
+    (tmp_path / "edited_plugin.py").write_text(source.replace("return {}", "return {'momentum': 0.99}"))
+    sys.modules.pop("edited_plugin")
+    edited = importlib.import_module("edited_plugin").Edited
+    assert code_digest(edited.__new__(edited)) != first

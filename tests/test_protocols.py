@@ -14,7 +14,7 @@ from torch import nn
 from bench import register_method
 from bench.datasets.base import VertebraSet
 from bench.datasets.loading import load_data
-from bench.engine import selection_key
+from bench.finetune import selection_key
 from bench.methods.base import Method
 from bench.probes import extract, knn_probs, probe
 from bench.registry import create_method

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.datasets.loading import load_data
-from bench.engine import finetune
+from bench.finetune import finetune
 from bench.registry import create_method
 from bench.run import resolve_runs
 
