@@ -178,7 +178,9 @@ class Method:
         return None
 
     def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:
-        """After each optimiser step (e.g. move an EMA teacher; its momentum follows `step / total_steps`)."""
+        """After each optimiser step (e.g. move an EMA teacher; its momentum follows `step / total_steps`).
+        `step` counts the steps taken so far, 1 after the first and `total_steps` after the last; a
+        schedule that wants 0 at the first update uses `step - 1`."""
 
     def on_pretext_epoch(self, pretext: nn.Module, epoch: int, epochs: int) -> dict[str, float] | None:
         """Before each epoch (e.g. set a temperature); returned values are logged in the loss curve."""
@@ -190,8 +192,14 @@ class Method:
         return None
 
     def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        """The part of the pretext model that public weights initialise."""
-        return pretext.encoder
+        """The part of the pretext model that public weights initialise: its `encoder` by default."""
+        encoder = getattr(pretext, "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            from bench.errors import BenchError
+
+            raise BenchError(f"method '{self.name}': its pretext ({type(pretext).__name__}) has no `encoder` "
+                             "module; name the encoder `encoder` or override Method.pretext_encoder")
+        return encoder
 
     def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors a finetuning run takes from a pretrained pretext model."""

@@ -98,3 +98,18 @@ def test_views_are_made_per_sample_from_the_seeded_generator(plugin_site, bench_
     assert torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, b1)
     dataset.epoch = 1
     assert not torch.equal(dataset[3][0], a1)
+
+
+def test_a_pretext_without_an_encoder_is_one_line():
+    import pytest
+    from torch import nn
+
+    from bench.errors import BenchError
+    from bench.methods.base import Method
+
+    class Nameless(Method):
+        name = "nameless"
+
+    method = Nameless.__new__(Nameless)
+    with pytest.raises(BenchError, match="has no `encoder` module; name the encoder `encoder` or override"):
+        method.pretext_encoder(nn.Sequential(nn.Linear(2, 2)))
