@@ -257,25 +257,23 @@ def measured_step(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]
     """One forward / backward / AdamW step of `model` on `loss_of(model)`, outside a training run,
     with its FLOPs (torch's FLOP counter) and the bytes of the tensors saved for backward, per
     sample (`bench cost`)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
-        return t
+    from bench.checkpointing import saved_activation_bytes
+    from bench.flops import counted
 
     model.train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     start = time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_of(model)
+
+    def forward_backward() -> tuple[int, torch.Tensor]:
+        saved, loss = saved_activation_bytes(lambda: loss_of(model))
         loss.backward()
+        return saved, loss
+
+    (saved, loss), flops = counted(forward_backward)
     optimiser.step()
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {float(loss)}")
-    return StepCost(float(counter.get_total_flops()) / batch, float(saved[0]) / batch, time.perf_counter() - start)
+    return StepCost(flops / batch, float(saved) / batch, time.perf_counter() - start)
 
 
 @dataclass
