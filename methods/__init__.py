@@ -2,6 +2,7 @@
 from bench.methods import (  # noqa: F401
     cnn,
     ctfm,
+    merlin,
     mae3d,
     models_genesis,
     openmind,
