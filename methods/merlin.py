@@ -42,6 +42,7 @@ from bench.weights import WeightsSpec
 
 PREFIXES = ("module.encode_image.i3_resnet.", "encode_image.i3_resnet.", "i3_resnet.", "")
 EXPANSION = 4  # ResNet bottleneck
+RELEASED_FILE = "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt"  # the Hugging Face release
 
 
 def convert_merlin(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,8 +196,7 @@ class Merlin(Method):
         "small": {"amp": True, "head_init": "linear_probe", "model": {"layers": [1, 1, 1, 1], "width": 8}},
     }
     public_weights = WeightsSpec(
-        filename="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt", url="", sha256="",
-        hf_repo="stanfordmimi/Merlin", hf_file="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
+        filename=RELEASED_FILE, url="", sha256="", hf_repo="stanfordmimi/Merlin", hf_file=RELEASED_FILE,
         licence="MIT (code, StanfordMIMI/Merlin); weights: see the Hugging Face model card",
         trained_on="15,331 abdominal CTs with EHR phenotypes and radiology reports (Stanford)",
         layout="flat {'encode_image.i3_resnet.{conv1,bn1,layer{1-4}.<j>.*}', 'encode_image.i3_resnet.classifier.*', "
