@@ -198,6 +198,19 @@ def _check_sha(path: Path, sha256: str, name: str) -> None:
             raise BenchError(f"weights '{name}': sha256 {actual} does not match the expected {sha256}")
 
 
+def numpy_array_globals() -> list[Any]:
+    """What unpickling a numeric numpy array needs (training checkpoints keep numpy's RNG state beside
+    the weights): the array type, the array and scalar reconstructors and the numeric dtypes. These rebuild data from
+    bytes and call nothing else; an array of Python objects still needs further globals, which stay
+    refused."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64)
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *(type(np.dtype(t)) for t in numeric)]
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents, safely: safetensors, or torch.load with weights_only=True."""
     if path.suffix == ".safetensors":
@@ -213,7 +226,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise BenchError(f"weights '{path}': not a checkpoint (neither a torch.save archive nor a pickle nor "
                          f"safetensors; it starts with {head!r})")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses: the line below says it
+        # torch warns about pickle protocols before it refuses: the line below says it
+        with warnings.catch_warnings(), torch.serialization.safe_globals(numpy_array_globals()):
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

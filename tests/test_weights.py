@@ -138,6 +138,30 @@ def test_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_numeric_numpy_state_reads_but_an_object_array_is_refused_without_running(tmp_path, monkeypatch):
+    """Training checkpoints keep numpy's RNG state beside the weights (SPECTRE's, VoCo's); those numeric
+    arrays read under weights_only, while an array of objects (which can carry any callable) does not."""
+    import numpy as np
+
+    weights = {"blocks.0.attn.qkv.weight": torch.ones(2, 2)}
+    numeric = tmp_path / "train.pt"
+    torch.save({"model": weights, "rng": np.random.get_state(), "lr": np.float64(0.5),
+                "seen": np.arange(4, dtype=np.int32)}, numeric)
+    loaded = read_checkpoint(numeric)
+    assert torch.equal(loaded["model"]["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+    assert loaded["rng"][1].dtype == np.uint32 and list(loaded["seen"]) == [0, 1, 2, 3]
+
+    marker = tmp_path / "executed"
+    monkeypatch.setenv("PAYLOAD_MARKER", str(marker))
+    objects = np.empty(1, dtype=object)
+    objects[0] = _Payload()
+    hostile = tmp_path / "objects.pt"
+    torch.save({"model": weights, "extra": objects}, hostile)
+    with pytest.raises(BenchError, match="refused"):
+        read_checkpoint(hostile)
+    assert not marker.exists()
+
+
 def test_wrong_sha256_wrong_architecture_no_keys(tmp_path, capsys):
     from monai.networks.nets import resnet18
 
