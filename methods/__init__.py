@@ -2,10 +2,11 @@
 from bench.methods import (  # noqa: F401
     cnn,
     ctfm,
-    merlin,
     mae3d,
+    merlin,
     models_genesis,
     openmind,
+    spectre,
     supcon,
     suprem,
     swin_unetr,
