@@ -36,7 +36,7 @@ from bench.store import write_text_atomic
 
 TABLE3 = ("models_genesis", "vit_unetr", "swin_unetr", "mae3d", "video_mae", "video_ct_mae")
 # today's public 3D CT checkpoints, shown beside Table 3 under the same protocol
-TODAY = ("openmind_resencl", "openmind_primusm", "voco", "suprem", "suprem_unet", "ctfm")
+TODAY = ("openmind_resencl", "openmind_primusm", "voco", "suprem", "suprem_unet", "ctfm", "merlin", "spectre")
 TABLE4 = ("densenet121", "densenet169", "resnet18", "resnet50", "vit_b", "vit_l", "engstler")
 TABLE2 = ("no_video_pretraining", "no_vertebra_pretraining", "no_multi_view", "no_pe_cropping",
           "no_format_adaptation", "no_vertebra_pretraining_no_pe_cropping", "full")
@@ -185,8 +185,9 @@ def _paper_tables(runs: pd.DataFrame, protocol: str, fraction: float, n_boot: in
         t3_keys, "pretraining", lambda r, v: r)
     ran = {(m, r) for m, r in zip(table.method, table.regime)} | {(k[0], k[1]) for k in failed}
     today_keys = [(m, r, "") for m in TODAY for r in sorted({r for mm, r in ran if mm == m}, key=order)]
-    add("Today's checkpoints", "The public 3D CT checkpoints of 2024-2025 (OpenMind/nnssl, VoCo, SuPreM, CT-FM), "
-        "each from scratch and from its own pretraining, beside Table 3.", today_keys, "pretraining", lambda r, v: r)
+    add("Today's checkpoints", "The public 3D CT checkpoints of 2024-2026 (OpenMind/nnssl, VoCo, SuPreM, CT-FM, "
+        "Merlin, SPECTRE), each from scratch and from its own pretraining, beside Table 3.", today_keys,
+        "pretraining", lambda r, v: r)
     t4_keys = [(m, "scratch", "") for m in TABLE4] + [("video_ct_mae", "public_to_vertebrae", "full")]
     add("Table 4: baselines", "Trained from scratch, against Video-CT MAE (public_to_vertebrae).",
         t4_keys, "pretraining", lambda r, v: r)
