@@ -208,7 +208,8 @@ def numpy_array_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core
     numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                np.float16, np.float32, np.float64)
-    return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *(type(np.dtype(t)) for t in numeric)]
+    rebuild = [core.multiarray._reconstruct, core.multiarray.scalar]
+    return [np.ndarray, np.dtype, *rebuild, *(type(np.dtype(t)) for t in numeric)]
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -104,10 +104,11 @@ def check(path: str, overrides: dict[str, str]) -> dict[str, Any]:
 
     if "method" not in overrides:
         raise BenchError("bench weights check FILE method=NAME: method= is missing")
-    unknown = set(overrides) - {"method", "preset"} - {k for k in overrides if k.startswith(("model.", "weights."))}
+    unknown = set(overrides) - {"method", "preset", "cache_dir"} - {k for k in overrides
+                                                                     if k.startswith(("model.", "weights."))}
     if unknown:
         raise BenchError(f"bench weights check: unknown key(s) {', '.join(sorted(unknown))}; expected method=, "
-                         f"preset=, model.* or weights.*")
+                         f"preset=, cache_dir=, model.* or weights.*")
     cls = get_method(overrides["method"])
     if getattr(cls, "public_weights", None) is None:
         raise BenchError(f"method '{cls.name}' has no public weights to check")

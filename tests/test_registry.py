@@ -18,8 +18,8 @@ def test_every_method_says_its_architecture():
     transformers = {name for name in list_methods() if get_method(name).architecture == "transformer"}
     assert {get_method(name).architecture for name in list_methods()} <= {"transformer", "convolutional"}
     assert {"vit_b", "vit_l", "mae3d", "vit_unetr", "video_mae", "video_ct_mae", "swin_unetr", "suprem", "voco",
-            "openmind_primusm"} <= transformers
-    assert not {"resnet18", "r3d_18", "ctfm", "openmind_resencl", "suprem_unet", "engstler"} & transformers
+            "openmind_primusm", "spectre"} <= transformers
+    assert not {"resnet18", "r3d_18", "ctfm", "openmind_resencl", "suprem_unet", "engstler", "merlin"} & transformers
 
 
 def test_duplicate_name_is_an_error():

@@ -1,5 +1,6 @@
 """`bench weights fetch`, `weights.public=published`, `weights.dir` and hf:// addresses, against a
-local Hugging Face endpoint (HF_ENDPOINT) that serves a VoCo file in VoCo's published layout."""
+local Hugging Face endpoint (HF_ENDPOINT) that serves files in their publishers' layouts (VoCo's, and
+those of the other families on the Hub)."""
 import hashlib
 import http.server
 import json
@@ -38,8 +39,8 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         self.requests.append(f"{self.command} {self.path}")
-        prefix = f"/{REPO}/resolve/"
-        name = self.path.split("?")[0][len(prefix):].split("/", 1)[-1] if self.path.startswith(prefix) else ""
+        parts = self.path.split("?")[0].strip("/").split("/")  # OWNER/NAME/resolve/REVISION/FILE...
+        name = "/".join([*parts[:2], *parts[4:]]) if len(parts) > 4 and parts[2] == "resolve" else ""
         if name in self.gated:
             self.send_response(401)
             self.send_header("X-Error-Code", "GatedRepo")
@@ -74,11 +75,11 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 def hub(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hub")
     encoder = _voco_file_at_tiny(folder / FILE)
-    _Hub.files = {FILE: (folder / FILE).read_bytes()}
+    _Hub.files = {f"{REPO}/{FILE}": (folder / FILE).read_bytes()}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {"endpoint": f"http://127.0.0.1:{server.server_port}", "encoder": encoder,
-           "sha256": hashlib.sha256(_Hub.files[FILE]).hexdigest(), "file": folder / FILE}
+           "sha256": hashlib.sha256(_Hub.files[f"{REPO}/{FILE}"]).hexdigest(), "file": folder / FILE}
     server.shutdown()
 
 
@@ -115,7 +116,7 @@ def test_a_wrong_sha256_gated_or_missing_file_is_one_line(hub, tmp_path, monkeyp
         fetch(f"hf://{REPO}/{FILE}", "00" * 32, tmp_path)
     with pytest.raises(BenchError, match="download failed"):
         fetch(f"hf://{REPO}/absent.pt", "", tmp_path)
-    _Hub.gated.add("gated.pt")
+    _Hub.gated.add(f"{REPO}/gated.pt")
     with pytest.raises(BenchError, match="gated; accept its terms on Hugging Face and set HF_TOKEN"):
         fetch(f"hf://{REPO}/gated.pt", "", tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -153,3 +154,38 @@ def test_a_run_with_published_weights_loads_them_and_the_report_says_so(hub, tmp
     assert main(["report", str(runs), f"out={tmp_path / 'report'}", "bootstrap=20"]) == 0
     html = (tmp_path / "report" / "index.html").read_text()
     assert f"public stage: real file, sha256 {hub['sha256'][:12]}" in html
+
+
+def _published_at_tiny(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tiny encoder's tensors under the names the family's published file uses, and the file's
+    tensors outside the encoder (heads, text towers) as its publisher's code writes them."""
+    cfg = compose({"method": name, "preset": "tiny", "regime": "public"}, get_method(name))
+    method = create_method(name, cfg)
+    encoder = randomised(method.finetune_encoder(method.build_model()).state_dict())
+    if name == "merlin":  # MerlinArchitecture's whole state dict: the image tower, its heads, the text tower
+        return encoder, {**{f"encode_image.i3_resnet.{k}": v for k, v in encoder.items()},
+                         "encode_image.i3_resnet.classifier.weight": torch.randn(1692, 32, 1, 1, 1),
+                         "encode_image.i3_resnet.classifier.bias": torch.randn(1692),
+                         "encode_text.linear_layer.weight": torch.randn(512, 768), "logit_scale": torch.ones(())}
+    return encoder, dict(encoder)  # SPECTRE's backbone file and CT-FM's Hub safetensors: the encoder's own keys
+
+
+@pytest.mark.parametrize("name", ["merlin", "spectre", "ctfm"])
+def test_weights_check_reads_each_hub_family_from_its_address(hub, tmp_path, monkeypatch, capsys, name):
+    spec = get_method(name).public_weights
+    encoder, published = _published_at_tiny(name)
+    path = tmp_path / spec.hf_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in published.items()}, str(path))
+    else:
+        torch.save(published, path)
+    _Hub.files[f"{spec.hf_repo}/{spec.hf_file}"] = path.read_bytes()
+    monkeypatch.setenv("HF_ENDPOINT", hub["endpoint"])
+    capsys.readouterr()
+    address = f"hf://{spec.hf_repo}/{spec.hf_file}"
+    assert main(["weights", "check", address, f"method={name}", "preset=tiny", f"cache_dir={tmp_path / 'c'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(encoder)} of {len(encoder)} encoder tensors loaded" in out, out
+    assert f"{len(published) - len(encoder)} tensors outside the encoder ignored" in out, out
