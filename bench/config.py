@@ -148,6 +148,9 @@ class RunConfig:
 
     # execution
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # > 1: the training stages (pretraining and finetuning) run data-parallel on this many workers
+    # (GPUs, or CPU processes with gloo) through Ray Train; the global batch stays batch_size (bench.parallel)
+    devices: int = 1
     amp: bool = False
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16, else fp32
     compile: bool = False
@@ -287,7 +290,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
 PUBLISHED = "published"  # weights.public: each method's published file
 
 
-_POSITIVE = ("epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
+_POSITIVE = ("devices", "epochs", "batch_size", "eval_batch_size", "crop_size", "synthetic.n_patients",
              "pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "probe.knn_k", "probe.knn_temperature",
              "probe.max_iter", "synthetic.min_vertebrae", "synthetic.fov_mm", "views.frames", "views.channels",
              "synthetic.video_size")

@@ -143,7 +143,7 @@ def layer_groups(method: Any, cfg: DictConfig) -> dict[str, Any]:
 def schedule_of(cfg: DictConfig) -> Schedule:
     return Schedule(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                     optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip,
-                    micro_batch=cfg.micro_batch)
+                    micro_batch=cfg.micro_batch, devices=cfg.devices)
 
 
 def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module | None = None,

@@ -168,6 +168,7 @@ class Schedule:
     lr_key: str = "lr"  # the config key to name when the loss diverges
     micro_batch: int | str = 0  # > 0: each batch runs in chunks of this many samples, one optimiser step per
     # batch; "auto": the largest chunk that fits the device (a probe step on CUDA; the whole batch on CPU)
+    devices: int = 1  # > 1: data-parallel workers through Ray Train (bench.parallel), sharing the global batch
 
 
 class Stage:
@@ -214,12 +215,17 @@ class Stage:
         pass
 
 
+def samples_in(batch: Any) -> int:
+    """The number of samples of a batch (a tensor, or a tuple, list or dict of them: its first)."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else (next(iter(batch.values())) if isinstance(batch, dict)
+                                                                else batch)
+    return len(first)
+
+
 def micro_batches(batch: Any, size: int) -> list[Any]:
     """`batch` in chunks of at most `size` samples along the first axis of every tensor in it (a
     tensor, or a tuple, list or dict of them); other items go to every chunk as they are."""
-    first = batch[0] if isinstance(batch, (list, tuple)) else (next(iter(batch.values())) if isinstance(batch, dict)
-                                                                else batch)
-    n = len(first)
+    n = samples_in(batch)
     if size <= 0 or n <= size:
         return [batch]
     starts = range(0, n, size)
@@ -308,6 +314,8 @@ class TrainingLoop:
             warmup_t=int(round(s.warmup_epochs * self.steps_per_epoch)), warmup_lr_init=s.lr * 0.01)
         self.scaler = torch.amp.GradScaler("cuda", enabled=execution.dtype == torch.float16)
         self.step, self.epoch, self.history = 0, -1, []
+        self.rank, self.world = 0, 1  # set by bench.parallel inside each data-parallel worker
+        self.rank_seed = 0  # the base of the workers' per-epoch seeds for in-step randomness (bench.parallel)
         # counted on the first step this process runs (not under torch.compile: the counter breaks graphs)
         self.flops_per_step: float | None = 0.0 if execution.compile else None
         self.micro_batch = self._probe_micro_batch() if s.micro_batch == AUTO else int(s.micro_batch)
@@ -345,27 +353,43 @@ class TrainingLoop:
         return 0 if chosen == size else chosen
 
     def run(self, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> LoopResult:
+        if self.schedule.devices > 1 and self.world == 1:
+            from bench.parallel import run_data_parallel
+
+            return run_data_parallel(self, on_epoch, resume)
+        return self.run_here(on_epoch, resume)
+
+    def run_here(self, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> LoopResult:
+        """The epochs in this process (one of the workers when data-parallel: rank 0 alone evaluates,
+        reports and checkpoints)."""
         first = 0
         if resume is not None:
-            first = self._restore(resume)
+            first = self.restore(resume)
         t0 = time.perf_counter()
-        bar = tqdm(range(first, self.schedule.epochs), desc=self.stage.name, disable=not self.progress, leave=False)
+        lead = self.rank == 0
+        bar = tqdm(range(first, self.schedule.epochs), desc=self.stage.name, disable=not (self.progress and lead),
+                   leave=False)
         for epoch in bar:
             self.epoch = epoch
             record = {"epoch": epoch, **self._train_epoch(epoch)}
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
-            self.stage.end_epoch(epoch, record)
+            if lead:
+                self.stage.end_epoch(epoch, record)
             self.history.append(record)
-            if on_epoch is not None:
+            if on_epoch is not None and lead:
                 on_epoch(record, self.state)
         steps_here = self.step - first * self.steps_per_epoch
         return LoopResult(self.history, self.step, time.perf_counter() - t0, first, self.micro_batch,
-                          (self.flops_per_step or 0.0) * steps_here)
+                          (self.flops_per_step or 0.0) * steps_here * self.world)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         stage, opt, clip = self.stage, self.optimizer, self.schedule.grad_clip
         t0 = time.perf_counter()
         stage.set_epoch(epoch)
+        if self.world > 1:
+            from bench.parallel import seed_rank
+
+            seed_rank(self.rank_seed, epoch, self.rank)
         self.step_model.train()
         sums: dict[str, float] = {}
         seen = 0
@@ -377,6 +401,10 @@ class TrainingLoop:
                 seen, self.flops_per_step = counted(lambda b=batch, s=seen: self._accumulate(b, epoch, sums, s))
             else:
                 seen = self._accumulate(batch, epoch, sums, seen)
+            if self.world > 1:
+                from bench.parallel import sum_gradients
+
+                sum_gradients(self.model)
             if clip > 0:
                 self.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -385,21 +413,36 @@ class TrainingLoop:
             self.step += 1
             self.scheduler.step_update(self.step)
             stage.after_step(self.step, self.total_steps)
+        if self.world > 1:
+            from bench.parallel import summed
+
+            sums, seen = summed(sums, seen)
         means = {("train_loss" if k == "loss" else k): v / max(seen, 1) for k, v in sums.items()}
         return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
 
     def _accumulate(self, batch: Any, epoch: int, sums: dict[str, float], seen: int) -> int:
-        """Forward and backward of one batch, in micro-batches when asked; the samples seen so far."""
+        """Forward and backward of one batch, in micro-batches when asked; the samples seen so far.
+        Data-parallel, each worker takes its shard of the global batch, weighed by its share of the
+        whole batch's loss, so the workers' summed gradients are the one-device step's."""
         chunks = micro_batches(batch, self.micro_batch)
         weights = [self.stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
+        total, whole = sum(weights), samples_in(batch)
+        if self.world > 1:
+            from bench.parallel import shard_of
+
+            shards = shard_of(batch, self.world)
+            total = sum(self.stage.batch_weight(s) for s in shards)
+            mine = shards[self.rank] if self.rank < len(shards) else None
+            chunks = micro_batches(mine, self.micro_batch) if mine is not None else []
+            weights = [self.stage.batch_weight(c) for c in chunks]
         for chunk, weight in zip(chunks, weights):
             with self.execution.autocast():
                 parts, n = self.stage.step(self.step_model, self.execution.to(chunk))
             loss = parts["loss"].float()
             self._check_finite(loss, epoch)
-            self.scaler.scale(loss * (weight / sum(weights))).backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+            self.scaler.scale(loss * (weight / total)).backward()
+            for key, value in parts.items():  # the batch's mean loss, whichever way it was split
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * (weight / total) * whole
             seen += n
         return seen
 
@@ -422,7 +465,8 @@ class TrainingLoop:
                 "rng": {"torch": torch.get_rng_state(), "python": [py_state[0], list(py_state[1]), py_state[2]],
                         "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:])}}
 
-    def _restore(self, state: dict[str, Any]) -> int:
+    def restore(self, state: dict[str, Any]) -> int:
+        """The training state of `state()` back in place; the epoch to continue from."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -197,7 +197,7 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     staging.mkdir(parents=True, exist_ok=True)
     schedule = Schedule(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay, optimizer=p.optimizer,
                         betas=tuple(p.betas), warmup_epochs=p.warmup_epochs, grad_clip=p.grad_clip,
-                        lr_key="pretrain.lr", micro_batch=p.micro_batch)
+                        lr_key="pretrain.lr", micro_batch=p.micro_batch, devices=cfg.devices)
     loop = TrainingLoop(PretextStage(method, pretext, dataset, cfg, stage), schedule, Execution.of(cfg, method),
                         progress=cfg.progress)
     started = now()

@@ -1,0 +1,167 @@
+"""One training stage on several devices (`devices=N`): data-parallel workers through Ray Train.
+
+The driver builds the stage as for one device and hands the whole `TrainingLoop` to Ray Train's
+`TorchTrainer`, which starts N workers and their process group (NCCL on GPUs, gloo on CPUs). Every
+worker draws the same global batch (the loaders' order and augmentation are seeded by seed, epoch and
+index, so they agree without communication) and keeps its shard of it; each shard's loss is weighed
+by its share of the global batch's loss, and one all-reduce sums the gradients before the optimiser
+step. The step is therefore the one-device step at the same `batch_size`, up to the order of float
+sums, for networks without BatchNorm (a BatchNorm layer normalises each shard by its own statistics,
+as under `micro_batch`) and for losses that are means over samples (a contrastive loss sees the
+shard's negatives). Randomness inside a step (masks, views drawn on the device) is seeded per epoch
+and rank, so the shards do not repeat each other's draws.
+
+The gradients are summed after the backward pass rather than bucketed into it as
+`DistributedDataParallel` does: stages call their modules' own methods (pretexts, encoders), not only
+`forward`, which DDP's hooks require. Rank 0 alone evaluates validation, calls the epoch callback
+(checkpoints) and returns the trained state, which the driver loads; test evaluation and frozen
+features then run once, on the driver, over the whole split.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+
+STATE_FILE = "loop_state.pt"
+
+
+def shard_of(batch: Any, world: int) -> list[Any]:
+    """The global batch in `world` contiguous shards of equal size (the last may be smaller; with
+    fewer samples than workers, some workers get none)."""
+    from bench.loop import micro_batches, samples_in
+
+    return micro_batches(batch, math.ceil(samples_in(batch) / world))
+
+
+def seed_rank(base: int, epoch: int, rank: int) -> None:
+    """Each worker's generators for the epoch: distinct per rank, the same on a rerun or a resume."""
+    seed = int(np.random.SeedSequence([base, epoch, rank]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def sum_gradients(model: nn.Module) -> None:
+    """All workers' gradients summed in place, in one flat buffer. A parameter that no worker's shard
+    reached keeps no gradient (as on one device); one that only some reached gets zeros elsewhere."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+    dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+    used = [p for p, r in zip(params, reached.tolist()) if r]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not used:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in used])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in used:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def summed(sums: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
+    """The epoch's loss sums and sample count over all workers (every worker holds the same keys)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, values[:-1].tolist())), int(values[-1].item())
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import cloudpickle
+    import ray
+    import ray.train
+
+    loop, on_epoch, resume, device_type = cloudpickle.loads(ray.get(config["payload"]))
+    context = ray.train.get_context()
+    loop.rank, loop.world = context.get_world_rank(), context.get_world_size()
+    if device_type == "cuda":
+        import ray.train.torch
+
+        _move(loop, ray.train.torch.get_device())
+    if loop.execution.compile:
+        loop.step_model = loop.stage.step_model = torch.compile(loop.model)
+    result = loop.run_here(on_epoch, resume)
+    if loop.rank != 0:
+        ray.train.report({"epochs": len(result.history)})
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"state": loop.state(), "result": vars(result)}, Path(folder) / STATE_FILE)
+        ray.train.report({"epochs": len(result.history)}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _move(loop: Any, device: torch.device) -> None:
+    """The loop's model and the stage's own modules (e.g. a weighted loss) on the worker's device."""
+    loop.execution.device = device
+    loop.model.to(device, memory_format=loop.execution.memory_format)
+    for value in vars(loop.stage).values():
+        if isinstance(value, nn.Module):
+            value.to(device)
+
+
+def run_data_parallel(loop: Any, on_epoch: Any, resume: dict[str, Any] | None) -> Any:
+    """`loop.run` on `loop.schedule.devices` Ray Train workers; the driver's loop ends holding rank 0's
+    trained state, and the result is rank 0's (its loss curve averages every worker's shards)."""
+    import cloudpickle
+
+    from bench.loop import LoopResult
+    from bench.orchestrate import ray_session
+    from bench.weights import numpy_array_globals
+
+    devices = int(loop.schedule.devices)
+    device_type = loop.execution.device.type
+    if device_type == "cuda":  # the driver keeps its copy on the CPU; each worker moves its own to its GPU
+        _move(loop, torch.device("cpu"))
+    loop.step_model = loop.stage.step_model = loop.model  # a compiled module is rebuilt inside each worker
+    loop.rank_seed = int(torch.randint(0, 2**31 - 1, ()).item())  # drawn from the run's seeded generator
+    import ray
+
+    with ray_session(None) if not ray.is_initialized() else contextlib.nullcontext():
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        payload = ray.put(cloudpickle.dumps((loop, on_epoch, resume, device_type)))
+        with tempfile.TemporaryDirectory(prefix="bench-ray-train-") as storage:
+            trainer = TorchTrainer(
+                _worker, train_loop_config={"payload": payload},
+                scaling_config=ScalingConfig(num_workers=devices, use_gpu=device_type == "cuda",
+                                             resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name="stage", storage_path=storage))
+            try:
+                outcome = trainer.fit()
+            except Exception as exc:  # Ray wraps a worker's error; its first line names what failed
+                raise BenchError(f"{loop.stage.name} on {devices} devices: {_root_cause(exc)}") from None
+            with torch.serialization.safe_globals(numpy_array_globals()):
+                saved = torch.load(Path(outcome.checkpoint.path) / STATE_FILE, map_location="cpu", weights_only=True)
+    if device_type == "cuda":
+        _move(loop, torch.device("cuda"))
+    loop.restore(saved["state"])
+    return LoopResult(**saved["result"])
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        if "BenchError:" in line:
+            return line.split("BenchError:", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
