@@ -246,6 +246,10 @@ def run_suite(overrides: dict[str, str]) -> Path:
                                                      overrides.get("train_fractions", ""),
                                                      overrides.get("protocols", ""))])
     configs = [cfg for r in runs for cfg in resolve_runs(dict(r))]  # every config is checked before any work
+    spanning = next((cfg for cfg in configs if cfg.devices > 1), None)
+    if spanning is not None:  # a trial's Tune checkpoints are taken in the trial, not in Ray Train's workers
+        raise BenchError(f"devices={spanning.devices} ({spanning.method}): a suite runs each run on one device; "
+                         "run it alone with bench run method=... devices=N")
     from bench.prepare import prepare_data
 
     kinds, seconds = prepare_data(configs)

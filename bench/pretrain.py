@@ -76,11 +76,14 @@ class PretextStage(Stage):
 
 
 def pretrain_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The pretraining keys that name an artifact: the effective seed, and `micro_batch` only when it
-    splits batches (BatchNorm statistics then come from the micro-batches)."""
+    """The pretraining keys that name an artifact: the effective seed, and `micro_batch` and `devices`
+    only when they split batches (BatchNorm statistics then come from the chunks or shards, and
+    in-step randomness is drawn per shard)."""
     keys = {**OmegaConf.to_container(cfg.pretrain, resolve=True), "seed": pretrain_seed(cfg)}
     if not keys.get("micro_batch"):
         keys.pop("micro_batch", None)
+    if cfg.devices > 1:
+        keys["devices"] = int(cfg.devices)
     return keys
 
 
