@@ -37,6 +37,9 @@ def _summary(rows: list[dict], outcome: str) -> str:
     for r in (r for r in rows if r["check"] == "two epochs"):
         losses = " -> ".join(f"{v:.4f}" for v in r["losses"])
         lines += ["", f"{r['method']}, two paper-preset epochs: training loss {losses}"]
+    for r in (r for r in rows if r["check"] == "two gpus"):
+        lines += ["", f"{r['method']} on two GPUs (devices=2): validation loss {r['losses']} against one GPU's "
+                      f"{r['one']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -114,3 +114,22 @@ def test_two_paper_preset_epochs_lower_the_training_loss(name, tmp_path, gpu_res
     losses = [e["train_loss"] for e in metrics["epochs"]]
     gpu_results.append({"check": "two epochs", "method": name, "losses": losses})
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="data parallel needs two GPUs")
+def test_two_gpus_take_the_one_gpu_steps(tmp_path, gpu_results):
+    """devices=2 on two GPUs (NCCL): vit_b (no BatchNorm) at the one-GPU run's validation curve."""
+    import json
+
+    from tests_helpers import run_cli
+
+    curves = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        done = run_cli("run", "method=vit_b", "regime=scratch", "preset=paper", "epochs=2", "device=cuda",
+                       f"devices={devices}", "synthetic.n_patients=40", "synthetic.n_val_patients=10",
+                       "synthetic.n_test_patients=10", f"out={out}", "progress=false", f"cache_dir={tmp_path / 'c'}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        curves[devices] = [e["val_loss"] for e in json.loads(next(out.rglob("metrics.json")).read_text())["epochs"]]
+    gpu_results.append({"check": "two gpus", "method": "vit_b", "losses": curves[2], "one": curves[1]})
+    assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves
