@@ -24,9 +24,11 @@ is resampled to half the in-plane resolution inside the encoder (`model.depth_sc
 
 Pretext (`public` stand-in and `vertebrae`): SPECTRE's DINOv2 in miniature: an EMA teacher (momentum
 from `model.teacher_momentum` to 1 on a cosine), two global views, a DINO loss on the cls token
-against the other view's centred and sharpened teacher output, and an iBOT loss on the student's
-masked patch tokens against the teacher's tokens at the same places (separate heads, as
-`ibot_seperate_head: true`). The multi-crop local views and KoLeo are left out at this scale.
+against the other view's sharpened teacher output, and an iBOT loss on the student's masked patch
+tokens against the teacher's tokens at the same places (separate heads, as `ibot_seperate_head:
+true`). The teacher's outputs are normalised by DINOv2's Sinkhorn-Knopp (`model.centering`; DINO's
+running centre as the alternative, which on schedules this short collapses to the uniform output,
+a loss stuck at ln K). The multi-crop local views and KoLeo are left out at this scale.
 """
 from __future__ import annotations
 
@@ -149,8 +151,13 @@ class SpectreParams:
     teacher_momentum: float = 0.992
     teacher_temp: float = 0.07
     student_temp: float = 0.1
-    center_momentum: float = 0.9
+    center_momentum: float = 0.9  # for centering="centering"
+    centering: str = "sinkhorn_knopp"  # DINOv2's two teacher normalisations: "sinkhorn_knopp" or "centering"
     mask_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.centering not in ("sinkhorn_knopp", "centering"):
+            raise BenchError(f"model.centering={self.centering!r}: expected sinkhorn_knopp or centering")
 
 
 class SpectreViT(nn.Module):
@@ -257,6 +264,8 @@ class DINOv2Pretext(nn.Module):
                 t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
     def targets(self, logits: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        if self.p.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits.float() / self.p.teacher_temp)
         return F.softmax((logits.float() - center) / self.p.teacher_temp, dim=-1)
 
     def distil(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -287,6 +296,20 @@ class DINOv2Pretext(nn.Module):
         return {"loss": dino + ibot, "dino": dino.detach(), "ibot": ibot.detach()}
 
 
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher: (N, K) sharpened logits -> (N, K) targets, each row a
+    distribution, alternately rescaled so every prototype receives an equal share of the batch. The
+    equipartition rules out the uniform collapse that plain centring allows on short schedules."""
+    q = torch.exp(scores - scores.max()).t()  # (K, N); the shift cancels in the normalisations
+    q /= q.sum()
+    prototypes, samples = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * prototypes
+        q /= q.sum(dim=0, keepdim=True) * samples
+    return (q * samples).t()
+
+
 def momentum_at(step: int, total_steps: int, base: float) -> float:
     """DINO's teacher momentum: from `base` to 1 on a cosine over the stage's steps."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
@@ -302,7 +325,8 @@ class Spectre(Method):
         "tiny": {"lr": 1.0e-3, "model": {"patch_size": [8, 8, 4], "embed_dim": 48, "depth": 2, "num_heads": 2,
                                          "drop_path": 0.0, "prototypes": 64}},
         "small": {**TRANSFORMER_FINETUNE, "model": {"patch_size": [12, 12, 6], "embed_dim": 192, "depth": 6,
-                                                    "num_heads": 4, "drop_path": 0.0, "prototypes": 256}},
+                                                    "num_heads": 4, "drop_path": 0.0, "prototypes": 64,
+                                                    "teacher_temp": 0.04}},
     }
     public_weights = WeightsSpec(
         filename="spectre_backbone_vit_large_patch16_128.pt", url="", sha256="",
