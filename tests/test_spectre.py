@@ -126,3 +126,15 @@ def test_public_to_vertebrae_through_the_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     metrics = json.loads(next((tmp_path / "runs" / "single").glob("*/metrics.json")).read_text())
     assert metrics["pretraining"]["plan"] == ["public", "vertebrae"]
+
+
+def test_sinkhorn_knopp_targets_share_the_prototypes_out_evenly():
+    """DINOv2's teacher normalisation: each target a distribution, every prototype's share of the batch
+    equal; identical inputs give the uniform target that plain centring would also give."""
+    from bench.methods.spectre import sinkhorn_knopp
+
+    scores = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 5
+    q = sinkhorn_knopp(scores, iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(32))
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 32 / 8), rtol=1e-3, atol=1e-3)
+    assert torch.allclose(sinkhorn_knopp(torch.ones(4, 8)), torch.full((4, 8), 1 / 8))
