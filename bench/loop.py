@@ -424,17 +424,18 @@ class TrainingLoop:
         """Forward and backward of one batch, in micro-batches when asked; the samples seen so far.
         Data-parallel, each worker takes its shard of the global batch, weighed by its share of the
         whole batch's loss, so the workers' summed gradients are the one-device step's."""
-        chunks = micro_batches(batch, self.micro_batch)
-        weights = [self.stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
-        total, whole = sum(weights), samples_in(batch)
+        whole = samples_in(batch)
         if self.world > 1:
             from bench.parallel import shard_of
 
             shards = shard_of(batch, self.world)
             total = sum(self.stage.batch_weight(s) for s in shards)
-            mine = shards[self.rank] if self.rank < len(shards) else None
-            chunks = micro_batches(mine, self.micro_batch) if mine is not None else []
+            chunks = micro_batches(shards[self.rank], self.micro_batch) if self.rank < len(shards) else []
             weights = [self.stage.batch_weight(c) for c in chunks]
+        else:
+            chunks = micro_batches(batch, self.micro_batch)
+            weights = [self.stage.batch_weight(c) for c in chunks] if len(chunks) > 1 else [1.0]
+            total = sum(weights)
         for chunk, weight in zip(chunks, weights):
             with self.execution.autocast():
                 parts, n = self.stage.step(self.step_model, self.execution.to(chunk))

@@ -19,7 +19,6 @@ features then run once, on the driver, over the whole split.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import tempfile
@@ -135,7 +134,7 @@ def run_data_parallel(loop: Any, on_epoch: Any, resume: dict[str, Any] | None) -
     loop.rank_seed = int(torch.randint(0, 2**31 - 1, ()).item())  # drawn from the run's seeded generator
     import ray
 
-    with ray_session(None) if not ray.is_initialized() else contextlib.nullcontext():
+    with ray_session(None):  # a Ray already running (a suite's trial, a notebook) is used as it is
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
