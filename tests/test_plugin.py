@@ -3,7 +3,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests_helpers import run_cli
+from tests_helpers import run_cli_fresh as run_cli
 
 PLUGIN = '''
 from dataclasses import dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests_helpers import REPO, run_cli
+from tests_helpers import REPO, run_cli, run_cli_fresh
 
 PLUGINS = REPO / "tests" / "plugins"
 
@@ -27,11 +27,11 @@ def plugin_site(tmp_path_factory) -> Path:
 @pytest.mark.e2e
 def test_ssl_plugins_pretrain_finetune_and_report_through_the_cli(plugin_site, tmp_path, bench_cache):
     env = {"PYTHONPATH": str(plugin_site)}
-    listed = run_cli("list", "methods", env=env)
+    listed = run_cli_fresh("list", "methods", env=env)
     assert listed.returncode == 0 and "simclr3d" in listed.stdout and "byol3d" in listed.stdout
     out = tmp_path / "runs"
     for method in ("simclr3d", "byol3d"):
-        ran = run_cli("run", f"method={method}", "preset=tiny", f"out={out}", env=env)
+        ran = run_cli_fresh("run", f"method={method}", "preset=tiny", f"out={out}", env=env)
         assert ran.returncode == 0, ran.stderr
         metrics = json.loads((out / "single" / f"{method}-vertebrae-s0" / "metrics.json").read_text())
         init = metrics["pretraining"]
