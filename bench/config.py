@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Optional
@@ -80,6 +81,9 @@ class PretrainConfig:
     # takes random sub-crops of the pretraining data, for encoders that take any input size
     # (`Method.pretext_any_size`); the finetuned and probed geometry stays the run's.
     crop_size: int = 0
+    # Crop store(s), comma-separated, that the `vertebrae` stage pretrains on; "": the unlabelled crops
+    # of the run's own data.
+    data: str = ""
 
 
 @dataclass
@@ -113,7 +117,6 @@ class RunConfig:
     preset: Literal["tiny", "small", "paper"] = "small"
     seed: int = 0
     data: str = "synthetic"  # a registered data set name or the path of a crop store
-    pretrain_data: str = ""  # crop store(s), comma-separated, that the `vertebrae` stage pretrains on
     splits: str = ""  # patient_id,split CSV; default: the data's own splits file, made once
     out: str = "runs"
     suite: str = "single"
@@ -166,6 +169,26 @@ class RunConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     model: Any = field(default_factory=dict)  # replaced by the method's Params dataclass
+
+
+# Keys that were renamed: the old name still works, with one line that names the new one.
+RENAMED_KEYS = {"pretrain_data": "pretrain.data"}
+_said_renamed: set[str] = set()
+
+
+def renamed_keys(overrides: dict[str, str], where: str = "command line") -> dict[str, str]:
+    """`overrides` with every old key name replaced by its new one (said once per process on stderr)."""
+    out = dict(overrides)
+    for old, new in RENAMED_KEYS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise BenchError(f"{where}: '{old}' and '{new}' both given; '{old}' is the old name of '{new}'")
+        if old not in _said_renamed:
+            _said_renamed.add(old)
+            print(f"bench: '{old}' is deprecated; use '{new}'", file=sys.stderr)
+        out[new] = out.pop(old)
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -279,7 +302,7 @@ def compose(overrides: dict[str, str], method_cls: Any | None = None) -> DictCon
     if method_cls is not None:
         method_layer = method_cls.presets.get(preset, {})
         cfg = _merge(cfg, OmegaConf.create(method_layer), f"method {method_cls.name}, preset {preset}")
-    cfg = _merge(cfg, overrides, "command line")
+    cfg = _merge(cfg, renamed_keys(overrides), "command line")
     if method_cls is not None and cfg.weights.public == PUBLISHED:
         spec = getattr(method_cls, "public_weights", None)
         cfg.weights.public = spec.source if spec is not None else ""  # the address, so the run records it

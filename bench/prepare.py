@@ -39,7 +39,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
         method = create_method(cfg.method, cfg)
         for stage in method.pretraining_plan(cfg.regime):
             if stage == "vertebrae":
-                if not cfg.pretrain_data:  # separate pretraining stores need no synthetic unlabelled set
+                if not cfg.pretrain.data:  # separate pretraining stores need no synthetic unlabelled set
                     add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
                 for kind in public_corpora(method.pretext_data("public")):

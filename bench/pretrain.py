@@ -80,6 +80,7 @@ def pretrain_identity(cfg: DictConfig) -> dict[str, Any]:
     only when they split batches (BatchNorm statistics then come from the chunks or shards, and
     in-step randomness is drawn per shard)."""
     keys = {**OmegaConf.to_container(cfg.pretrain, resolve=True), "seed": pretrain_seed(cfg)}
+    keys.pop("data")  # the pretraining data is named, by content, in the artifact's data spec
     if not keys.get("micro_batch"):
         keys.pop("micro_batch", None)
     if cfg.devices > 1:

@@ -150,8 +150,8 @@ class SyntheticDataset:
 
 def load_unlabelled(cfg: DictConfig) -> VertebraSet:
     """Unlabelled vertebrae for self-supervised pretraining, disjoint from the labelled patients:
-    the stores named by `pretrain_data`, else the unlabelled crops of the data itself."""
-    if cfg.pretrain_data:
+    the stores named by `pretrain.data`, else the unlabelled crops of the data itself."""
+    if cfg.pretrain.data:
         return load_pretrain_stores(cfg)
     if cfg.data in DATASETS.names():
         source = DATASETS.get(cfg.data)()
@@ -164,7 +164,7 @@ def load_unlabelled(cfg: DictConfig) -> VertebraSet:
     unlabelled = manifest[(manifest["label"] < 0) & ~manifest["patient_id"].isin(labelled_patients)]
     if unlabelled.empty:
         raise BenchError(f"crop store '{cfg.data}' has no unlabelled crops (label -1) of patients without labels to "
-                         f"pretrain on; name a separate store with pretrain_data=")
+                         f"pretrain on; name a separate store with pretrain.data=")
     table = unlabelled.assign(split="pretrain", crop_index=unlabelled.index.to_numpy())
     return VertebraSet(crops, table.reset_index(drop=True), name=f"store:{Path(cfg.data).name}:unlabelled")
 
@@ -189,9 +189,9 @@ class StackedCrops:
 
 
 def load_pretrain_stores(cfg: DictConfig) -> VertebraSet:
-    """Every crop of the `pretrain_data` stores (their labels are not used), after checking that no
+    """Every crop of the `pretrain.data` stores (their labels are not used), after checking that no
     patient id and no crop content of the labelled data is among them."""
-    paths = [Path(p.strip()) for p in str(cfg.pretrain_data).split(",") if p.strip()]
+    paths = [Path(p.strip()) for p in str(cfg.pretrain.data).split(",") if p.strip()]
     arrays, tables, geometry = [], [], {}
     for path in paths:
         crops, manifest, meta = open_store(path, verified_in=cache_root(cfg))
@@ -203,12 +203,12 @@ def load_pretrain_stores(cfg: DictConfig) -> VertebraSet:
         arrays.append(crops)
         tables.append(table)
     if len(set(geometry.values())) > 1:
-        raise BenchError(f"pretrain_data: the stores differ in crop size or spacing ({geometry}); ingest them "
+        raise BenchError(f"pretrain.data: the stores differ in crop size or spacing ({geometry}); ingest them "
                          f"with the same size= and spacing=")
     table = pd.concat(tables, ignore_index=True)
     check_pretraining_is_apart(load_data(cfg), table, cfg.data)
     images = arrays[0] if len(arrays) == 1 else StackedCrops(arrays)
-    return VertebraSet(images, table, name="pretrain_data:" + ",".join(p.name for p in paths))
+    return VertebraSet(images, table, name="pretrain.data:" + ",".join(p.name for p in paths))
 
 
 def check_pretraining_is_apart(labelled: VertebraSet, pretraining: pd.DataFrame, data: str) -> None:
@@ -218,14 +218,14 @@ def check_pretraining_is_apart(labelled: VertebraSet, pretraining: pd.DataFrame,
     shared = sorted(set(table["patient_id"]) & set(pretraining["patient_id"]))
     if shared:
         store = pretraining.loc[pretraining["patient_id"] == shared[0], "store"].iloc[0]
-        raise BenchError(f"patient leakage: {len(shared)} patient id(s) are in both data '{data}' and pretrain_data "
+        raise BenchError(f"patient leakage: {len(shared)} patient id(s) are in both data '{data}' and pretrain.data "
                          f"'{store}', e.g. '{shared[0]}'; a pretraining store must hold other patients")
     checksums = table["checksum"] if "checksum" in table else pd.Series(
         [crop_checksum(labelled.images[i]) for i in labelled.crop_indices])
     same = pretraining[pretraining["checksum"].isin(set(checksums))]
     if len(same):
         r = same.iloc[0]
-        raise BenchError(f"leakage: {len(same)} crop(s) of pretrain_data '{r.store}' have the content of crops in "
+        raise BenchError(f"leakage: {len(same)} crop(s) of pretrain.data '{r.store}' have the content of crops in "
                          f"data '{data}', e.g. {r.patient_id} {r.vertebra}; the same scan is in both")
 
 

@@ -185,7 +185,7 @@ CASES = {  # name: (args builder (tmp_path, store) -> list, expected text in the
     "info_verify_reordered": (lambda t, s: ["data", "info", str(_copy(s, t, _reorder)), "--verify"],
                               "does not match its checksum"),
     "pretrain_data_missing": (lambda t, s: ["run", "method=mae3d", "regime=vertebrae", f"data={s}",
-                                            f"pretrain_data={t / 'nowhere'}"], "is not a crop store"),
+                                            f"pretrain.data={t / 'nowhere'}"], "is not a crop store"),
     "labels_empty": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",
                                    f"labels={_write(t / 'e.csv', b'')}"], "not a readable CSV (EmptyDataError"),
     "labels_binary": (lambda t, s: ["data", "ingest", f"ct={TP_CT}", f"mask={TP_MASK}", "label_map=verse",

@@ -34,18 +34,25 @@ def _released_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def test_released_backbone_file_loads_all_390_tensors(tmp_path):
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> tuple[dict[str, torch.Tensor], object]:
+    """The released state and its file, written once: the ViT-L is 338M parameters."""
     known = _released_state()
-    path = tmp_path / "spectre_backbone_vit_large_patch16_128.pt"
+    path = tmp_path_factory.mktemp("spectre") / "spectre_backbone_vit_large_patch16_128.pt"
     torch.save(known, path)
+    return known, path
+
+
+def test_released_backbone_file_loads_all_390_tensors(released):
+    known, path = released
     method, cfg, model = setup_public("spectre", path, preset="paper")
     report = encoder_init(method, cfg, model)["load_report"]
     assert report["matched"] == len(known) == 390 and not report["missing"] and not report["shape_mismatched"]
     assert_encoder_loaded(method, model, known)
 
 
-def test_dinov2_training_checkpoint_loads_the_teacher(tmp_path):
-    teacher = _released_state()
+def test_dinov2_training_checkpoint_loads_the_teacher(released, tmp_path):
+    teacher = released[0]
     student = {k: v + 1.0 for k, v in teacher.items()}
     model_state = {**{f"backbone_teacher.vit.{k}": v for k, v in teacher.items()},
                    **{f"backbone_student.vit.{k}": v for k, v in student.items()},
@@ -60,10 +67,8 @@ def test_dinov2_training_checkpoint_loads_the_teacher(tmp_path):
     assert_encoder_loaded(method, model, teacher)
 
 
-def test_an_encoder_without_layer_scale_fails_naming_the_gammas(tmp_path):
-    path = tmp_path / "spectre_backbone_vit_large_patch16_128.pt"
-    torch.save(_released_state(), path)
-    method, cfg, model = setup_public("spectre", path, preset="paper", **{"model.init_values": "0"})
+def test_an_encoder_without_layer_scale_fails_naming_the_gammas(released):
+    method, cfg, model = setup_public("spectre", released[1], preset="paper", **{"model.init_values": "0"})
     with pytest.raises(BenchError, match=r"blocks\.0\.ls1\.gamma"):
         encoder_init(method, cfg, model)
 

@@ -36,7 +36,7 @@ def test_from_a_verse_release_and_an_unlabelled_collection_to_a_report(tmp_path)
         ["data", "ingest", f"verse={release}", f"grades={grades}", "out=labelled", "progress=false"],
         ["data", "ingest", f"ct={cts}", f"mask={masks}", "mask_suffix=_seg", "label_map=totalseg_v2",
          "out=unlabelled", "progress=false"],
-        ["run", "method=mae3d", "regime=vertebrae", "data=labelled", "pretrain_data=unlabelled",
+        ["run", "method=mae3d", "regime=vertebrae", "data=labelled", "pretrain.data=unlabelled",
          "splits=splits.csv", "preset=tiny", "epochs=1", "pretrain.epochs=1", "progress=false"],
         ["report", "runs/single"],
     ]
@@ -45,5 +45,5 @@ def test_from_a_verse_release_and_an_unlabelled_collection_to_a_report(tmp_path)
         assert done.returncode == 0, (step, done.stderr[-2000:])
     assert (tmp_path / "reports" / "single" / "index.html").is_file()
     run = next((tmp_path / "runs" / "single").glob("mae3d-vertebrae*"))
-    assert "pretrain_data: unlabelled" in (run / "config.yaml").read_text()
+    assert "\n  data: unlabelled\n" in (run / "config.yaml").read_text()  # under pretrain:
     shutil.rmtree(tmp_path / "cache")
