@@ -128,7 +128,7 @@ class CTFM(Method):
     public_weights = WeightsSpec(
         filename="model.safetensors (project-lighter/ct_fm_feature_extractor)", url="", sha256="",
         hf_repo="project-lighter/ct_fm_feature_extractor", hf_file="model.safetensors",
-        licence="unverified here (see the Hugging Face model card)", trained_on="148k CT scans (intrasample SimCLR)",
+        licence="Apache-2.0 (Hugging Face model card)", trained_on="148k CT scans (intrasample SimCLR)",
         layout="safetensors {'conv_init.weight', 'layers.{0-4}.blocks.*', 'layers.{1-4}.downsample.*'} or "
                "{'state_dict': {'backbone.[encoder.]<key>'}} or {'encoder.<key>', 'up_layers.*' (SegResNetDS)}",
         convert=convert_ctfm,

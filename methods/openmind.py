@@ -200,7 +200,8 @@ class OpenMindResEncL(Method):
     public_weights = WeightsSpec(
         filename="ResEncL-OpenMind-MAE (checkpoint_final.pth)", url="", sha256="",
         hf_repo="MIC-DKFZ/ResEncL-OpenMind-MAE", hf_file="checkpoint_final.pth",
-        licence="unverified here (see the Hugging Face model card)", trained_on="the OpenMind data set (nnssl MAE)",
+        licence="CC-BY-4.0 (Hugging Face model card)",
+        trained_on="OpenMind: 114k public 3D brain MRI volumes, 23 MRI modalities (nnssl MAE); no CT",
         layout="{'network_weights': {'encoder.stem.*', 'encoder.stages.{0-5}.*', 'decoder.*'}, "
                "'nnssl_adaptation_plan': {'architecture_plans': {'arch_class_name': 'ResEncL'}, "
                "'key_to_encoder': 'encoder.stages', 'key_to_stem': 'encoder.stem', ...}, 'init_args', 'trainer_name'}",
@@ -355,7 +356,8 @@ class OpenMindPrimusM(Method):
     public_weights = WeightsSpec(
         filename="PrimusM-OpenMind-MAE (checkpoint_final.pth)", url="", sha256="",
         hf_repo="MIC-DKFZ/PrimusM-OpenMind-MAE", hf_file="checkpoint_final.pth",
-        licence="unverified here (see the Hugging Face model card)", trained_on="the OpenMind data set (nnssl MAE)",
+        licence="CC-BY-4.0 (Hugging Face model card)",
+        trained_on="OpenMind: 114k public 3D brain MRI volumes, 23 MRI modalities (nnssl MAE); no CT",
         layout="{'network_weights': {'down_projection.*', 'eva.pos_embed', 'eva.blocks.{0-15}.*', 'eva.norm.*', "
                "'decoder.*', 'mask_token', ...}, 'nnssl_adaptation_plan': {'architecture_plans': {'arch_class_name': "
                "'PrimusM'}, 'key_to_encoder': 'eva', 'key_to_stem': 'down_projection', 'key_to_lpe': "

@@ -66,7 +66,7 @@ VOCO_WEIGHTS = WeightsSpec(
     filename="VoCo_B_SSL_head.pt",
     url="",
     sha256="",
-    hf_repo="Luffy503/VoCo", hf_file="VoCo_B_SSL_head.pt", licence="unverified here (see Luffy03/VoCo)",
+    hf_repo="Luffy503/VoCo", hf_file="VoCo_B_SSL_head.pt", licence="Apache-2.0 (Hugging Face model card)",
     trained_on="VoCo-B: about 1.6k public CT scans (VoCo's pretraining set)",
     layout="{['state_dict':] {'[module.][backbone.]swinViT|swin_vit.patch_embed.*', '...layers{1-4}.0.blocks.{0,1}.*', "
            "'...layers{1-4}c.0.*' (v2 residual blocks), 'encoder*/decoder*/out.*' (dropped)}}",
