@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.explain import BASELINES, KINDS, SCORES, mean_ci, read_explanations
+from bench.explain import KINDS
+from bench.explain_output import read_explanations
+from bench.explain_scores import BASELINES, SCORES, mean_ci
 
 
 def _fmt(entry: dict[str, Any]) -> str:

@@ -13,7 +13,8 @@ from torch import nn
 
 from bench import attribution
 from bench.datasets import synthetic
-from bench.explain import baselines, choose, deletion_curves, map_peak, mask_scores
+from bench.explain_maps import choose
+from bench.explain_scores import baselines, deletion_curves, map_peak, mask_scores
 from bench.registry import list_methods
 from tests_helpers import SHARED_DATA, run_cli
 
@@ -288,7 +289,8 @@ def test_real_crop_map_opens_in_the_crops_frame_and_is_scored(tiny_runs, tmp_pat
     from bench.datasets.cropstore import open_masks, open_store
     from bench.datasets.ingest import Case, IngestOptions
     from bench.datasets.ingest_many import ingest
-    from bench.explain import _write_outputs, load_run, maps_of
+    from bench.explain_maps import load_run, maps_of
+    from bench.explain_output import write_outputs
 
     store, _ = ingest([Case(str(SHARED_DATA / "totalseg_example_ct.nii.gz"),
                             str(SHARED_DATA / "totalseg_example_ct_vertebrae_seg.nii.gz"), "p1")],
@@ -303,7 +305,7 @@ def test_real_crop_map_opens_in_the_crops_frame_and_is_scored(tiny_runs, tmp_pat
     maps = maps_of(method, cfg, model, crop)
     scores = mask_scores(maps["gradcam"], truth, 0)
     assert 0 <= scores["mass_body"] <= 1 and scores["point_body"] in (0.0, 1.0)
-    files = _write_outputs(tmp_path, "real", crop, truth, maps, 3.0)
+    files = write_outputs(tmp_path, "real", crop, truth, maps, 3.0)
     image = nib.load(tmp_path / files["gradcam"])
     assert image.shape == crop.shape and np.allclose(np.diag(image.affine)[:3], 3.0)
 
@@ -364,7 +366,7 @@ def test_every_methods_maps_come_back_to_the_crop(name):
     """Every registered method's maps at tiny: Grad-CAM's layer is one the forward pass calls, and
     every map is finite in the crop's frame (a hook that never fires or an in-place add fails here)."""
     from bench.config import compose
-    from bench.explain import maps_of
+    from bench.explain_maps import maps_of
     from bench.registry import create_method, get_method
 
     cls = get_method(name)
@@ -380,7 +382,7 @@ def test_every_methods_maps_come_back_to_the_crop(name):
 
 def test_explain_file_names_stay_inside_the_explain_folder():
     """A patient id from the user's data may hold '/' or '..': the file stem is one safe name."""
-    from bench.explain import file_stem
+    from bench.explain_output import file_stem
 
     stem = file_stem(3, "TP", "../site A/p01", "L1")
     assert "/" not in stem and ".." not in stem and stem.startswith("03_TP_") and stem.endswith("_L1")

@@ -425,7 +425,7 @@ def test_a_report_embeds_no_file_outside_the_run_folder(tmp_path):
 
     from PIL import Image
 
-    from bench.explain import SCORES
+    from bench.explain_scores import SCORES
 
     secret = tmp_path / "secret.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(secret)
