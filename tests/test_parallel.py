@@ -3,6 +3,7 @@ same global batch, and the run is the one-device run: same validation curve and 
 network without BatchNorm, every test vertebra predicted exactly once, the run folder the same."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -27,12 +28,21 @@ def test_two_workers_finetune_as_one_device_does(tmp_path):
     for a, b in zip(one["epochs"], two["epochs"]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
-    for key in ("auc", "ap", "f1", "acc"):
-        assert two["test"][key] == pytest.approx(one["test"][key], abs=1e-6)
     keys = ["patient_id", "vertebra"]
     assert not two_pred.duplicated(keys).any() and len(two_pred) == two["test"]["n"]  # each test vertebra once
     merged = one_pred.merge(two_pred, on=keys, suffixes=("_1", "_2"))
-    assert len(merged) == len(one_pred) and (merged.score_1 - merged.score_2).abs().max() < 1e-5
+    drift = (merged.score_1 - merged.score_2).abs().max()
+    assert len(merged) == len(one_pred) and drift < 1e-5
+    # The two runs sum the same gradients in another order, so scores agree to float rounding (drift);
+    # a ranking metric can then differ only by the (fractured, intact) pairs scored closer than that.
+    pos, neg = merged.score_1[merged.label_1 == 1].to_numpy(), merged.score_1[merged.label_1 == 0].to_numpy()
+    close = (np.abs(pos[:, None] - neg[None, :]) <= 2 * drift).sum() / (len(pos) * len(neg))
+    assert abs(two["test"]["auc"] - one["test"]["auc"]) <= close + 1e-12
+    at_threshold = ((merged.score_1 - 0.5).abs() <= drift).sum()
+    assert at_threshold == 0 or (merged.prediction_1 != merged.prediction_2).sum() <= at_threshold
+    if at_threshold == 0:
+        for key in ("f1", "acc"):
+            assert two["test"][key] == pytest.approx(one["test"][key], abs=1e-12)
 
 
 @pytest.mark.e2e
