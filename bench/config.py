@@ -24,8 +24,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from bench.errors import BenchError, choices_hint
+from bench.protocols import PROTOCOLS
 
 PRESETS: tuple[str, ...] = ("tiny", "small", "paper")
+ProtocolName = Literal[tuple(PROTOCOLS)]  # the protocols' names, declared once (bench.protocols)
 
 
 @dataclass
@@ -61,22 +63,38 @@ class ViewsConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """The self-supervised stage (see bench.pretrain). The same loop as finetuning (bench.loop), with
-    MAE's AdamW betas by default. Its seed follows the run's, so the seeds of a cell vary pretraining
-    too (one artifact per seed); `pretrain.seed=N` pins one artifact that every seed shares."""
+class OptimConfig:
+    """The optimisation of a training stage: the same fields for finetuning (the top-level keys)
+    and pretraining (`pretrain.*`), built into the loop's schedule in one place
+    (`bench.loop.Schedule.of`)."""
+
+    epochs: int = 20
+    batch_size: int = 16  # the global batch: one optimiser step
+    # > 0: each batch runs in accumulated chunks of this many samples; the step is the whole batch's
+    # (exactly, for networks without BatchNorm: a BatchNorm layer normalises each chunk by its own statistics);
+    # "auto": the largest chunk that fits the GPU, from a probe step (the whole batch on CPU)
+    micro_batch: Any = 0
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam and adamw (PyTorch's defaults)
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class PretrainConfig(OptimConfig):
+    """The self-supervised stage (see bench.pretrain). The same loop and optimiser keys as
+    finetuning (bench.loop), with MAE's AdamW betas by default. Its seed follows the run's, so the
+    seeds of a cell vary pretraining too (one artifact per seed); `pretrain.seed=N` pins one artifact
+    that every seed shares."""
 
     epochs: int = 10
     batch_size: int = 8
-    lr: float = 1.0e-3
     min_lr: float = 1.0e-5
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_epochs: float = 1.0
-    grad_clip: float = 0.0  # 0 disables clipping
     seed: Optional[int] = None  # noqa: UP045 (OmegaConf reads Optional)  # None: the run's seed; N pins it
-    micro_batch: Any = 0  # > 0: accumulate each batch in chunks of this many samples; "auto" (see RunConfig)
     # Edge of the pretext's crops, at the run's voxel spacing; 0: the run's crop_size. A smaller edge
     # takes random sub-crops of the pretraining data, for encoders that take any input size
     # (`Method.pretext_any_size`); the finetuned and probed geometry stays the run's.
@@ -109,8 +127,9 @@ class ProbeConfig:
 
 
 @dataclass
-class RunConfig:
-    """One finetuning run: a method in a regime on a data set with a seed."""
+class RunConfig(OptimConfig):
+    """One finetuning run: a method in a regime on a data set with a seed. The finetuning's
+    optimisation keys (`lr`, `epochs`, ...) are OptimConfig's, at the top level."""
 
     method: str = ""
     regime: Optional[str] = None  # noqa: UP045 (OmegaConf's structured configs read Optional)  # None: every regime
@@ -125,23 +144,11 @@ class RunConfig:
     crop_size: int = 48  # edge of the cubic crop the model sees, in voxels
     task: Literal["fracture", "grade"] = "fracture"  # binary fracture, or Genant grade 0-3 (4 classes)
     train_fraction: float = 1.0  # share of the training PATIENTS used (nested subsets per seed)
-    protocol: Literal["finetune", "linear", "knn"] = "finetune"  # how the initialised encoder is evaluated
+    protocol: ProtocolName = "finetune"  # how the initialised encoder is evaluated (bench.protocols)
     select: Literal["val_f1", "val_auc", "val_loss"] = "val_f1"  # finetune: which epoch's checkpoint is kept
 
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 16  # the global batch: one optimiser step
-    # > 0: each batch runs in accumulated chunks of this many samples; the step is the whole batch's
-    # (exactly, for networks without BatchNorm: a BatchNorm layer normalises each chunk by its own statistics);
-    # "auto": the largest chunk that fits the GPU, from a probe step (the whole batch on CPU)
-    micro_batch: Any = 0
+    # finetuning (its optimisation keys: OptimConfig)
     eval_batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    warmup_epochs: float = 1.0
-    grad_clip: float = 0.0  # 0 disables clipping
     layer_decay: float = 1.0  # finetune: lr x layer_decay^depth-from-the-top per layer group (BEiT/MAE); 1: off
     label_smoothing: float = 0.0  # finetune: cross-entropy label smoothing
     head_init: Literal["random", "linear_probe"] = "random"  # finetune: linear_probe starts from the probe (LP-FT)
@@ -336,6 +343,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0 <= value <= MAX_SEED:
             raise BenchError(f"bad value for '{key}': {value}; expected a whole number from 0 to {MAX_SEED}")
+    for key in ("betas", "pretrain.betas"):
+        betas = list(OmegaConf.select(cfg, key))
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise BenchError(f"bad value for '{key}': {betas}; expected two numbers in [0, 1), e.g. {key}=[0.9,0.999]")
     for key in ("micro_batch", "pretrain.micro_batch"):
         value = OmegaConf.select(cfg, key)
         if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):

@@ -49,11 +49,11 @@ def _finetune_sample(method: Any, cfg: Any, batch: int) -> tuple[torch.Tensor, t
     return default_collate([dataset[i] for i in range(batch)])
 
 
-def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int) -> Any:
+def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int, sample_views: Any) -> Any:
     from bench.datasets import pretext as p
 
     rng = np.random.default_rng(0)
-    kind, s = method.pretext_data(stage), cfg.crop_size
+    kind, s = method.pretext_data_kind(stage), cfg.crop_size
     crops = rng.integers(-1000, 1000, (batch, s, s, s)).astype(np.int16)
     if kind == "volume":
         dataset = p.VolumeCorpus(crops, np.arange(batch), s, 0)
@@ -69,7 +69,6 @@ def _pretext_sample(method: Any, cfg: Any, stage: str, batch: int) -> Any:
         dataset = p.SliceCorpus(crops, np.arange(batch), np.zeros(batch), s, augment=True, seed=0, axis=views.axis,
                                 frames=views.frames, channels=views.channels,
                                 frame_size=method.view_options().get("frame_size", views.frame_size))
-    sample_views = method.pretext_views(stage)
     if sample_views is not None:
         dataset = p.WithViews(dataset, sample_views, 0)
     return default_collate([dataset[i] for i in range(batch)])
@@ -113,11 +112,11 @@ def _one_cost(name: str, preset: str, batch: int, overrides: dict[str, str] | No
                            "finetune_act_gib": finetune.activation_bytes / 2**30,
                            "finetune_cpu_s": finetune.seconds, "batch": int(cfg.batch_size),
                            "pretrain_batch": int(cfg.pretrain.batch_size)}
-    stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
+    stage = next((s for s in ("vertebrae", "public") if method.pretext_data_kind(s) is not None), None)
     if stage is not None:
-        pretext = method.checkpointed(method.build_pretext(stage))
-        sample = _pretext_sample(method, cfg, stage, batch)
-        pre = measured_step(pretext, lambda m: method.pretext_step(m, sample)["loss"], batch)
+        pretext = method.make_pretext(stage)
+        sample = _pretext_sample(method, cfg, stage, batch, pretext.sample_views)
+        pre = measured_step(pretext, lambda m: pretext.step(m, sample)["loss"], batch)
         row.update(pretext_stage=stage, pretext_params_m=sum(p.numel() for p in pretext.parameters()) / 1e6,
                    pretrain_gflop=pre.flops / 1e9, pretrain_act_gib=pre.activation_bytes / 2**30,
                    pretrain_cpu_s=pre.seconds)

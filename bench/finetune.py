@@ -140,12 +140,6 @@ def layer_groups(method: Any, cfg: DictConfig) -> dict[str, Any]:
     return matcher
 
 
-def schedule_of(cfg: DictConfig) -> Schedule:
-    return Schedule(epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                    optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, grad_clip=cfg.grad_clip,
-                    micro_batch=cfg.micro_batch, devices=cfg.devices)
-
-
 def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module | None = None,
              on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
              resume: dict[str, Any] | None = None) -> ProtocolResult:
@@ -168,7 +162,7 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module |
     seed_everything(cfg.seed, cfg.deterministic)  # finetuning draws do not depend on what came before
     execution = Execution.of(cfg, method)
     stage = FinetuneStage(method, cfg, model, train, val, execution)
-    loop = TrainingLoop(stage, schedule_of(cfg), execution, progress=cfg.progress)
+    loop = TrainingLoop(stage, Schedule.of(cfg, cfg.devices), execution, progress=cfg.progress)
     result = loop.run(on_epoch, resume)
     best = stage.best
     assert best is not None

@@ -170,6 +170,14 @@ class Schedule:
     # batch; "auto": the largest chunk that fits the device (a probe step on CUDA; the whole batch on CPU)
     devices: int = 1  # > 1: data-parallel workers through Ray Train (bench.parallel), sharing the global batch
 
+    @classmethod
+    def of(cls, optim: Any, devices: int = 1, lr_key: str = "lr") -> Schedule:
+        """The schedule of a stage's optimisation keys (bench.config.OptimConfig: the top-level keys for
+        finetuning, `pretrain.*` for pretraining)."""
+        return cls(epochs=optim.epochs, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                   optimizer=optim.optimizer, betas=tuple(optim.betas), warmup_epochs=optim.warmup_epochs,
+                   grad_clip=optim.grad_clip, lr_key=lr_key, micro_batch=optim.micro_batch, devices=devices)
+
 
 class Stage:
     """What a stage gives the loop. Override `step`; the rest has working defaults."""
@@ -194,8 +202,14 @@ class Stage:
         (the compiled module when compile is on), and the batch's number of samples."""
         raise NotImplementedError
 
+    def before_optimiser_step(self, optimiser: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+        """The step's gradients are complete (summed over workers), the optimiser has not used them:
+        e.g. a weight-decay schedule, or freezing a group by dropping its gradients. `step` counts the
+        steps taken before this one (0 at the first)."""
+
     def after_step(self, step: int, total_steps: int) -> None:
-        """After each optimiser step (e.g. an EMA teacher update)."""
+        """After each optimiser step (e.g. an EMA teacher update); `step` counts the steps taken (1
+        after the first)."""
 
     def batch_weight(self, batch: Any) -> float:
         """How much a (micro-)batch weighs in its batch's mean loss: its number of samples, or, for a
@@ -405,6 +419,7 @@ class TrainingLoop:
                 from bench.parallel import sum_gradients
 
                 sum_gradients(self.model)
+            stage.before_optimiser_step(opt, self.step, self.total_steps)
             if clip > 0:
                 self.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)

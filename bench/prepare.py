@@ -42,7 +42,7 @@ def data_jobs(configs: list[DictConfig]) -> dict[str, tuple[str, dict[str, Any]]
                 if not cfg.pretrain.data:  # separate pretraining stores need no synthetic unlabelled set
                     add("unlabelled", cfg, synthetic_spec(cfg, False))
             elif not cfg.weights.public:
-                for kind in public_corpora(method.pretext_data("public")):
+                for kind in public_corpora(method.pretext_data_kind("public")):
                     add(kind, cfg, str(corpus_path(cfg, kind)))  # the loader's own identity of a corpus
     return jobs
 

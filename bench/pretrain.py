@@ -18,31 +18,34 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench.config import config_hash, pretrain_seed
-from bench.datasets.pretext import pretext_dataset
+from bench.datasets.pretext import WithViews, pretext_dataset
 from bench.envinfo import environment, now
 from bench.errors import BenchError
 from bench.locks import locked
 from bench.loop import Execution, Schedule, Stage, TrainingLoop, seed_everything
+from bench.methods.pretext import PretextTask
 from bench.store import dumps, write_text_atomic
-from bench.transfer import check_contract, public_encoder_state, public_file
-from bench.weights import load_into
+from bench.transfer import PUBLIC, check_contract, initialise, public_file
 
 ARTIFACT_VERSION = 4  # bumped whenever a pretext task changes what it computes
 STATE_FILE = "training_state.pt"
 
 
 class PretextStage(Stage):
-    """One pretraining stage for the loop: the method's pretext, its data and its hooks."""
+    """One pretraining stage for the loop: the method's pretext (a PretextTask, whose hooks the loop
+    calls through this stage), its data and its sample views."""
 
-    def __init__(self, method: Any, pretext: nn.Module, dataset: Dataset, cfg: DictConfig, stage: str) -> None:
+    def __init__(self, method: Any, pretext: PretextTask, dataset: Dataset, cfg: DictConfig, stage: str) -> None:
         p = cfg.pretrain
-        self.method, self.model, self.name = method, pretext, f"pretraining of {method.name} ({stage})"
+        self.model, self.name = pretext, f"pretraining of {method.name} ({stage})"
         self.generator = torch.Generator().manual_seed(pretrain_seed(cfg))
+        if pretext.sample_views is not None:
+            dataset = WithViews(dataset, pretext.sample_views, pretrain_seed(cfg))
         self.loader = DataLoader(dataset, batch_size=min(p.batch_size, len(dataset)), shuffle=True, drop_last=True,
                                  generator=self.generator, num_workers=cfg.num_workers)
         if len(self.loader) == 0:
@@ -51,18 +54,21 @@ class PretextStage(Stage):
         self.epochs, self.logged = p.epochs, {}
 
     def param_groups(self) -> list[dict[str, Any]] | None:
-        return self.method.pretext_param_groups(self.model)
+        return self.model.param_groups()
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.logged = self.method.on_pretext_epoch(self.model, epoch, self.epochs) or {}
+        self.logged = self.model.on_epoch(epoch, self.epochs) or {}
 
     def step(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.method.pretext_step(model, batch), len(first)
+        return self.model.step(model, batch), len(first)
+
+    def before_optimiser_step(self, optimiser: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+        self.model.before_optimiser_step(optimiser, step, total_steps)
 
     def after_step(self, step: int, total_steps: int) -> None:
-        self.method.on_pretext_step(self.model, step, total_steps)
+        self.model.on_step(step, total_steps)
 
     def end_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         record["loss"] = record.pop("train_loss")
@@ -90,13 +96,15 @@ def pretrain_identity(cfg: DictConfig) -> dict[str, Any]:
 
 def code_digest(method: Any) -> str:
     """The sha256 of the source files that define the method's class and its bases (a plugin's own
-    file included): an edit to the pretext's code makes a new artifact instead of reusing one the
-    old code made. Harness changes are covered by ARTIFACT_VERSION."""
+    file, where its pretext is written, included) and of the pretext base classes
+    (bench.methods.pretext): an edit to the pretext's code makes a new artifact instead of reusing
+    one the old code made. Harness changes are covered by ARTIFACT_VERSION."""
     import hashlib
     import inspect
 
     digest = hashlib.sha256()
-    files = sorted({inspect.getsourcefile(cls) for cls in type(method).__mro__ if cls is not object} - {None})
+    classes = [*type(method).__mro__, PretextTask]
+    files = sorted({inspect.getsourcefile(cls) for cls in classes if cls is not object} - {None})
     for path in files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
@@ -159,32 +167,6 @@ def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, 
     return folder
 
 
-def _beyond_encoder(method: Any, pretext: nn.Module) -> tuple[str, ...]:
-    """Pretext keys a previous stage's artifact may leave at their initialisation: everything
-    outside the encoder (decoders differ between stages) and the method's optional encoder keys."""
-    encoder = method.pretext_encoder(pretext)
-    prefix = next(name for name, module in pretext.named_modules() if module is encoder)
-    prefix = f"{prefix}." if prefix else ""
-    optional = {prefix + k for k in method.optional_encoder_keys()}
-    return tuple(k for k in pretext.state_dict() if not k.startswith(prefix) or k in optional)
-
-
-def _init_pretext(method: Any, cfg: DictConfig, pretext: nn.Module, parent: dict[str, Any] | None) -> dict:
-    if not parent:
-        return {"init": "random"}
-    if "artifact" in parent:
-        name = Path(parent["artifact"]).name
-        state = method.transfer(load_file(str(Path(parent["artifact"]) / "pretext.safetensors")), pretext)
-        return {"init": f"artifact {name}", "load_report": load_into(pretext, state, f"artifact {name}",
-                                                                      optional=_beyond_encoder(method, pretext),
-                                                                      what="pretext").summary()}
-    target = method.pretext_encoder(pretext)
-    state, source, left_out, _ = public_encoder_state(method, cfg, target)
-    report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys())).summary()
-    report["ignored_outside_encoder"] += left_out
-    return {"init": source, "load_report": report}
-
-
 def _resume_state(stage_folder: Path) -> dict[str, Any] | None:
     """The last epoch's training state of an interrupted build (a file this suite wrote)."""
     path = stage_folder / STATE_FILE
@@ -195,14 +177,13 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
               spec: dict, stage: str) -> None:
     p = cfg.pretrain
     seed_everything(pretrain_seed(cfg), cfg.deterministic)
-    pretext = method.checkpointed(method.build_pretext(stage))
-    init = _init_pretext(method, cfg, pretext, parent)
+    pretext = method.make_pretext(stage)
+    init = {"init": "random"} if not parent else \
+        initialise(method, cfg, pretext, parent["artifact"] if "artifact" in parent else PUBLIC)
     staging = folder.with_name(f".{folder.name}.staging")
     staging.mkdir(parents=True, exist_ok=True)
-    schedule = Schedule(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay, optimizer=p.optimizer,
-                        betas=tuple(p.betas), warmup_epochs=p.warmup_epochs, grad_clip=p.grad_clip,
-                        lr_key="pretrain.lr", micro_batch=p.micro_batch, devices=cfg.devices)
-    loop = TrainingLoop(PretextStage(method, pretext, dataset, cfg, stage), schedule, Execution.of(cfg, method),
+    stage_of_loop = PretextStage(method, pretext, dataset, cfg, stage)
+    loop = TrainingLoop(stage_of_loop, Schedule.of(p, cfg.devices, "pretrain.lr"), Execution.of(cfg, method),
                         progress=cfg.progress)
     started = now()
 

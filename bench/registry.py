@@ -91,7 +91,8 @@ class Registry(Generic[T]):
 
 
 def _check_method(name: str, cls: Any) -> None:
-    """A method's regimes must be declared ones (bench.regimes), checked when it registers."""
+    """A method's regimes must be declared ones (bench.regimes), and it defines no hook of an earlier
+    version that has moved to the pretext; checked when it registers."""
     from bench.regimes import NAMES
 
     regimes = getattr(cls, "regimes", ())
@@ -100,6 +101,13 @@ def _check_method(name: str, cls: Any) -> None:
         bad = unknown[0] if unknown else repr(regimes)
         raise BenchError(f"method '{name}' ({getattr(cls, '__module__', '?')}) declares regime {bad!r}; "
                          f"{choices_hint(str(bad), NAMES)}")
+    from bench.methods.base import MOVED_HOOKS
+
+    for klass in getattr(cls, "__mro__", ())[:-1]:
+        moved = next((hook for hook in MOVED_HOOKS if hook in vars(klass)), None)
+        if moved is not None and klass.__module__ != "bench.methods.base":
+            raise BenchError(f"method '{name}' ({klass.__module__}.{klass.__name__}) defines '{moved}', which is now "
+                             f"{MOVED_HOOKS[moved]}: move it onto the pretext (docs/plugins.md, 'Adding a method')")
 
 
 METHODS: Registry[Any] = Registry("method", "bench.methods", "bench.methods", _check_method)

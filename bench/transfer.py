@@ -1,5 +1,8 @@
-"""How pretrained tensors reach the finetuning model: the real public file, or a pretraining
-artifact, mapped by the method's `transfer` and checked key by key.
+"""Where pretrained tensors reach a model, in one place: `initialise` fills a target (a pretext, or
+the classifier) from a source (the run's public file, or a pretraining artifact), through the
+method's key mapping (`transfer`), and checks every encoder tensor by name and shape
+(bench.weights.load_into). File reading, hashing and the publishers' key layouts stay in
+bench.weights and next to each model.
 
 `check_contract` builds the pretext and the finetuning model and dry-runs the key mapping before
 any pretraining starts (as nnssl checks its adaptation plan up front), so a layout mismatch fails
@@ -18,6 +21,7 @@ from torch import nn
 
 from bench.config import pretrain_seed
 from bench.errors import BenchError
+from bench.methods.pretext import PretextTask
 from bench.weights import fetch, load_into, read_checkpoint, sha256_of, unwrap_state_dict
 
 
@@ -51,18 +55,10 @@ def public_encoder_state(method: Any, cfg: DictConfig,
     return state, f"{path} (sha256 {digest[:12]})", max(len(raw) - len(state), 0), digest
 
 
-def load_public(method: Any, cfg: DictConfig, target: nn.Module) -> dict[str, Any]:
-    state, source, left_out, digest = public_encoder_state(method, cfg, target)
-    report = load_into(target, state, source, optional=tuple(method.optional_encoder_keys()))
-    summary = report.summary()
-    summary["ignored_outside_encoder"] += left_out
-    return {"init": source, "load_report": summary, "public_file_sha256": digest}
-
-
 def pretext_from_artifact(method: Any, folder: Path) -> nn.Module:
     """The pretext model of an artifact folder (written by this suite: safetensors, no pickle)."""
     record = json.loads((folder / "pretrain.json").read_text())
-    pretext = method.build_pretext(record["source"])
+    pretext = method.make_pretext(record["source"])
     pretext.load_state_dict(load_file(str(folder / "pretext.safetensors")))
     return pretext
 
@@ -87,29 +83,70 @@ def check_contract(method: Any, plan: list[str]) -> None:
     if not plan:
         return
     stage = plan[-1]
-    pretext = method.build_pretext(stage)
+    pretext = method.make_pretext(stage)
     target = method.finetune_encoder(method.build_model())
-    bad = mismatches(method, method.transfer(method.pretext_encoder_state(pretext), target), target)
+    bad = mismatches(method, method.transfer(pretext.encoder_state(), target), target)
     if bad:
         shown = ", ".join(bad[:6]) + (f", ... ({len(bad)} in all)" if len(bad) > 6 else "")
         raise BenchError(f"method '{method.name}': the pretext encoder ({stage} stage) does not provide the "
                          f"finetuning encoder's tensors: {shown}; nothing was pretrained")
 
 
+PUBLIC = "public file"  # the source `initialise` reads from the run's `weights.public`
+
+
+def initialise(method: Any, cfg: DictConfig, target: nn.Module, source: str | Path) -> dict[str, Any]:
+    """Fill `target` from `source` (PUBLIC, or an artifact folder) and say what was done.
+
+    A PretextTask from an artifact takes the artifact's whole pretext state (the previous stage's),
+    except what lies outside its encoder (decoders differ between stages); a PretextTask from the
+    public file fills its `pretrained_encoder`; a classifier fills its `finetune_encoder` with the
+    encoder tensors of either. Every encoder tensor must come by name and shape, or one error line."""
+    optional = tuple(method.optional_encoder_keys())
+    if isinstance(target, PretextTask):
+        module = target if source != PUBLIC else target.pretrained_encoder()
+    else:
+        module = method.finetune_encoder(target)
+    info: dict[str, Any] = {}
+    left_out, what = 0, "encoder"
+    if source == PUBLIC:
+        state, name, left_out, digest = public_encoder_state(method, cfg, module)
+        info["public_file_sha256"] = digest
+    else:
+        artifact = Path(source)
+        name = f"artifact {artifact.name}"
+        info["artifact"] = str(artifact)
+        if isinstance(target, PretextTask):
+            state = method.transfer(load_file(str(artifact / "pretext.safetensors")), target)
+            optional, what = _beyond_encoder(method, target), "pretext"
+        else:
+            state = method.transfer(pretext_from_artifact(method, artifact).encoder_state(), module)
+    report = load_into(module, state, name, optional=optional, what=what).summary()
+    report["ignored_outside_encoder"] += left_out
+    return {"init": name, **info, "load_report": report}
+
+
+def _beyond_encoder(method: Any, pretext: PretextTask) -> tuple[str, ...]:
+    """Pretext keys a previous stage's artifact may leave at their initialisation: everything
+    outside the encoder (decoders differ between stages) and the method's optional encoder keys."""
+    encoder = pretext.pretrained_encoder()
+    prefix = next(name for name, module in pretext.named_modules() if module is encoder)
+    prefix = f"{prefix}." if prefix else ""
+    optional = {prefix + k for k in method.optional_encoder_keys()}
+    return tuple(k for k in pretext.state_dict() if not k.startswith(prefix) or k in optional)
+
+
 def initialise_encoder(method: Any, cfg: DictConfig, model: nn.Module, artifact: Path | None) -> dict[str, Any]:
-    """Initialise the classifier's encoder as the run's regime says; returns what was done."""
+    """Initialise the classifier's encoder as the run's regime says: at random, from the public file
+    (a plan of the public stage alone), or from the plan's last artifact; returns what was done."""
     plan = method.pretraining_plan(cfg.regime)
-    target = method.finetune_encoder(model)
     if not plan:
         return {"init": "random", "plan": plan}
-    if artifact is None:  # the plan is the real public file alone
-        return {**load_public(method, cfg, target), "plan": plan}
+    if artifact is None:
+        return {**initialise(method, cfg, model, PUBLIC), "plan": plan}
     record = json.loads((artifact / "pretrain.json").read_text())
-    state = method.transfer(method.pretext_encoder_state(pretext_from_artifact(method, artifact)), target)
-    report = load_into(target, state, f"artifact {artifact.name}", optional=tuple(method.optional_encoder_keys()))
-    return {"init": f"artifact {artifact.name}", "artifact": str(artifact), "load_report": report.summary(),
-            "plan": plan, "pretrain_curve": record["curve"], "pretrain_s": record["train_s"],
-            "pretrain_source": record["source"], "pretrain_init": record["init"],
+    return {**initialise(method, cfg, model, artifact), "plan": plan, "pretrain_curve": record["curve"],
+            "pretrain_s": record["train_s"], "pretrain_source": record["source"], "pretrain_init": record["init"],
             "pretrain_seed": pretrain_seed(cfg), "pretrain_seed_pinned": cfg.pretrain.seed is not None,
             "public_file_sha256": _public_parent(artifact)}
 

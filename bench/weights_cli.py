@@ -100,7 +100,7 @@ def check(path: str, overrides: dict[str, str]) -> dict[str, Any]:
     """The load report of `path` into `method`'s encoder at the preset's architecture."""
     from bench.config import compose
     from bench.registry import create_method, get_method
-    from bench.transfer import load_public
+    from bench.transfer import PUBLIC, initialise
 
     if "method" not in overrides:
         raise BenchError("bench weights check FILE method=NAME: method= is missing")
@@ -116,7 +116,7 @@ def check(path: str, overrides: dict[str, str]) -> dict[str, Any]:
     cfg = compose({"preset": "paper", **overrides, "regime": "public", "weights.public": path}, cls)
     method = create_method(cls.name, cfg)
     model = method.build_model()
-    report = load_public(method, cfg, method.finetune_encoder(model))
+    report = initialise(method, cfg, model, PUBLIC)
     summary = report["load_report"]
     return {"method": cls.name, "preset": cfg.preset, "file": report["init"], "matched": summary["matched"],
             "encoder_tensors": len(method.finetune_encoder(model).state_dict()),

@@ -1,4 +1,4 @@
-"""What a pretext task reads, by one name (`Method.pretext_data(stage)`):
+"""What a pretext task reads, by one name (`Method.pretext_data_kind(stage)`):
 
 - "volume": (1, S, S, S) crops in [0, 1]: body-CT patches on the `public` stage, the unlabelled
   vertebrae on the `vertebrae` stage; random flips along every axis;
@@ -13,9 +13,9 @@
 sample, at the same voxel spacing (volume and segmentation kinds; both arrays of a segmentation
 sample alike), for methods whose encoder takes any input size (`Method.pretext_any_size`).
 
-A method's `pretext_views(stage)` (optional) turns each sample into the views its pretext compares
-(two augmented crops, multi-crop), with a generator seeded per (seed, epoch, index), so the views
-are the same whatever the DataLoader's worker layout.
+A pretext's `sample_views` (optional, bench.methods.pretext) turns each sample into the views it
+compares (two augmented crops, multi-crop), with a generator seeded per (seed, epoch, index), so
+the views are the same whatever the DataLoader's worker layout (`WithViews`).
 """
 from __future__ import annotations
 
@@ -149,9 +149,9 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
     """The dataset of a pretraining stage and what identifies it (part of the artifact's hash)."""
     from bench.datasets.loading import load_corpus, load_unlabelled, synthetic_spec
 
-    kind = method.pretext_data(stage)
+    kind = method.pretext_data_kind(stage)
     if kind not in KINDS:
-        raise BenchError(f"method '{method.name}': pretext_data('{stage}') returned {kind!r}; "
+        raise BenchError(f"method '{method.name}': pretext_data_kind('{stage}') returned {kind!r}; "
                          f"{choices_hint(str(kind), KINDS)}")
     edge = pretext_crop_size(cfg)
     if edge != cfg.crop_size and (kind not in ("volume", "segmentation") or not method.pretext_any_size):
@@ -192,5 +192,4 @@ def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tupl
                                   channels=v.channels)
         else:
             dataset = VolumeCorpus(data.images, data.crop_indices, cfg.crop_size, seed, edge)
-    views = method.pretext_views(stage)
-    return (WithViews(dataset, views, seed) if views is not None else dataset), spec
+    return dataset, spec

@@ -3,22 +3,20 @@
 A method says which regimes it supports, what input it takes, how to build its encoder and its
 classifier head, and which config keys it owns (`Params`, validated by OmegaConf like every other
 key). The harness does the rest: data, the training loop, checkpoint selection, evaluation and
-storage.
+storage. The hooks, all with working defaults except `build_encoder`:
 
-Self-supervised pretraining is a declared surface of hooks, all optional except `pretext_data` and
-`build_pretext` (a method without them has no pretext task):
-
-- what the pretext reads: `pretext_data(stage)` ("volume", "video", "slices" or "segmentation",
-  see bench.datasets.pretext) and how each sample becomes views: `pretext_views(stage)`;
-- the pretext module: `build_pretext(stage)`, whose forward returns {"loss": ..., other parts}, or
-  a custom `pretext_step(pretext, batch)`;
-- what is trained: `pretext_param_groups(pretext)` (per-group `lr_scale`, `weight_decay`; frozen
-  parameters simply have requires_grad False);
-- step and epoch hooks: `on_pretext_step` (EMA teacher, momentum schedule) and `on_pretext_epoch`
-  (temperature schedule; its values join the loss curve);
-- how the pretrained tensors reach the finetuning model: `pretext_encoder_state`, `transfer`,
-  `finetune_encoder`, `optional_encoder_keys`. This transfer contract is checked (both models built,
-  keys mapped by name and shape) before any pretraining starts.
+- the classifier: `build_encoder`, `build_head`, `finetune_encoder` (the module pretrained tensors
+  initialise), `training_loss` and `train_batch_sampler` (SupCon's two views and grade-balanced
+  batches), `layer_groups` (layer-wise lr decay), `search_space` (`bench tune`), `view_options`
+  ("slices" methods);
+- where the model looks (`bench explain`): `token_layout`, `cam_layer`, `cam_to_input`;
+- self-supervised pretraining: `build_pretext(stage)` returns a `PretextTask`
+  (bench.methods.pretext), which carries every hook that acts on the pretext while it trains;
+  `pretext_data_kind(stage)` names what it reads, `pretraining_plan` its stages, `artifact_key`
+  what identifies its artifacts;
+- how pretrained tensors (an artifact's or a public file's) reach the classifier: `transfer` and
+  `optional_encoder_keys`. This transfer contract is checked (both models built, keys mapped by
+  name and shape) before any pretraining starts.
 """
 from __future__ import annotations
 
@@ -31,6 +29,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bench.checkpointing import BLOCKS
+from bench.errors import BenchError
+from bench.methods.pretext import PretextTask
+
+# Hooks of earlier versions that now live on the pretext (or were renamed): a class that still defines
+# one is refused when it registers, with the new place named (bench.registry).
+MOVED_HOOKS = {"pretext_data": "Method.pretext_data_kind", "pretext_views": "PretextTask.sample_views",
+               "pretext_step": "PretextTask.step", "pretext_param_groups": "PretextTask.param_groups",
+               "on_pretext_step": "PretextTask.on_step", "on_pretext_epoch": "PretextTask.on_epoch",
+               "pretext_reconstruction": "PretextTask.reconstruction",
+               "pretext_encoder": "PretextTask.pretrained_encoder",
+               "pretext_encoder_state": "PretextTask.encoder_state"}
 
 
 @dataclass
@@ -141,10 +150,21 @@ class Method:
         return {}
 
     # ---- self-supervised pretraining -------------------------------------------------------------
-    def pretext_data(self, stage: str) -> str | None:
-        """What the pretext of a stage ("public" or "vertebrae") reads: "volume", "video", "slices"
-        or "segmentation" (bench.datasets.pretext); None: the method has no pretext task."""
-        return None
+    def build_pretext(self, stage: str = "vertebrae") -> PretextTask:
+        """The pretext model of a stage ("public" or "vertebrae"): a `PretextTask`, whose forward(batch)
+        returns {"loss": ..., other parts} and whose hooks the training loop calls
+        (bench.methods.pretext); its encoder's tensors must map onto `finetune_encoder`."""
+        raise NotImplementedError(f"method '{self.name}' has no pretext task")
+
+    def pretext_data_kind(self, stage: str) -> str | None:
+        """The kind of data the pretext of a stage reads: "volume", "video", "slices" or
+        "segmentation" (bench.datasets.pretext); "volume" for every method with a pretext unless it
+        says otherwise, None (no pretext on that stage) for the others."""
+        return "volume" if self.has_pretext else None
+
+    @property
+    def has_pretext(self) -> bool:
+        return type(self).build_pretext is not Method.build_pretext
 
     @classmethod
     def runs_without_a_file(cls, regime: str) -> bool:
@@ -152,58 +172,15 @@ class Method:
         pretext task to build its stages with (suites with `runs: all` run only these)."""
         from bench.regimes import stages
 
-        return not stages(regime) or cls.pretext_data is not Method.pretext_data
+        return not stages(regime) or cls.build_pretext is not Method.build_pretext
 
-    @property
-    def has_pretext(self) -> bool:
-        return self.pretext_data("vertebrae") is not None or self.pretext_data("public") is not None
-
-    def pretext_views(self, stage: str) -> Any:
-        """None, or `views(sample, rng) -> views` applied to each pretext sample in the data loader
-        (e.g. two augmented crops as a tuple); `rng` is a numpy Generator seeded per sample and epoch."""
-        return None
-
-    def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
-        """The pretext model of a stage. Its forward(batch) returns {"loss": ..., other parts} (or
-        override `pretext_step`), and `pretext_encoder_state` of it maps onto `finetune_encoder`."""
-        raise NotImplementedError(f"method '{self.name}' has no pretext task")
-
-    def pretext_step(self, pretext: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        """The losses of one pretraining batch, under autocast; `pretext` may be the compiled module."""
-        return pretext(batch)
-
-    def pretext_param_groups(self, pretext: nn.Module) -> list[dict[str, Any]] | None:
-        """Optimiser groups of the pretext ({"params": [...], "lr_scale": 0.1, "weight_decay": 0.0});
-        None: every parameter with requires_grad, no decay on biases and norms."""
-        return None
-
-    def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:
-        """After each optimiser step (e.g. move an EMA teacher; its momentum follows `step / total_steps`).
-        `step` counts the steps taken so far, 1 after the first and `total_steps` after the last; a
-        schedule that wants 0 at the first update uses `step - 1`."""
-
-    def on_pretext_epoch(self, pretext: nn.Module, epoch: int, epochs: int) -> dict[str, float] | None:
-        """Before each epoch (e.g. set a temperature); returned values are logged in the loss curve."""
-        return None
-
-    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Masked-reconstruction pretexts: (masked input, reconstruction) of a pretext batch `x`, shaped
-        like `x`, which `bench explain` shows; None: the pretext reconstructs nothing to show."""
-        return None
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        """The part of the pretext model that public weights initialise: its `encoder` by default."""
-        encoder = getattr(pretext, "encoder", None)
-        if not isinstance(encoder, nn.Module):
-            from bench.errors import BenchError
-
-            raise BenchError(f"method '{self.name}': its pretext ({type(pretext).__name__}) has no `encoder` "
-                             "module; name the encoder `encoder` or override Method.pretext_encoder")
-        return encoder
-
-    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors a finetuning run takes from a pretrained pretext model."""
-        return self.pretext_encoder(pretext).state_dict()
+    def make_pretext(self, stage: str) -> PretextTask:
+        """`build_pretext(stage)`, checked to be a PretextTask, with `model.grad_checkpointing` applied."""
+        pretext = self.build_pretext(stage)
+        if not isinstance(pretext, PretextTask):
+            raise BenchError(f"method '{self.name}': build_pretext('{stage}') returned a {type(pretext).__name__}; "
+                             "expected a bench.methods.pretext.PretextTask (an nn.Module with the pretext's hooks)")
+        return self.checkpointed(pretext)
 
     def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
         """Adapt tensors from one stage's model to another's (e.g. position-embedding cropping)."""

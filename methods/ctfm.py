@@ -40,6 +40,7 @@ from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.methods.inputs import Reorient, hu_window
 from bench.methods.models_genesis import random_cube
+from bench.methods.pretext import PretextTask
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -92,13 +93,16 @@ def intra_sample_nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float)
                                                               device=logits.device))
 
 
-class IntraSampleSimCLR(nn.Module):
+class IntraSampleSimCLR(PretextTask):
     def __init__(self, encoder: CTFMEncoder, features: int, crops: int, temperature: float) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, 128))
         self.crops, self.temperature = crops, temperature
         self.views = TwoViews(min_scale=0.33)
+
+    def pretrained_encoder(self) -> nn.Module:
+        return self.encoder.net
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b, edge = x.shape[0], x.shape[-1] // 2
@@ -153,9 +157,6 @@ class CTFM(Method):
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.net\.conv_init", "blocks": r"^encoder\.net\.layers\.(\d+)"}
 
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params
         if p.pretext_crops < 2:
@@ -163,6 +164,3 @@ class CTFM(Method):
                              f"crops of a scan are the negatives)")
         encoder, features = self.build_encoder()
         return IntraSampleSimCLR(encoder, features, p.pretext_crops, p.temperature)
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.encoder.net

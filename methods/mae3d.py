@@ -18,6 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from bench.methods.pretext import MaskedReconstruction
 from bench.methods.vit import VIT_PRESETS, ViT3D, ViTMethod, ViTParams, init_linear, patchify, take, unpatchify
 from bench.registry import register_method
 
@@ -61,7 +62,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) 
     return F.mse_loss(pred.float(), target)
 
 
-class MAE3D(nn.Module):
+class MAE3D(MaskedReconstruction):
     def __init__(self, encoder: ViT3D, decoder_dim: int, decoder_depth: int, decoder_heads: int,
                  mask_ratio: float, norm_pix_loss: bool, in_chans: int = 1) -> None:
         super().__init__()
@@ -144,12 +145,6 @@ class MAE3DMethod(ViTMethod):
                                                     "decoder_depth": 2, "decoder_heads": 4}},
         "paper": {"pretrain": {"lr": 3.125e-5, "min_lr": 3.125e-7}},  # 1e-3 x batch 8 / 256 (MAE linear scaling rule)
     }
-
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
-    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params

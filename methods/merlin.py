@@ -37,6 +37,7 @@ from torch import nn
 from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.methods.inputs import hu_window
+from bench.methods.pretext import PretextTask
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -150,7 +151,15 @@ def organ_report(organs: torch.Tensor, classes: int) -> tuple[torch.Tensor, torc
     return (fractions > 0).float(), fractions
 
 
-class PhenotypeReportPretext(nn.Module):
+class MerlinPretext(PretextTask):
+    """Merlin's pretexts train the I3D ResNet inside the input adapter (`encoder.net`), which is what
+    public weights fill and what reaches the classifier."""
+
+    def pretrained_encoder(self) -> nn.Module:
+        return self.encoder.net
+
+
+class PhenotypeReportPretext(MerlinPretext):
     """Merlin's EHR phenotype BCE and image-report CLIP loss, on the body-CT corpus's label maps."""
 
     def __init__(self, encoder: MerlinEncoder, features: int, classes: int, p: MerlinParams) -> None:
@@ -170,7 +179,7 @@ class PhenotypeReportPretext(nn.Module):
         return {"loss": phenotype + report, "phenotype": phenotype.detach(), "report": report.detach()}
 
 
-class ViewContrastPretext(nn.Module):
+class ViewContrastPretext(MerlinPretext):
     """Without reports: the contrastive head aligns two augmented views of a crop."""
 
     def __init__(self, encoder: MerlinEncoder, features: int, p: MerlinParams) -> None:
@@ -221,7 +230,7 @@ class Merlin(Method):
         """Grad-CAM is taken in Merlin's (Z, X, Y) frame: back to the crop's axes (X, Y, Z)."""
         return cam.permute(0, 2, 3, 1)
 
-    def pretext_data(self, stage: str) -> str:
+    def pretext_data_kind(self, stage: str) -> str:
         return "segmentation" if stage == "public" else "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
@@ -231,6 +240,3 @@ class Merlin(Method):
         if stage == "public":
             return PhenotypeReportPretext(encoder, features, len(ORGANS), self.params)
         return ViewContrastPretext(encoder, features, self.params)
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.encoder.net

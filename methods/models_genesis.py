@@ -24,6 +24,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.methods.base import Method
+from bench.methods.pretext import PretextTask
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -214,7 +215,10 @@ def random_cube(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
 
 
-class GenesisPretext(nn.Module):
+ENCODER_BLOCKS = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")  # the U-Net's encoder half
+
+
+class GenesisPretext(PretextTask):
     """Restoration of transformed sub-volumes (the original cuts 64x64x32 cubes out of its CTs;
     `size` does the same to the corpus crops, 0 keeps them whole)."""
 
@@ -230,8 +234,11 @@ class GenesisPretext(nn.Module):
         restored = self.unet(inputs)
         return {"loss": F.mse_loss(restored.float(), targets.float())}
 
+    def pretrained_encoder(self) -> nn.Module:
+        return self.unet  # public weights fill the whole UNet, decoder included
 
-ENCODER_BLOCKS = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.unet.state_dict().items() if k.startswith(ENCODER_BLOCKS)}
 
 
 def convert_genesis(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,20 +297,11 @@ class ModelsGenesis(Method):
         hidden = self.params.head_hidden  # the CPU presets shrink it together with the width
         return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         size = self.params.pretext_size
         if size % 8 or size < 0:
             raise BenchError(f"model.pretext_size={size}: expected 0 or a positive multiple of 8 (three poolings)")
         return GenesisPretext(UNet3D(self.params.width, self.params.bn_batch_stats), size)
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.unet  # public weights fill the whole UNet, decoder included
-
-    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pretext.unet.state_dict().items() if k.startswith(ENCODER_BLOCKS)}
 
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder  # the GenesisEncoder inside the pooling wrapper: same key names

@@ -44,6 +44,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.methods.base import Method
+from bench.methods.pretext import MaskedReconstruction
 from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
@@ -140,7 +141,7 @@ def block_mask(shape: torch.Size, block: int, ratio: float, device: torch.device
     return keep
 
 
-class ResEncMAE(nn.Module):
+class ResEncMAE(MaskedReconstruction):
     """nnssl's MAE for convolutional networks: blocks zeroed, the U-Net restores the image."""
 
     def __init__(self, unet: nn.Module, block: int, ratio: float) -> None:
@@ -162,6 +163,9 @@ class ResEncMAE(nn.Module):
         if restored.shape != image.shape:  # a strided first stage restores at its own resolution
             image, hidden = (F.interpolate(t, size=restored.shape[2:], mode="area") for t in (image, hidden))
         return {"loss": ((restored - image) ** 2 * hidden).sum() / hidden.sum()}
+
+    def pretrained_encoder(self) -> nn.Module:
+        return self.unet.encoder
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image, keep, restored = self.restore(x)
@@ -227,21 +231,12 @@ class OpenMindResEncL(Method):
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.net\.stem", "blocks": r"^encoder\.net\.stages\.(\d+)"}
 
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
         kwargs = resenc_kwargs(self.params)
         unet = ResidualEncoderUNet(**kwargs, num_classes=1, n_conv_per_stage_decoder=[1] * (kwargs["n_stages"] - 1))
         return ResEncMAE(unet, self.params.mask_block, self.params.mask_ratio)
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.unet.encoder
-
-    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pretext.reconstruct(x)
 
 
 # ---- Primus-M -------------------------------------------------------------------------------------
@@ -275,7 +270,7 @@ class PrimusEncoder(nn.Module):
         return self.eva(tokens)[0].mean(dim=1)
 
 
-class PrimusMAE(nn.Module):
+class PrimusMAE(MaskedReconstruction):
     """nnssl's Eva MAE: `mask_ratio` of the patch tokens dropped after the position embeddings (the
     rotary ones follow the kept tokens), the Eva encoder runs on the rest, a learned mask token fills
     the dropped places, an Eva decoder runs on the full sequence and Primus' patch decoder restores
@@ -393,12 +388,6 @@ class OpenMindPrimusM(Method):
     def cam_layer(self, model: nn.Module) -> str:
         """No attention maps are extracted from Eva's blocks: Grad-CAM on the patch embedding's grid."""
         return "encoder.down_projection"
-
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
-    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         from dynamic_network_architectures.building_blocks.eva import Eva

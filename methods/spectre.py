@@ -45,6 +45,7 @@ from bench.errors import BenchError
 from bench.methods.augment import TwoViews
 from bench.methods.base import Method
 from bench.methods.inputs import hu_window
+from bench.methods.pretext import MomentumTeacher
 from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -236,8 +237,9 @@ class Normalise(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-class DINOv2Pretext(nn.Module):
-    """DINO (cls) + iBOT (masked patches) self-distillation with an EMA teacher."""
+class DINOv2Pretext(MomentumTeacher):
+    """DINO (cls) + iBOT (masked patches) self-distillation with an EMA teacher (DINO's cosine
+    momentum schedule from `model.teacher_momentum` to 1)."""
 
     def __init__(self, encoder: SpectreEncoder, p: SpectreParams) -> None:
         super().__init__()
@@ -250,18 +252,15 @@ class DINOv2Pretext(nn.Module):
         self.teacher.requires_grad_(False)
         self.register_buffer("dino_center", torch.zeros(1, p.prototypes))
         self.register_buffer("ibot_center", torch.zeros(1, p.prototypes))
-        self.p = p
+        self.p, self.base_momentum = p, p.teacher_momentum
         self.views = TwoViews(min_scale=0.5)
 
-    def student_pairs(self):
+    def teacher_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
         return ((self.encoder.vit, self.teacher["vit"]), (self.dino_head, self.teacher["dino_head"]),
                 (self.ibot_head, self.teacher["ibot_head"]))
 
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        for student, teacher in self.student_pairs():
-            for s, t in zip(student.parameters(), teacher.parameters()):
-                t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    def pretrained_encoder(self) -> nn.Module:
+        return self.encoder.vit
 
     def targets(self, logits: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         if self.p.centering == "sinkhorn_knopp":
@@ -310,11 +309,6 @@ def sinkhorn_knopp(scores: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     return (q * samples).t()
 
 
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """DINO's teacher momentum: from `base` to 1 on a cosine over the stage's steps."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1.0) / 2.0
-
-
 @register_method("spectre")
 class Spectre(Method):
     description = "SPECTRE 3D ViT-L (RoPE), DINOv2 + report alignment on open CT (Claessens et al., CVPR 2026)"
@@ -350,15 +344,6 @@ class Spectre(Method):
     def layer_groups(self) -> dict:
         return {"stem": r"^encoder\.vit\.(?:cls_token|patch_embed|rope)", "blocks": r"^encoder\.vit\.blocks\.(\d+)"}
 
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         encoder, _ = self.build_encoder()
         return DINOv2Pretext(encoder, self.params)
-
-    def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:
-        pretext.update_teacher(momentum_at(step, total_steps, self.params.teacher_momentum))
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.encoder.vit

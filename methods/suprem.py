@@ -40,9 +40,11 @@ from torch import nn
 
 from bench.config import pretext_crop_size
 from bench.datasets.corpora import ORGANS
+from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.methods.inputs import HUWindow, hu_window
 from bench.methods.models_genesis import ENCODER_BLOCKS, GenesisEncoder, GenesisEncoderPooled, UNet3D, scaled_channels
+from bench.methods.pretext import PretextTask
 from bench.methods.swin_unetr import SwinClassifier, SwinEncoder, SwinParams, SwinUNETR, make_swin
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -89,15 +91,29 @@ class Windowed(nn.Module):
         return self.encoder(self.window(x))
 
 
-class OrganSegmentation(nn.Module):
+class OrganSegmentation(PretextTask):
     """The supervised stand-in's pretext: the checkpoint's intensity window, a segmentation network
-    with one logit map per organ, and Dice + cross-entropy against the organ labels."""
+    with one logit map per organ, and Dice + cross-entropy against the organ labels. `encoder`
+    names the network's encoder module (Swin UNETR's `swinViT`); without one (the U-Net, whose
+    encoder is a set of blocks) the tensors that reach the classifier are those of `encoder_blocks`."""
 
-    def __init__(self, window: HUWindow, network: nn.Module) -> None:
+    def __init__(self, window: HUWindow, network: nn.Module, encoder: str = "",
+                 encoder_blocks: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.window = window
         self.network = network
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.encoder_name, self.encoder_blocks = encoder, encoder_blocks
+
+    def pretrained_encoder(self) -> nn.Module:
+        if not self.encoder_name:
+            raise BenchError("the SuPreM U-Net's pretext has no encoder module (its public stage is the file itself)")
+        return self.network.get_submodule(self.encoder_name)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        if self.encoder_name:
+            return self.pretrained_encoder().state_dict()
+        return {k: v for k, v in self.network.state_dict().items() if k.startswith(self.encoder_blocks)}
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, organs = batch
@@ -143,16 +159,13 @@ class SuPreM(SwinClassifier):
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder.swin
 
-    def pretext_data(self, stage: str) -> str | None:
+    def pretext_data_kind(self, stage: str) -> str | None:
         return "segmentation" if stage == "public" else None
 
     def build_pretext(self, stage: str = "public") -> nn.Module:
         edge = pretext_crop_size(self.cfg)
         self.check_edge(edge, "pretrain.crop_size")
-        return OrganSegmentation(hu_window(self.params.hu_window), swin_segmentation(self.params, edge))
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext.network.swinViT
+        return OrganSegmentation(hu_window(self.params.hu_window), swin_segmentation(self.params, edge), "swinViT")
 
     def cam_layer(self, model: nn.Module) -> str:
         return "encoder.encoder.swin.layers4.0"
@@ -187,14 +200,11 @@ class SuPreMUNet(Method):
     def finetune_encoder(self, model: nn.Module) -> nn.Module:
         return model.encoder.encoder.encoder
 
-    def pretext_data(self, stage: str) -> str | None:
+    def pretext_data_kind(self, stage: str) -> str | None:
         return "segmentation" if stage == "public" else None
 
     def build_pretext(self, stage: str = "public") -> nn.Module:
         network = UNet3D(self.params.width)
         out_channels = scaled_channels(64, self.params.width)
         network.out_tr = nn.Conv3d(out_channels, len(ORGANS), kernel_size=1)  # a logit per organ
-        return OrganSegmentation(hu_window(self.params.hu_window), network)
-
-    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pretext.network.state_dict().items() if k.startswith(ENCODER_BLOCKS)}
+        return OrganSegmentation(hu_window(self.params.hu_window), network, encoder_blocks=ENCODER_BLOCKS)

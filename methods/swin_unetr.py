@@ -23,6 +23,7 @@ from torch import nn
 
 from bench.config import pretext_crop_size
 from bench.methods.base import Method
+from bench.methods.pretext import PretextTask
 from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -87,7 +88,7 @@ def _cutout(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class SwinSSL(nn.Module):
+class SwinSSL(PretextTask):
     def __init__(self, swin: SwinTransformer, feature_size: int) -> None:
         super().__init__()
         self.encoder = swin
@@ -178,9 +179,6 @@ class SwinUNETR(SwinClassifier):
         "small": {**TRANSFORMER_FINETUNE, "amp": True, "pretrain": {"crop_size": 32},
                   "model": {"feature_size": 12, "window_size": 4, "num_heads": [1, 2, 4, 8]}},
     }
-
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         self.check_edge(pretext_crop_size(self.cfg), "pretrain.crop_size")

@@ -26,6 +26,7 @@ from bench.datasets.views import AXES, slice_positions
 from bench.errors import BenchError
 from bench.methods.augment import TwoViews
 from bench.methods.base import Method
+from bench.methods.pretext import PretextTask
 from bench.registry import register_method
 from bench.weights import WeightsSpec
 
@@ -115,7 +116,7 @@ def _spec(arch: str, digest: str) -> WeightsSpec:
         convert=convert_torchvision, licence="BSD-3-Clause (torchvision)", trained_on="Kinetics-400 (videos)")
 
 
-class ContrastivePretext(nn.Module):
+class ContrastivePretext(PretextTask):
     """encoder -> MLP projector; NT-Xent between two random resized crops of each clip."""
 
     def __init__(self, encoder: VideoResNetEncoder, projection_dim: int, temperature: float,
@@ -154,7 +155,7 @@ class _VideoCNN(Method):
         "small": {"amp": True, "model": {"width": 16, "frames": 16, "projection_dim": 64, "pretext_size": 24}},
     }
 
-    def pretext_data(self, stage: str) -> str:
+    def pretext_data_kind(self, stage: str) -> str:
         return "video" if stage == "public" else "volume"  # adaptation on whole vertebra crops
 
     def build_encoder(self) -> tuple[nn.Module, int]:

@@ -35,6 +35,7 @@ from bench.datasets.pretext import corpus_frame_size
 from bench.errors import BenchError
 from bench.methods.base import Method
 from bench.methods.mae3d import masked_patch_loss, random_masking, unshuffle
+from bench.methods.pretext import MaskedReconstruction
 from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.methods.vit import VIT_LAYER_GROUPS, init_linear, take
 from bench.registry import register_method
@@ -90,7 +91,11 @@ class VideoViT(nn.Module):
         return self.norm(self.forward_blocks(x)[:, 1:].mean(dim=1))
 
 
-class VideoMAE(VideoViT):
+ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.",
+                "norm.")  # the video ViT's own keys
+
+
+class VideoMAE(VideoViT, MaskedReconstruction):
     """Encoder keys plus the mae_st decoder keys; `forward` returns the masked-patch loss."""
 
     def __init__(self, frames: int, img_size: int, patch: int, embed_dim: int, depth: int, heads: int,
@@ -129,6 +134,12 @@ class VideoMAE(VideoViT):
         pred = self.pred_head.projections[0](hidden)  # the hidden patches alone are predicted
         return {"loss": masked_patch_loss(pred, take(self.target(x), masking.hidden), self.norm_pix_loss)}
 
+    def pretrained_encoder(self) -> nn.Module:
+        return self  # public weights fill encoder and decoder, as mae_st ships both
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(ENCODER_KEYS)}
+
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked clip, reconstruction), both shaped like `x` (B, 3, T, H, W) in its pixel scale: the
         target frames (one per tubelet, each shown for the tubelet's frames) with the hidden patches
@@ -154,10 +165,6 @@ class VideoMAE(VideoViT):
         p, (gt, gh, gw) = self.patch, self.grid
         frames = torch.einsum("nthwupqc->nctuhpwq", patches.reshape(len(patches), gt, gh, gw, 1, p, p, 3))
         return frames.reshape(len(patches), 3, gt, gh * p, gw * p).repeat_interleave(self.t_patch, dim=2)
-
-
-ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class", "blocks.",
-                "norm.")
 
 
 def _centre_crop_grid(grid: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
@@ -286,11 +293,8 @@ class _VideoMethod(Method):
         size, patch = self.frame_size(), self.params.patch_size  # VideoViT's grid of 2-frame tubelets
         return 1, (self.cfg.views.frames // 2, size // patch, size // patch), "mean"
 
-    def pretext_data(self, stage: str) -> str:
+    def pretext_data_kind(self, stage: str) -> str:
         return "video" if stage == "public" else "slices"
-
-    def pretext_reconstruction(self, pretext: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pretext.reconstruct(x)
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p = self.params
@@ -298,12 +302,6 @@ class _VideoMethod(Method):
         ratio = p.video_mask_ratio if stage == "public" else p.mask_ratio
         return VideoMAE(self.cfg.views.frames, size, p.patch_size, p.embed_dim, p.depth, p.num_heads,
                         p.decoder_dim, p.decoder_depth, p.decoder_heads, ratio, p.norm_pix_loss)
-
-    def pretext_encoder(self, pretext: nn.Module) -> nn.Module:
-        return pretext  # public weights fill encoder and decoder, as mae_st ships both
-
-    def pretext_encoder_state(self, pretext: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in pretext.state_dict().items() if k.startswith(ENCODER_KEYS)}
 
     def transfer(self, state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
         return crop_position_embeddings(state, target, self.params.pe_cropping)

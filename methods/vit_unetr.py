@@ -22,6 +22,7 @@ from torch import nn
 
 from bench.config import pretrain_seed
 from bench.methods.base import Method
+from bench.methods.pretext import PretextTask
 from bench.methods.recipes import TRANSFORMER_FINETUNE
 from bench.registry import register_method
 from bench.weights import WeightsSpec, resize_pos_embed_3d
@@ -54,7 +55,7 @@ class ViTEncoder(nn.Module):
         return self.vit(x)[0]
 
 
-class ViTAutoEncSSL(nn.Module):
+class ViTAutoEncSSL(PretextTask):
     def __init__(self, autoenc: ViTAutoEnc, crop: int, temperature: float, seed: int) -> None:
         super().__init__()
         self.encoder = autoenc
@@ -128,9 +129,6 @@ class ViTUNETR(Method):
     def build_encoder(self) -> tuple[nn.Module, int]:
         return ViTEncoder(ViT(**self._kw(), classification=True, num_classes=2,
                               post_activation=None)), self.params.hidden_size
-
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
 
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         return ViTAutoEncSSL(ViTAutoEnc(**self._kw()), self.cfg.crop_size, self.params.temperature,

@@ -37,6 +37,7 @@ from torch import nn
 
 from bench.config import pretext_crop_size
 from bench.errors import BenchError
+from bench.methods.pretext import MomentumTeacher
 from bench.methods.swin_unetr import SwinClassifier, SwinParams, SwinUNETR, make_swin
 from bench.registry import register_method
 from bench.weights import WeightsSpec
@@ -101,24 +102,23 @@ def _projection_head(dim: int, width: int) -> nn.Sequential:
                          nn.Linear(width, width), bn(), nn.ReLU(inplace=True), nn.Linear(width, width))
 
 
-class VolumeContrast(nn.Module):
+class VolumeContrast(MomentumTeacher):
+    momentum_schedule = "constant"  # VoCo's EMA keeps one momentum throughout
+
     def __init__(self, swin: SwinTransformer, feature_size: int, p: VoCoParams) -> None:
         super().__init__()
         self.encoder = swin
         self.head = _projection_head(31 * feature_size, p.voco_head_dim)  # stages 0-4: (1+2+4+8+16) x feature size
         self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(swin), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
-        self.grid, self.n_random, self.momentum = p.voco_grid, p.voco_random_crops, p.voco_momentum
+        self.grid, self.n_random, self.base_momentum = p.voco_grid, p.voco_random_crops, p.voco_momentum
 
     @staticmethod
     def _embed(swin: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return head(torch.cat([h.mean(dim=(2, 3, 4)) for h in swin(x)], dim=1).float())
 
-    @torch.no_grad()
-    def update_teacher(self) -> None:
-        student = [*self.encoder.parameters(), *self.head.parameters()]
-        for t, s in zip(self.teacher.parameters(), student):
-            t.mul_(self.momentum).add_(s.detach(), alpha=1 - self.momentum)
+    def teacher_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        return (self.encoder, self.teacher["encoder"]), (self.head, self.teacher["head"])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         b, size, g, r = x.shape[0], x.shape[-1], self.grid, self.n_random
@@ -161,9 +161,6 @@ class VoCo(SwinClassifier):
                for name, preset in SwinUNETR.presets.items()}
     use_v2 = True
 
-    def pretext_data(self, stage: str) -> str:
-        return "volume"
-
     def build_pretext(self, stage: str = "vertebrae") -> nn.Module:
         p, edge = self.params, pretext_crop_size(self.cfg)
         self.check_edge(edge, "pretrain.crop_size")
@@ -171,6 +168,3 @@ class VoCo(SwinClassifier):
             raise BenchError(f"{self.name}: model.voco_grid={p.voco_grid} must be >= 2 and divide the pretext's crop "
                              f"({edge}), and model.voco_random_crops={p.voco_random_crops} be >= 1")
         return VolumeContrast(make_swin(p, use_v2=True), p.feature_size, p)
-
-    def on_pretext_step(self, pretext: nn.Module, step: int, total_steps: int) -> None:
-        getattr(pretext, "_orig_mod", pretext).update_teacher()

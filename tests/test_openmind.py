@@ -211,11 +211,11 @@ def test_mae_reconstruction_keeps_the_visible_voxels_and_fills_the_hidden_ones(n
     network's restoration (back in the input's intensities) where it was hidden, at the input's size."""
     cfg = compose({"preset": "tiny", "method": name, "regime": "public_to_vertebrae"}, get_method(name))
     method = create_method(name, cfg)
-    pretext = method.build_pretext("vertebrae").eval()
+    pretext = method.make_pretext("vertebrae").eval()
     x = torch.rand(2, 1, cfg.crop_size, cfg.crop_size, cfg.crop_size) * 0.5 + 0.25
     torch.manual_seed(0)
     with torch.no_grad():
-        masked, recon = method.pretext_reconstruction(pretext, x)
+        masked, recon = pretext.reconstruction(x)
     assert masked.shape == recon.shape == x.shape
     hidden = masked == 0
     assert 0.6 < hidden.float().mean() < 0.9  # the pretext's 75 % mask (whole blocks or patches)

@@ -12,6 +12,7 @@ from torch import nn
 
 from bench import BenchError, register_method
 from bench.methods.base import Method
+from bench.methods.pretext import PretextTask
 from tests_helpers import REPO
 
 HARNESS = sorted(p for p in (REPO / "bench").glob("*.py"))
@@ -75,7 +76,9 @@ class _Wide(nn.Module):
         return self.pool(self.conv(x))
 
 
-class _Pretext(nn.Module):
+class _Pretext(PretextTask):
+    steps = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.encoder = _Wide(6)  # the finetuning encoder has 4 channels: a layout mismatch
@@ -83,12 +86,15 @@ class _Pretext(nn.Module):
     def forward(self, x):
         return {"loss": self.encoder(x).mean()}
 
+    def step(self, forward, batch):
+        _Pretext.steps += 1
+        return forward(batch)
+
 
 @register_method("_test_bad_transfer")
 class BadTransfer(Method):
     description = "test-only: its pretext encoder does not fit its finetuning encoder"
     regimes = ("scratch", "vertebrae")
-    steps = 0
 
     @dataclass
     class Params:
@@ -97,15 +103,8 @@ class BadTransfer(Method):
     def build_encoder(self):
         return _Wide(self.params.width), self.params.width
 
-    def pretext_data(self, stage):
-        return "volume"
-
     def build_pretext(self, stage="vertebrae"):
         return _Pretext()
-
-    def pretext_step(self, pretext, batch):
-        BadTransfer.steps += 1
-        return pretext(batch)
 
 
 def test_a_transfer_mismatch_fails_before_the_first_pretraining_step(tmp_path, bench_cache):
@@ -119,7 +118,7 @@ def test_a_transfer_mismatch_fails_before_the_first_pretraining_step(tmp_path, b
     assert "\n" not in message and "conv.weight (pretext (6, 1, 3, 3, 3) vs finetuning (4, 1, 3, 3, 3))" in message
     assert "conv.bias" in message
     family = bench_cache / "pretrain" / "_test_bad_transfer"  # at most its lock file: no artifact, no staging
-    assert BadTransfer.steps == 0 and not [p for p in family.glob("*") if not p.name.endswith(".lock")]
+    assert _Pretext.steps == 0 and not [p for p in family.glob("*") if not p.name.endswith(".lock")]
 
 
 def test_a_plugin_with_an_unknown_regime_is_refused_at_registration():
@@ -127,3 +126,30 @@ def test_a_plugin_with_an_unknown_regime_is_refused_at_registration():
         @register_method("_test_bad_regime")
         class BadRegime(Method):
             regimes = ("scratch", "vertebra")
+
+
+def test_a_hook_of_the_old_surface_is_refused_at_registration_naming_its_new_place():
+    with pytest.raises(BenchError, match=r"defines 'on_pretext_step', which is now PretextTask\.on_step"):
+        @register_method("_test_old_hook")
+        class OldHook(Method):
+            def on_pretext_step(self, pretext, step, total_steps):
+                pass
+
+
+def test_a_pretext_that_is_not_a_pretext_task_is_one_line():
+    from bench.config import compose
+
+    @register_method("_test_plain_pretext")
+    class PlainPretext(Method):
+        regimes = ("scratch", "vertebrae")
+
+        def build_encoder(self):
+            return _Wide(4), 4
+
+        def build_pretext(self, stage="vertebrae"):
+            return _Wide(4)
+
+    method = PlainPretext(compose({"method": "_test_plain_pretext", "preset": "tiny"}, PlainPretext))
+    with pytest.raises(BenchError, match=r"build_pretext\('vertebrae'\) returned a _Wide; expected a "
+                                         r"bench.methods.pretext.PretextTask"):
+        method.make_pretext("vertebrae")

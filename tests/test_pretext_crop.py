@@ -51,7 +51,8 @@ def test_the_swin_pretexts_train_on_32_voxel_subcrops_of_48_voxel_crops(name):
     assert sample.shape[-3:] == (32, 32, 32)
     from torch.utils.data import default_collate
 
-    loss = method.pretext_step(method.build_pretext("public"), default_collate([dataset[0], dataset[1]]))["loss"]
+    pretext = method.make_pretext("public")
+    loss = pretext.step(pretext, default_collate([dataset[0], dataset[1]]))["loss"]
     assert torch.isfinite(loss)
 
 

@@ -33,16 +33,16 @@ def _cases() -> list[tuple[str, str, str]]:
 def test_one_pretext_step_reaches_every_transferred_encoder_tensor(name, regime, stage, bench_cache):
     cfg = resolve_runs({"method": name, "regime": regime, "preset": "tiny", "progress": "false"})[0]
     method = create_method(name, cfg)
-    if method.pretext_data(stage) is None:
+    if method.pretext_data_kind(stage) is None:
         pytest.skip(f"{name} has no pretext for the {stage} stage (the real public file only)")
     seed_everything(0, True)
     dataset, _ = pretext_dataset(method, cfg, stage, seed=0)
     batch = next(iter(DataLoader(dataset, batch_size=2, shuffle=False)))
-    pretext = method.build_pretext(stage).train()
-    method.pretext_step(pretext, batch)["loss"].backward()
+    pretext = method.make_pretext(stage).train()
+    pretext.step(pretext, batch)["loss"].backward()
     # the transferred tensors share storage with the pretext's parameters (buffers are not trained)
     params = {p.data_ptr(): p for p in pretext.parameters() if p.requires_grad}
-    transferred = {key: params[t.data_ptr()] for key, t in method.pretext_encoder_state(pretext).items()
+    transferred = {key: params[t.data_ptr()] for key, t in pretext.encoder_state().items()
                    if t.data_ptr() in params}
     checked = sorted(key for key in transferred if not any(part in key for part in UNUSED_BY_ANY_FORWARD))
     assert checked, f"{name}: no transferred tensor is a trainable parameter of the pretext"

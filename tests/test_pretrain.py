@@ -200,15 +200,16 @@ def test_an_interrupted_pretraining_resumes_from_its_last_epoch(tmp_path, monkey
 
 
 def test_an_edit_to_a_plugins_code_makes_a_new_artifact_identity(tmp_path, monkeypatch):
-    """The artifact's hash covers the source of the method's class and its bases, so a changed
-    pretext schedule is not served the artifact the old code made."""
+    """The artifact's hash covers the source of the method's class and its bases (the file of its
+    pretext with it), so a changed pretext schedule is not served the artifact the old code made."""
     import importlib
     import sys
 
     from bench.pretrain import code_digest
 
-    source = ("from bench.methods.mae3d import MAE3DMethod\n\nclass Edited(MAE3DMethod):\n"
-              "    def on_pretext_step(self, pretext, step, total):\n        return {}\n")
+    source = ("from bench.methods.mae3d import MAE3D, MAE3DMethod\n\nclass EditedMAE(MAE3D):\n"
+              "    def on_epoch(self, epoch, epochs):\n        return {}\n\n\nclass Edited(MAE3DMethod):\n"
+              "    pass\n")
     (tmp_path / "edited_plugin.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     original = importlib.import_module("edited_plugin").Edited

@@ -82,8 +82,8 @@ def test_swin_and_ctfm_train_at_the_small_presets_48_voxel_crop(name):
     method = create_method(name, cfg)
     assert method.build_model()(torch.rand(2, 1, 48, 48, 48)).shape == (2, 2)
     dataset, _ = pretext_dataset(method, cfg, "public", 0)
-    pretext = method.build_pretext("public")
-    loss = method.pretext_step(pretext, default_collate([dataset[0], dataset[1]]))["loss"]
+    pretext = method.make_pretext("public")
+    loss = pretext.step(pretext, default_collate([dataset[0], dataset[1]]))["loss"]
     loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in method.pretext_encoder(pretext).parameters()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in pretext.pretrained_encoder().parameters()
                                         if p.requires_grad)

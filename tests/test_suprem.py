@@ -117,7 +117,7 @@ def test_supervised_stand_in_learns_the_organs_and_hands_over_its_encoder(name):
 
     cfg = compose({"method": name, "regime": "public", "preset": "tiny"}, get_method(name))
     method = create_method(name, cfg)
-    assert method.pretraining_plan("public") == ["public"] and method.pretext_data("vertebrae") is None
+    assert method.pretraining_plan("public") == ["public"] and method.pretext_data_kind("vertebrae") is None
     check_contract(method, ["public"])  # every finetuning-encoder tensor comes from the pretext
     pairs = [body_ct_patch(i, cfg.crop_size, 96.0, seed=0, organs=True) for i in range(4)]
     corpus = OrganCorpus(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), seed=0)
@@ -128,7 +128,7 @@ def test_supervised_stand_in_learns_the_organs_and_hands_over_its_encoder(name):
     optimiser = torch.optim.AdamW(pretext.parameters(), lr=3e-3)
     losses = []
     for _ in range(16):
-        loss = method.pretext_step(pretext, (x, organs))["loss"]
+        loss = pretext.step(pretext, (x, organs))["loss"]
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

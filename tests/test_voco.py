@@ -125,6 +125,6 @@ def test_volume_contrast_trains_and_its_teacher_follows_the_student():
         for p in pretext.encoder.parameters():
             p.add_(1.0)
     before = next(pretext.teacher["encoder"].parameters()).clone()
-    method.on_pretext_step(pretext, 0, 1)
+    pretext.on_step(0, 1)
     after, student = next(pretext.teacher["encoder"].parameters()), next(pretext.encoder.parameters())
     torch.testing.assert_close(after, 0.9 * before + 0.1 * student)

@@ -53,14 +53,14 @@ def _steps(name: str, crop: int, pretext_crop: int | None = None) -> tuple[float
         opt.step()
 
     dataset, _ = pretext_dataset(method, cfg, "public", 0)
-    pretext = method.build_pretext("public")
+    pretext = method.make_pretext("public")
     popt = make_optimizer(pretext, "adamw", 1e-4, 0.05)
     batch = default_collate([dataset[i] for i in range(16)])
 
     def pretext_step():
         popt.zero_grad(set_to_none=True)
         with execution.autocast():
-            loss = method.pretext_step(pretext, batch)["loss"]
+            loss = pretext.step(pretext, batch)["loss"]
         loss.backward()
         popt.step()
 

@@ -46,15 +46,15 @@ def _step(name: str, dtype: torch.dtype, compile_: bool, batch: int = 2) -> dict
                     return loss_fn(forward_views(m, inputs[:, :1]).float(), y)
                 return method.training_loss(m, inputs, y, loss_fn)
         else:
-            stage = next((s for s in ("vertebrae", "public") if method.pretext_data(s) is not None), None)
+            stage = next((s for s in ("vertebrae", "public") if method.pretext_data_kind(s) is not None), None)
             if stage is None:
                 continue
-            model = method.build_pretext(stage).cuda()
-            sample = _pretext_sample(method, cfg, stage, batch)
+            model = method.make_pretext(stage).cuda()
+            sample = _pretext_sample(method, cfg, stage, batch, model.sample_views)
             sample = [t.cuda() for t in sample] if isinstance(sample, (list, tuple)) else sample.cuda()
 
-            def loss_of(m, sample=sample):
-                return method.pretext_step(m, sample)["loss"]
+            def loss_of(m, sample=sample, pretext=model):
+                return pretext.step(m, sample)["loss"]
         stepped = torch.compile(model) if compile_ else model
         optimiser = torch.optim.AdamW(model.parameters(), lr=1e-6)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -1,8 +1,10 @@
-"""Two self-supervised methods written by outsiders (tests/plugins/), installed as packages with a
-`bench.methods` entry point and using only the documented pretraining surface of `Method`."""
+"""The plugin examples of docs/plugins.md, as a user meets them: every code block with a file name is
+written out, each package is installed with pip (its `bench.methods` entry point included), and
+`bench` lists and runs the methods in fresh processes at `preset=tiny`."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +14,42 @@ import torch
 
 from tests_helpers import REPO, run_cli, run_cli_fresh
 
-PLUGINS = REPO / "tests" / "plugins"
+PAGE = REPO / "docs" / "plugins.md"
+BLOCK = re.compile(r'^```(?:python|toml) title="([^"]+)"\n(.*?)^```$', re.MULTILINE | re.DOTALL)
+PROJECTS = ("bench-mycnn", "bench-simclr3d", "bench-byol3d")
+
+
+def documented_files() -> dict[str, str]:
+    """{path: text} of the page's named code blocks."""
+    return dict(BLOCK.findall(PAGE.read_text()))
 
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("site")
-    for name in ("bench_simclr3d", "bench_byol3d"):
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(site), str(PLUGINS / name)], check=True, capture_output=True)
+    root, site = tmp_path_factory.mktemp("projects"), tmp_path_factory.mktemp("site")
+    for path, text in documented_files().items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), *(str(root / p) for p in PROJECTS)], check=True, capture_output=True)
     return site
 
 
+def test_the_page_holds_three_complete_packages():
+    files = documented_files()
+    assert sorted(files) == sorted(f"{p}/{f}" for p in PROJECTS
+                                   for f in ("pyproject.toml", f"{p.replace('-', '_')}/__init__.py"))
+
+
 @pytest.mark.e2e
-def test_ssl_plugins_pretrain_finetune_and_report_through_the_cli(plugin_site, tmp_path, bench_cache):
+def test_documented_plugins_install_list_run_and_report(plugin_site, tmp_path, bench_cache):
     env = {"PYTHONPATH": str(plugin_site)}
     listed = run_cli_fresh("list", "methods", env=env)
-    assert listed.returncode == 0 and "simclr3d" in listed.stdout and "byol3d" in listed.stdout
+    assert listed.returncode == 0 and all(m in listed.stdout for m in ("my_cnn", "simclr3d", "byol3d"))
     out = tmp_path / "runs"
+    ran = run_cli_fresh("run", "method=my_cnn", "preset=tiny", "model.width=4", f"out={out}", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert (out / "single" / "my_cnn-scratch-s0" / "metrics.json").exists()
     for method in ("simclr3d", "byol3d"):
         ran = run_cli_fresh("run", f"method={method}", "preset=tiny", f"out={out}", env=env)
         assert ran.returncode == 0, ran.stderr
@@ -43,6 +63,8 @@ def test_ssl_plugins_pretrain_finetune_and_report_through_the_cli(plugin_site, t
         assert (out / "single" / f"{method}-scratch-s0" / "metrics.json").is_file()
     byol_curve = json.loads((out / "single" / "byol3d-vertebrae-s0" / "metrics.json").read_text())
     assert [e["momentum"] for e in byol_curve["pretraining"]["pretrain_curve"]] == pytest.approx([0.99, 0.995])
+    bad = run_cli_fresh("run", "method=my_cnn", "preset=tiny", "model.depth=4", env=env)
+    assert bad.returncode == 2 and "unknown config key 'model.depth'" in bad.stderr and "model.width" in bad.stderr
     report = run_cli("report", str(out / "single"), f"out={tmp_path / 'report'}", "bootstrap=20", env=env)
     assert report.returncode == 0, report.stderr
     html = (tmp_path / "report" / "index.html").read_text()
@@ -64,52 +86,55 @@ def _byol(plugin_site):
 
 def test_byol_teacher_gets_no_gradient_and_moves_by_the_momentum_rule(plugin_site):
     from bench.loop import make_optimizer
+    from bench.methods.pretext import cosine_momentum
 
-    plugin, method = _byol(plugin_site)
+    _, method = _byol(plugin_site)
     torch.manual_seed(0)
-    pretext = method.build_pretext()
-    groups = method.pretext_param_groups(pretext)
+    pretext = method.make_pretext("vertebrae")
+    groups = pretext.param_groups()
     trained = {id(p) for g in groups for p in g["params"]}
     assert not any(id(p) in trained for p in pretext.teacher.parameters())
     optimizer = make_optimizer(groups, "adamw", 1e-2, 0.05)
     x = torch.rand(4, 1, 16, 16, 16)
     teacher_before = [t.detach().clone() for t in pretext.teacher.parameters()]
     pretext.train()
-    loss = method.pretext_step(pretext, (x, x.flip(2)))["loss"]
+    loss = pretext.step(pretext, (x, x.flip(2)))["loss"]
     loss.backward()
     assert all(t.grad is None for t in pretext.teacher.parameters())
     optimizer.step()
-    method.on_pretext_step(pretext, step=3, total_steps=10)
-    m = plugin.momentum_at(3, 10, method.params.base_momentum)
+    pretext.on_step(3, 10)
+    m = cosine_momentum(3, 10, method.params.base_momentum)
     assert 0.99 < m < 1
-    student = [p for mod in pretext.student_modules() for p in mod.parameters()]
+    student = [p for pair in pretext.teacher_pairs() for p in pair[0].parameters()]
     for before, after, s in zip(teacher_before, pretext.teacher.parameters(), student):
         torch.testing.assert_close(after, m * before + (1 - m) * s.detach())
     assert any(not torch.equal(b, a) for b, a in zip(teacher_before, pretext.teacher.parameters()))
 
 
 def test_views_are_made_per_sample_from_the_seeded_generator(plugin_site, bench_cache):
-    from bench.datasets.pretext import pretext_dataset
+    from bench.datasets.pretext import WithViews, pretext_dataset
 
     _, method = _byol(plugin_site)
     dataset, _ = pretext_dataset(method, method.cfg, "vertebrae", seed=0)
+    dataset = WithViews(dataset, method.make_pretext("vertebrae").sample_views, 0)
     a1, b1 = dataset[3]
     a2, b2 = dataset[3]
     assert torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, b1)
+    assert a1.shape == dataset.inner[3].shape and 0 <= a1.min() and a1.max() <= 1
     dataset.epoch = 1
     assert not torch.equal(dataset[3][0], a1)
 
 
 def test_a_pretext_without_an_encoder_is_one_line():
-    import pytest
     from torch import nn
 
     from bench.errors import BenchError
-    from bench.methods.base import Method
+    from bench.methods.pretext import PretextTask
 
-    class Nameless(Method):
-        name = "nameless"
+    class Nameless(PretextTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(2, 2)
 
-    method = Nameless.__new__(Nameless)
     with pytest.raises(BenchError, match="has no `encoder` module; name the encoder `encoder` or override"):
-        method.pretext_encoder(nn.Sequential(nn.Linear(2, 2)))
+        Nameless().pretrained_encoder()
