@@ -132,3 +132,14 @@ def training_used(cfg: DictConfig, train: VertebraSet) -> dict[str, Any]:
     y = targets(train, cfg)
     return {"fraction": cfg.train_fraction, "patients": int(train.table["patient_id"].nunique()),
             "vertebrae": len(train.table), "classes": np.bincount(y, minlength=NUM_CLASSES[cfg.task]).tolist()}
+
+
+def selection_key(cfg: DictConfig, m: dict[str, float], val_loss: float) -> tuple[float, ...]:
+    """What the best checkpoint maximises on validation (`select`): F1 at the threshold, as the
+    paper (macro-F1, then kappa, for grading), then AUC; AUC, then F1; or the lowest loss. NaN ranks lowest;
+    ties keep the earlier epoch."""
+    f1, second = ("macro_f1", "qwk") if cfg.task == "grade" else ("f1", "auc")
+    if cfg.select == "val_loss":
+        return (-val_loss if math.isfinite(val_loss) else -math.inf,)
+    order = (f1, second) if cfg.select == "val_f1" else ("auc", f1)
+    return tuple(-1.0 if math.isnan(m[k]) else m[k] for k in order)

@@ -11,7 +11,6 @@ probe of the initialised encoder, bench.probes). The optimisation itself is the 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from bench.evaluation import (
     make_dataset,
     predict,
     predictions_table,
+    selection_key,
     split_parts,
     targets,
     task_metrics,
@@ -38,17 +38,6 @@ from bench.evaluation import (
 )
 from bench.loop import Execution, OnEpoch, Schedule, Stage, TrainingLoop, seed_everything
 from bench.metrics import class_weights
-
-
-def selection_key(cfg: DictConfig, m: dict[str, float], val_loss: float) -> tuple[float, ...]:
-    """What the best checkpoint maximises on validation (`select`): F1 at the threshold, as the
-    paper (macro-F1, then kappa, for grading), then AUC; AUC, then F1; or the lowest loss. NaN ranks lowest;
-    ties keep the earlier epoch."""
-    f1, second = ("macro_f1", "qwk") if cfg.task == "grade" else ("f1", "auc")
-    if cfg.select == "val_loss":
-        return (-val_loss if math.isfinite(val_loss) else -math.inf,)
-    order = (f1, second) if cfg.select == "val_f1" else ("auc", f1)
-    return tuple(-1.0 if math.isnan(m[k]) else m[k] for k in order)
 
 
 class FinetuneStage(Stage):

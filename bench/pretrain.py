@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench.config import config_hash, pretrain_seed
+from bench.config import config_hash, pretext_crop_size, pretrain_seed
 from bench.datasets.pretext import WithViews, pretext_dataset
 from bench.envinfo import environment, now
 from bench.errors import BenchError
@@ -116,9 +116,9 @@ def artifact_root(cfg: DictConfig) -> Path:
     return cache_root(cfg) / "pretrain"
 
 
-def run_plan(method: Any, cfg: DictConfig) -> Path | None:
-    """Run (or find) every pretraining stage of the run's regime; the last artifact's folder, or None
-    when the plan is empty or is the real public file alone."""
+def run_plan(method: Any, cfg: DictConfig, execution: Execution | None = None) -> Path | None:
+    """Run (or find) every pretraining stage of the run's regime under the run's `execution`; the last
+    artifact's folder, or None when the plan is empty or is the real public file alone."""
     plan = method.pretraining_plan(cfg.regime)
     if not plan or (plan == ["public"] and cfg.weights.public):
         return None
@@ -137,23 +137,25 @@ def run_plan(method: Any, cfg: DictConfig) -> Path | None:
         if stage == "public" and cfg.weights.public:
             parent = {"public_file": public_file(method, cfg)[1]}
             continue
-        folder = ensure_artifact(method, cfg, stage, parent, before_build=check_once)
+        folder = ensure_artifact(method, cfg, stage, parent, before_build=check_once,
+                                 execution=execution or Execution.of(cfg, method))
         parent = {"artifact": folder}
     return folder
 
 
 def ensure_artifact(method: Any, cfg: DictConfig, stage: str, parent: dict[str, Any] | None,
-                    before_build: Any = None) -> Path:
+                    before_build: Any = None, execution: Execution | None = None) -> Path:
     """The folder of the pretext model pretrained on `stage` ("public" or "vertebrae") from `parent`
     (None: random init; {"artifact": path} or {"public_file": sha256}); built only if missing, after
     `before_build()` (the transfer-contract check)."""
-    dataset, data_spec = pretext_dataset(method, cfg, stage, pretrain_seed(cfg))
+    execution = execution or Execution.of(cfg, method)
+    dataset, data_spec = pretext_dataset(method, cfg, stage, pretrain_seed(cfg), pretext_crop_size(cfg))
     identity = method.artifact_key(stage)
     spec = {
         "version": ARTIFACT_VERSION, **identity, "stage": stage,
         "pretrain": pretrain_identity(cfg),
         "data": data_spec,
-        "dtype": Execution.of(cfg, method).dtype_name,  # bf16 and fp32 pretexts are different artifacts
+        "dtype": execution.training_dtype_name,  # bf16 and fp32 pretexts are different artifacts
         "compile": bool(cfg.compile),  # inductor's kernels round differently from eager ones
         "code": code_digest(method),
         "parent": {k: str(v) for k, v in (parent or {}).items()},

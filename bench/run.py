@@ -44,30 +44,24 @@ def resolve_runs(overrides: dict[str, str]) -> list[DictConfig]:
     return runs
 
 
-def initialised_model(method: Any, cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Pretraining stages (artifacts made once and cached), then the classifier with its encoder
-    initialised as the regime says."""
+def prepare(cfg: DictConfig) -> tuple[Any, Any, nn.Module, dict[str, Any]]:
+    """The run's method and data, its pretraining stages (artifacts made once and cached), and the
+    classifier with its encoder initialised as the regime says; and what that initialisation was."""
+    from bench.datasets.loading import load_data
     from bench.evaluation import NUM_CLASSES
-    from bench.loop import seed_everything
+    from bench.loop import Execution, seed_everything
     from bench.pretrain import run_plan
+    from bench.registry import create_method
     from bench.transfer import initialise_encoder
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    artifact = run_plan(method, cfg)
+    method = create_method(cfg.method, cfg)
+    data = load_data(cfg)
+    artifact = run_plan(method, cfg, Execution.of(cfg, method))
     seed_everything(cfg.seed, cfg.deterministic)  # the classifier's init depends on the run seed alone
     model = method.build_model(num_classes=NUM_CLASSES[cfg.task])
-    return model, initialise_encoder(method, cfg, model, artifact)
-
-
-def input_geometry(cfg: DictConfig, data: Any) -> dict[str, float]:
-    """The crop the model sees: its edge in voxels and its voxel spacing (the store's field of view
-    resampled to `crop_size`); the report compares only cells of one geometry."""
-    import numpy as np
-
-    stored = data.table["spacing"].to_numpy(float) if "spacing" in data.table else np.array([])
-    spacing = float(np.median(stored)) * data.images.shape[-1] / cfg.crop_size if stored.size else float("nan")
-    return {"crop_size": int(cfg.crop_size), "spacing_mm": round(spacing, 4)}
+    return method, data, model, initialise_encoder(method, cfg, model, artifact)
 
 
 def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None = None,
@@ -75,15 +69,11 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
     through to the protocol (per-epoch checkpoints of suite trials); `command` is the user's command
     line when this process is not the one the user started (a Ray worker)."""
-    from bench.datasets.loading import load_data
     from bench.protocols import protocol
-    from bench.registry import create_method
 
     started = now()
     t0 = time.perf_counter()
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, init = initialised_model(method, cfg)
+    method, data, model, init = prepare(cfg)
     result = protocol(cfg.protocol)(method, data, cfg, model, on_epoch=on_epoch, resume=resume)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
     metrics = {
@@ -99,7 +89,7 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
             "fingerprint": data.fingerprint(),
             "splits": {s: {"vertebrae": int(r["size"]), "fractured": int(r["sum"])} for s, r in counts.iterrows()},
             "train_used": result.extra["train_used"],
-            "input": input_geometry(cfg, data),
+            "input": data.input_geometry(int(cfg.crop_size)),
         },
         **{key: result.extra[key] for key in ("probe", "head_init") if key in result.extra},
     }

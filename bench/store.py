@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig
-
-from bench.config import to_yaml
+from omegaconf import DictConfig, OmegaConf
 
 FILES = ("config.yaml", "metrics.json", "predictions.parquet", "env.json")
 MODEL_FILE = "model.safetensors"  # the selected weights of a finetuning run (save_model=true)
@@ -96,7 +94,7 @@ def write_run(target: Path, cfg: DictConfig, metrics: dict[str, Any], prediction
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     normal_mode(stage)
     try:
-        (stage / "config.yaml").write_text(to_yaml(cfg))
+        (stage / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (stage / "metrics.json").write_text(dumps(metrics))
         predictions.to_parquet(stage / "predictions.parquet", index=False)
         (stage / "env.json").write_text(dumps(env))

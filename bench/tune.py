@@ -39,16 +39,12 @@ def to_domain(spec: Any):
 def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
-    from bench.datasets.loading import load_data
     from bench.finetune import finetune
-    from bench.registry import create_method
-    from bench.run import initialised_model, resolve_runs
+    from bench.run import prepare, resolve_runs
 
     overrides = {**config["base"], **{k: str(v) for k, v in config["space"].items()}}
     cfg = resolve_runs(overrides)[0]
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
 
     def report(entry: dict[str, Any], state: Any) -> None:
         tune.report({k: (float("nan") if v is None else v) for k, v in entry.items()

@@ -45,6 +45,13 @@ class VertebraSet:
     def crop_indices(self) -> np.ndarray:
         return self.table["crop_index"].to_numpy()
 
+    def input_geometry(self, crop_size: int) -> dict[str, float]:
+        """The crop a model sees at `crop_size`: its edge in voxels and its voxel spacing (the store's
+        field of view resampled to `crop_size`); the report compares only cells of one geometry."""
+        stored = self.table["spacing"].to_numpy(float) if "spacing" in self.table else np.array([])
+        spacing = float(np.median(stored)) * self.images.shape[-1] / crop_size if stored.size else float("nan")
+        return {"crop_size": int(crop_size), "spacing_mm": round(spacing, 4)}
+
     def fingerprint(self) -> str:
         """sha256 over the rows and their crop checksums, recorded with every run for provenance."""
         table = self.table

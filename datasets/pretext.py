@@ -145,15 +145,17 @@ def corpus_frame_size(cfg: DictConfig) -> int:
     return int(cfg.synthetic.video_size)
 
 
-def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int) -> tuple[Dataset, dict[str, Any]]:
-    """The dataset of a pretraining stage and what identifies it (part of the artifact's hash)."""
+def pretext_dataset(method: Any, cfg: DictConfig, stage: str, seed: int,
+                    edge: int | None = None) -> tuple[Dataset, dict[str, Any]]:
+    """The dataset of a pretraining stage and what identifies it (part of the artifact's hash);
+    `edge`: the pretext's crop edge (`pretrain.crop_size`, resolved), by default read from `cfg`."""
     from bench.datasets.loading import load_corpus, load_unlabelled, synthetic_spec
 
     kind = method.pretext_data_kind(stage)
     if kind not in KINDS:
         raise BenchError(f"method '{method.name}': pretext_data_kind('{stage}') returned {kind!r}; "
                          f"{choices_hint(str(kind), KINDS)}")
-    edge = pretext_crop_size(cfg)
+    edge = pretext_crop_size(cfg) if edge is None else edge
     if edge != cfg.crop_size and (kind not in ("volume", "segmentation") or not method.pretext_any_size):
         raise BenchError(f"bad value for 'pretrain.crop_size': {cfg.pretrain.crop_size}; method '{method.name}' "
                          f"pretrains on the run's crop ({cfg.crop_size}) only (its encoder or its '{kind}' pretext "

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.datasets.loading import load_data
 from bench.errors import BenchError
 from bench.evaluation import split_parts, targets
 from bench.finetune import FinetuneStage
 from bench.loop import Execution
 from bench.probes import features, fit_linear, init_head_from_probe, knn_probs
 from bench.registry import create_method
-from bench.run import initialised_model, resolve_runs
+from bench.run import prepare, resolve_runs
 
 
 def _cfg(method, **extra):
@@ -21,9 +20,7 @@ def _cfg(method, **extra):
 
 
 def _stage(cfg):
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
     train, val, _ = split_parts(data, cfg)
     return method, data, model, FinetuneStage(method, cfg, model, train, val, Execution.of(cfg, method))
 
@@ -53,9 +50,7 @@ def test_layer_decay_without_layer_groups_is_one_line(bench_cache):
 def test_probe_head_predicts_what_the_linear_probe_predicts(bench_cache, method):
     """LP-FT: before any training step, the classifier (eval mode) gives the probe's probabilities."""
     cfg = _cfg(method, head_init="linear_probe")
-    method_obj = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method_obj, cfg)
+    method_obj, data, model, _ = prepare(cfg)
     info = init_head_from_probe(method_obj, data, cfg, model)
     train, val, test = split_parts(data, cfg)
     x, _, _, _ = features(method_obj, cfg, model, data, {"train": train, "val": val, "test": test})
@@ -71,10 +66,9 @@ def test_probe_head_predicts_what_the_linear_probe_predicts(bench_cache, method)
 
 def test_probe_head_needs_a_linear_head(bench_cache):
     cfg = _cfg("models_genesis", head_init="linear_probe")
-    method = create_method(cfg.method, cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
     with pytest.raises(BenchError, match="head_init.*models_genesis.*not one linear layer"):
-        init_head_from_probe(method, load_data(cfg), cfg, model)
+        init_head_from_probe(method, data, cfg, model)
 
 
 def test_label_smoothing_reaches_the_loss(bench_cache):

@@ -153,3 +153,18 @@ def test_a_pretext_that_is_not_a_pretext_task_is_one_line():
     with pytest.raises(BenchError, match=r"build_pretext\('vertebrae'\) returned a _Wide; expected a "
                                          r"bench.methods.pretext.PretextTask"):
         method.make_pretext("vertebrae")
+
+
+def test_method_describes_the_method_and_the_pretext_carries_its_own_hooks():
+    """Method keeps about 15 hooks; whatever acts on a pretext while it trains lives on PretextTask."""
+    from bench.methods.pretext import PretextTask
+
+    helpers = {"build_model", "checkpointed", "make_pretext", "has_pretext", "runs_without_a_file"}
+    hooks = {n for n, v in vars(Method).items()
+             if (callable(v) and not isinstance(v, type)) or isinstance(v, (property, classmethod))} - helpers
+    hooks = {n for n in hooks if not n.startswith("_")}
+    assert len(hooks) <= 17, sorted(hooks)
+    pretext_hooks = {"step", "param_groups", "before_optimiser_step", "on_step", "on_epoch", "reconstruction",
+                     "pretrained_encoder", "encoder_state"}
+    assert pretext_hooks <= set(vars(PretextTask)) and "sample_views" in vars(PretextTask)
+    assert not pretext_hooks & hooks

@@ -13,12 +13,10 @@ from torch import nn
 
 from bench import register_method
 from bench.datasets.base import VertebraSet
-from bench.datasets.loading import load_data
 from bench.finetune import selection_key
 from bench.methods.base import Method
 from bench.probes import extract, knn_probs, probe
-from bench.registry import create_method
-from bench.run import initialised_model, resolve_runs
+from bench.run import prepare, resolve_runs
 from tests_helpers import run_cli
 
 
@@ -67,9 +65,7 @@ class ModeSensitive(Method):
 
 def test_features_come_from_eval_mode_without_augmentation(bench_cache):
     cfg = _cfg("_test_mode_sensitive")
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
     model.train()  # as a caller might leave it
     from bench.loop import Execution
 
@@ -90,9 +86,7 @@ def test_features_are_fp32_under_autocast(bench_cache):
     from bench.probes import features
 
     cfg = _cfg("_test_mode_sensitive", amp="true", amp_dtype="bf16")
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
     train = data.subset("train")
     feats, _, _, _ = features(method, cfg, model, data, {"train": train})
     crops = torch.stack([torch.from_numpy(np.clip(train.images[i].astype(np.float32), -1000, 1000)[None] / 2000 + 0.5)
@@ -109,9 +103,7 @@ def test_features_are_fp32_under_autocast(bench_cache):
 @pytest.mark.parametrize("protocol", ["linear", "knn"])
 def test_probes_never_see_test_labels(protocol, bench_cache):
     cfg = _cfg("resnet18", protocol=protocol)
-    method = create_method(cfg.method, cfg)
-    data = load_data(cfg)
-    model, _ = initialised_model(method, cfg)
+    method, data, model, _ = prepare(cfg)
     first = probe(protocol, method, data, cfg, model)
     table = data.table.copy()
     test = table["split"] == "test"
