@@ -89,19 +89,29 @@ def amp_dtype(amp: bool, name: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class Execution:
-    """Where and how tensors run: device, autocast dtype, memory format, compile."""
+    """Where and how tensors run: device, autocast dtype, memory format, compile; and, for
+    data-parallel training (`devices=N`), the device type of the workers."""
 
     device: torch.device
     dtype: torch.dtype | None
     memory_format: torch.memory_format
     compile: bool
     note: str = ""  # why the dtype differs from what the config asked for
+    amp: tuple[bool, str] = (False, "auto")  # the config's (amp, amp_dtype), to choose the dtype on another device
+    workers: str = ""  # "cuda" or "cpu": where data-parallel workers train; "": the device's own type
 
     @classmethod
     def of(cls, cfg: Any, method: Any) -> Execution:
         """channels_last_3d for the conv nets that declare it (`Method.channels_last`): oneDNN's and
-        cuDNN's 3D convolutions with few channels run faster in it; `channels_last=false` turns it off."""
-        device = select_device(cfg.device)
+        cuDNN's 3D convolutions with few channels run faster in it; `channels_last=false` turns it off.
+        Data-parallel workers train on GPUs when this process has one or the config says device=cuda;
+        a process that holds no GPU itself (a suite trial whose workers hold them) then evaluates on
+        its CPU."""
+        parallel = cfg.devices > 1
+        if parallel and cfg.device == "cuda" and not torch.cuda.is_available():
+            device = torch.device("cpu")
+        else:
+            device = select_device(cfg.device)
         if device.type == "cpu":
             keep_freed_memory()
         fmt = torch.channels_last_3d if cfg.channels_last and method.channels_last else torch.contiguous_format
@@ -109,11 +119,21 @@ class Execution:
         note = "amp=true, but this CPU has no native bf16 kernels: fp32" if cfg.amp and dtype is None else ""
         if device.type == "cpu" and dtype == torch.bfloat16:
             note = "bf16, with 3D convolutions of input depth between 1 and the kernel's in fp32 (bench.numerics)"
-        return cls(device, dtype, fmt, bool(cfg.compile), note)
+        workers = ("cuda" if cfg.device == "cuda" or device.type == "cuda" else "cpu") if parallel else ""
+        return cls(device, dtype, fmt, bool(cfg.compile), note, (bool(cfg.amp), str(cfg.amp_dtype)), workers)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.") if self.dtype else "float32"
+
+    @property
+    def training_dtype_name(self) -> str:
+        """The autocast dtype the training steps run in: this device's, or the workers' when they
+        train on another device type."""
+        if not self.workers or self.workers == self.device.type:
+            return self.dtype_name
+        dtype = amp_dtype(*self.amp, torch.device(self.workers))
+        return str(dtype).removeprefix("torch.") if dtype else "float32"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
@@ -333,6 +353,21 @@ class TrainingLoop:
         # counted on the first step this process runs (not under torch.compile: the counter breaks graphs)
         self.flops_per_step: float | None = 0.0 if execution.compile else None
         self.micro_batch = self._probe_micro_batch() if s.micro_batch == AUTO else int(s.micro_batch)
+
+    def retarget(self, device: torch.device) -> None:
+        """Move the loop to `device` (a data-parallel worker's GPU, or back to the driver): the model
+        and the stage's own modules, the autocast dtype the config asks for there, the fp16 loss
+        scaler, and `micro_batch=auto` probed on the new device."""
+        execution = self.execution
+        execution.device = device
+        execution.dtype = amp_dtype(*execution.amp, device)
+        self.model.to(device, memory_format=execution.memory_format)
+        for value in vars(self.stage).values():
+            if isinstance(value, nn.Module) and value is not self.model:
+                value.to(device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=execution.dtype == torch.float16)
+        if self.schedule.micro_batch == AUTO:
+            self.micro_batch = self._probe_micro_batch()
 
     def _probe_micro_batch(self) -> int:
         """micro_batch=auto: on CUDA, the largest divisor of the batch whose forward and backward fit,

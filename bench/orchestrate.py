@@ -22,7 +22,8 @@ from typing import Any
 from bench.errors import BenchError
 
 SUITE_KEYS = ("suite", "seeds", "resume", "out", "ray.address", "ray.cpus_per_trial", "ray.gpus_per_trial",
-              "ray.max_concurrent", "methods", "train_fractions", "protocols", "explain", "explain.n")
+              "ray.gpus_per_run", "ray.max_concurrent", "methods", "train_fractions", "protocols", "explain",
+              "explain.n")
 
 
 def quiet_ray_env() -> None:
@@ -235,21 +236,22 @@ def run_suite(overrides: dict[str, str]) -> Path:
     out = Path(overrides.get("out", "runs")).resolve()
     cpus = _number(overrides, "ray.cpus_per_trial", "1", minimum=0.01)
     gpus = _number(overrides, "ray.gpus_per_trial", "0", minimum=0.0)
+    per_run = int(_number(overrides, "ray.gpus_per_run", "0", minimum=0.0, whole=True))
     max_conc = int(_number(overrides, "ray.max_concurrent", "0", minimum=0.0, whole=True)) or None
     address = overrides.get("ray.address") or None
     check_address(address)
     common = {k: v for k, v in overrides.items() if k not in SUITE_KEYS}
     common.update(out=str(out), suite=suite["name"], threads=str(max(1, int(cpus))), progress="false")
+    common.update(data_parallel(per_run, common))
+    if per_run == 1:
+        gpus = max(gpus, 1.0)
     if gpus == 0:
         common.setdefault("device", "cpu")
     runs = schedule([{**common, **r} for r in expand(suite, seeds, overrides.get("methods", ""),
                                                      overrides.get("train_fractions", ""),
                                                      overrides.get("protocols", ""))])
     configs = [cfg for r in runs for cfg in resolve_runs(dict(r))]  # every config is checked before any work
-    spanning = next((cfg for cfg in configs if cfg.devices > 1), None)
-    if spanning is not None:  # a trial's Tune checkpoints are taken in the trial, not in Ray Train's workers
-        raise BenchError(f"devices={spanning.devices} ({spanning.method}): a suite runs each run on one device; "
-                         "run it alone with bench run method=... devices=N")
+    check_gpus(configs, address)
     from bench.prepare import prepare_data
 
     kinds, seconds = prepare_data(configs)
@@ -265,6 +267,7 @@ def run_suite(overrides: dict[str, str]) -> Path:
                    "command": list(sys.argv)}  # the user's command line, recorded in each run's env.json
     t0 = time.perf_counter()
     with ray_session(address):
+        check_gpus(configs, address)
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=max_conc, reuse_actors=True),
@@ -274,6 +277,40 @@ def run_suite(overrides: dict[str, str]) -> Path:
         )
         results = tuner.fit()
     return _finish(suite["name"], seeds, out, runs, results, time.perf_counter() - t0, explain, explain_n)
+
+
+def data_parallel(per_run: int, common: dict[str, str]) -> dict[str, str]:
+    """The run keys of `ray.gpus_per_run=N`, N >= 2: each run's training stages data-parallel on N
+    workers (`devices=N`), on GPUs unless the command says device=cpu (then N CPU workers, gloo). The
+    trial itself holds `ray.cpus_per_trial` CPUs and `ray.gpus_per_trial` GPUs (0: it evaluates on
+    its CPUs while its workers hold the GPUs). N = 1 is one GPU for the trial itself."""
+    if per_run < 2:
+        return {}
+    if "devices" in common and str(common["devices"]) != str(per_run):
+        raise BenchError(f"ray.gpus_per_run={per_run} and devices={common['devices']} disagree; give one of them")
+    return {"devices": str(per_run), "device": common.get("device", "cuda")}
+
+
+def check_gpus(configs: list[Any], address: str | None) -> None:
+    """Runs whose data-parallel workers take GPUs need that many in the Ray cluster (the Ray this command
+    joins, or this machine's GPUs for a Ray it starts); one line, before any trial waits on GPUs that
+    will never come."""
+    wanted = max((int(c.devices) for c in configs if c.devices > 1 and c.device != "cpu"), default=0)
+    if not wanted:
+        return
+    quiet_ray_env()
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        have = ray.cluster_resources().get("GPU", 0)
+    elif address is None:
+        have = torch.cuda.device_count()
+    else:
+        return  # checked again once the cluster is joined
+    if have < wanted:
+        raise BenchError(f"ray.gpus_per_run={wanted}: the Ray cluster has {have:g} GPUs; add device=cpu to run "
+                         f"each run's {wanted} workers on CPUs (gloo)")
 
 
 def _number(overrides: dict[str, str], key: str, default: str, minimum: float, whole: bool = False) -> float:

@@ -14,15 +14,20 @@ and rank, so the shards do not repeat each other's draws.
 The gradients are summed after the backward pass rather than bucketed into it as
 `DistributedDataParallel` does: stages call their modules' own methods (pretexts, encoders), not only
 `forward`, which DDP's hooks require. Rank 0 alone evaluates validation, calls the epoch callback
-(checkpoints) and returns the trained state, which the driver loads; test evaluation and frozen
-features then run once, on the driver, over the whole split.
+(checkpoints) and hands the trained state back through Ray's object store (a queue, so the workers
+may sit on any node), which the driver loads; test evaluation and frozen features then run once,
+on the driver, over the whole split.
+
+Workers train on GPUs (NCCL) when the driver has one or the config says `device=cuda`; a driver
+that holds no GPU itself (a suite trial under `ray.gpus_per_run`, whose workers hold them)
+evaluates on its CPU. Each worker moves the loop to its device (`TrainingLoop.retarget`: the autocast
+dtype and `micro_batch=auto` chosen there).
 """
 from __future__ import annotations
 
 import math
 import random
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +35,6 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-
-STATE_FILE = "loop_state.pt"
 
 
 def shard_of(batch: Any, world: int) -> list[Any]:
@@ -90,46 +93,37 @@ def _worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    loop, on_epoch, resume, device_type = cloudpickle.loads(ray.get(config["payload"]))
+    loop, on_epoch, resume = cloudpickle.loads(ray.get(config["payload"]))
     context = ray.train.get_context()
     loop.rank, loop.world = context.get_world_rank(), context.get_world_size()
-    if device_type == "cuda":
+    if loop.execution.workers == "cuda":
         import ray.train.torch
 
-        _move(loop, ray.train.torch.get_device())
+        loop.retarget(ray.train.torch.get_device())
     if loop.execution.compile:
         loop.step_model = loop.stage.step_model = torch.compile(loop.model)
     result = loop.run_here(on_epoch, resume)
-    if loop.rank != 0:
-        ray.train.report({"epochs": len(result.history)})
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save({"state": loop.state(), "result": vars(result)}, Path(folder) / STATE_FILE)
-        ray.train.report({"epochs": len(result.history)}, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _move(loop: Any, device: torch.device) -> None:
-    """The loop's model and the stage's own modules (e.g. a weighted loss) on the worker's device."""
-    loop.execution.device = device
-    loop.model.to(device, memory_format=loop.execution.memory_format)
-    for value in vars(loop.stage).values():
-        if isinstance(value, nn.Module):
-            value.to(device)
+    if loop.rank == 0:  # the trained state back to the driver through Ray's object store, on any node
+        config["handback"].put({"state": loop.state(), "result": vars(result)})
+    ray.train.report({"epochs": len(result.history)})
 
 
 def run_data_parallel(loop: Any, on_epoch: Any, resume: dict[str, Any] | None) -> Any:
     """`loop.run` on `loop.schedule.devices` Ray Train workers; the driver's loop ends holding rank 0's
-    trained state, and the result is rank 0's (its loss curve averages every worker's shards)."""
+    trained state, and the result is rank 0's (its loss curve averages every worker's shards).
+    `on_epoch` (per-epoch checkpoints: a suite trial's state file, a pretraining stage's staging
+    folder) runs in rank 0's process and writes where the driver would, so an interrupted run resumes
+    from its last epoch as on one device."""
     import cloudpickle
 
     from bench.loop import LoopResult
     from bench.orchestrate import ray_session
-    from bench.weights import numpy_array_globals
 
     devices = int(loop.schedule.devices)
-    device_type = loop.execution.device.type
-    if device_type == "cuda":  # the driver keeps its copy on the CPU; each worker moves its own to its GPU
-        _move(loop, torch.device("cpu"))
+    driver = loop.execution.device
+    gpus = loop.execution.workers == "cuda"
+    if driver.type == "cuda":  # the driver keeps its copy on the CPU; each worker moves its own to its GPU
+        loop.retarget(torch.device("cpu"))
     loop.step_model = loop.stage.step_model = loop.model  # a compiled module is rebuilt inside each worker
     loop.rank_seed = int(torch.randint(0, 2**31 - 1, ()).item())  # drawn from the run's seeded generator
     import ray
@@ -137,22 +131,26 @@ def run_data_parallel(loop: Any, on_epoch: Any, resume: dict[str, Any] | None) -
     with ray_session(None):  # a Ray already running (a suite's trial, a notebook) is used as it is
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
 
-        payload = ray.put(cloudpickle.dumps((loop, on_epoch, resume, device_type)))
+        if gpus and ray.cluster_resources().get("GPU", 0) < devices:
+            raise BenchError(f"{loop.stage.name}: devices={devices} on GPUs, but the Ray cluster has "
+                             f"{ray.cluster_resources().get('GPU', 0):g}; use device=cpu for CPU workers")
+        handback = Queue(maxsize=1)
+        payload = ray.put(cloudpickle.dumps((loop, on_epoch, resume)))
         with tempfile.TemporaryDirectory(prefix="bench-ray-train-") as storage:
             trainer = TorchTrainer(
-                _worker, train_loop_config={"payload": payload},
-                scaling_config=ScalingConfig(num_workers=devices, use_gpu=device_type == "cuda",
-                                             resources_per_worker={"CPU": 1}),
+                _worker, train_loop_config={"payload": payload, "handback": handback},
+                scaling_config=ScalingConfig(num_workers=devices, use_gpu=gpus, resources_per_worker={"CPU": 1}),
                 run_config=RunConfig(name="stage", storage_path=storage))
             try:
-                outcome = trainer.fit()
+                trainer.fit()
             except Exception as exc:  # Ray wraps a worker's error; its first line names what failed
                 raise BenchError(f"{loop.stage.name} on {devices} devices: {_root_cause(exc)}") from None
-            with torch.serialization.safe_globals(numpy_array_globals()):
-                saved = torch.load(Path(outcome.checkpoint.path) / STATE_FILE, map_location="cpu", weights_only=True)
-    if device_type == "cuda":
-        _move(loop, torch.device("cuda"))
+        saved = handback.get(timeout=60)
+        handback.shutdown()
+    if driver.type == "cuda":
+        loop.retarget(driver)
     loop.restore(saved["state"])
     return LoopResult(**saved["result"])
 

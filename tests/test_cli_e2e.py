@@ -79,14 +79,15 @@ def test_same_seed_gives_identical_predictions(tmp_path, tiny_run):
 
 
 def test_amp_path_runs_on_cpu(tmp_path):
+    """A tiny CNN: forced bf16 without native kernels runs PyTorch's slow reference convolutions."""
     from bench.loop import native_bf16
 
-    args = ["run", "method=resnet18", "regime=scratch", "preset=tiny", "epochs=1", "amp=true"]
+    args = ["run", "method=_test_tiny_cnn", "regime=scratch", "preset=tiny", "epochs=1", "amp=true"]
     assert main([*args, "amp_dtype=bf16", f"out={tmp_path / 'forced'}"]) == 0  # bf16 even without native kernels
-    metrics = json.loads((tmp_path / "forced" / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "forced" / "single" / "_test_tiny_cnn-scratch-s0" / "metrics.json").read_text())
     assert metrics["cost"]["amp_dtype"] == "bfloat16"
     assert main([*args, f"out={tmp_path / 'auto'}"]) == 0  # auto: bf16 only where the CPU has bf16 kernels
-    cost = json.loads((tmp_path / "auto" / "single" / "resnet18-scratch-s0" / "metrics.json").read_text())["cost"]
+    cost = json.loads((tmp_path / "auto" / "single" / "_test_tiny_cnn-scratch-s0" / "metrics.json").read_text())["cost"]
     if native_bf16():
         assert cost["amp_dtype"] == "bfloat16" and "bench.numerics" in cost["amp_note"]  # the conv guard is on
     else:

@@ -1,13 +1,34 @@
 """`devices=2`: the training stages run data-parallel on two Ray Train workers (gloo on CPU) with the
 same global batch, and the run is the one-device run: same validation curve and test metrics for a
-network without BatchNorm, every test vertebra predicted exactly once, the run folder the same."""
+network without BatchNorm, every test vertebra predicted exactly once, the run folder the same. A
+suite runs such runs (`ray.gpus_per_run`) and continues one after `kill -9` from its last epoch.
+
+One Ray for the module, with a logical CPU for each trial's driver beside its two workers."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from bench.cli import main
 from tests_helpers import run_cli
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_with_room_for_workers():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 def _run(tmp_path, *args: str) -> tuple[dict, pd.DataFrame, dict]:
@@ -53,3 +74,40 @@ def test_two_workers_pretrain_then_probe(tmp_path):
     curve = metrics["pretraining"]["pretrain_curve"]
     assert len(curve) == 2 and all(0 < e["loss"] < 10 for e in curve)
     assert len(predictions) == metrics["test"]["n"] and not predictions.duplicated(["patient_id", "vertebra"]).any()
+
+
+SUITE = "runs:\n  - {method: vit_b, regimes: [scratch]}\n"
+
+
+@pytest.mark.e2e
+def test_a_suite_of_data_parallel_runs_resumes_after_kill_9_from_the_last_epoch(ray_with_room_for_workers, tmp_path,
+                                                                                   capsys):
+    """`ray.gpus_per_run=2 device=cpu`: each run on two gloo workers inside its trial. The suite's
+    process is killed once rank 0 has written an epoch's state; `resume=true` continues the run from
+    that epoch, and the run ends on the one-device run's curve."""
+    suite = tmp_path / "dp.yaml"
+    suite.write_text(SUITE)
+    args = ["run", f"suite={suite}", "preset=tiny", "epochs=3", "ray.gpus_per_run=2", "device=cpu"]
+    killed = tmp_path / "killed"
+    joined = f"ray.address={ray_with_room_for_workers}"  # the cluster outlives the killed command
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args, f"out={killed}", joined],
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "dp" / "_state" / "vit_b-scratch-s0.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (killed / "dp" / "vit_b-scratch-s0").exists(), "killed after an epoch, mid-run"
+    capsys.readouterr()
+    assert main([*args, f"out={killed}", "resume=true"]) == 0
+    resumed = json.loads((killed / "dp" / "vit_b-scratch-s0" / "metrics.json").read_text())
+    assert resumed["cost"]["resumed_at_epoch"] >= 1 and not state.exists()
+    config = (killed / "dp" / "vit_b-scratch-s0" / "config.yaml").read_text()
+    assert "\ndevices: 2\n" in config and "\ndevice: cpu\n" in config
+    one, _, _ = _run(tmp_path / "one", "method=vit_b", "regime=scratch", "preset=tiny", "epochs=3")
+    assert len(resumed["epochs"]) == 3
+    for a, b in zip(one["epochs"], resumed["epochs"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
