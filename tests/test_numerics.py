@@ -82,7 +82,7 @@ def test_the_guard_keeps_parameters_keys_and_the_bf16_path_elsewhere():
 
 def test_execution_guards_only_under_cpu_bf16():
     class Cfg:
-        device, channels_last, amp_dtype, compile = "cpu", False, "bf16", False
+        device, devices, channels_last, amp_dtype, compile = "cpu", 1, False, "bf16", False
 
     class Method:
         channels_last = False
