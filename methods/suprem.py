@@ -95,15 +95,17 @@ class OrganSegmentation(PretextTask):
     """The supervised stand-in's pretext: the checkpoint's intensity window, a segmentation network
     with one logit map per organ, and Dice + cross-entropy against the organ labels. `encoder`
     names the network's encoder module (Swin UNETR's `swinViT`); without one (the U-Net, whose
-    encoder is a set of blocks) the tensors that reach the classifier are those of `encoder_blocks`."""
+    encoder is a set of blocks) the tensors that reach the classifier are those of `encoder_blocks`.
+    Crops are padded to a multiple of `multiple` (Swin UNETR's decoder: 32; the U-Net's three
+    poolings: 8), and the padding carries no label."""
 
     def __init__(self, window: HUWindow, network: nn.Module, encoder: str = "",
-                 encoder_blocks: tuple[str, ...] = ()) -> None:
+                 encoder_blocks: tuple[str, ...] = (), multiple: int = 32) -> None:
         super().__init__()
         self.window = window
         self.network = network
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.encoder_name, self.encoder_blocks = encoder, encoder_blocks
+        self.encoder_name, self.encoder_blocks, self.multiple = encoder, encoder_blocks, multiple
 
     def pretrained_encoder(self) -> nn.Module:
         if not self.encoder_name:
@@ -118,7 +120,7 @@ class OrganSegmentation(PretextTask):
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, organs = batch
         size = x.shape[-3:]
-        pad = [(-n) % 32 for n in size]  # Swin UNETR's decoder needs edges divisible by 32
+        pad = [(-n) % self.multiple for n in size]
         windowed = F.pad(self.window(x), [p for n in reversed(pad) for p in (0, n)])
         logits = self.network(windowed)[..., :size[0], :size[1], :size[2]].float()  # the padding carries no label
         return {"loss": self.loss(logits, organs[:, None])}
@@ -186,7 +188,10 @@ class SuPreMUNet(Method):
     regimes = ("scratch", "public")
     Params = SuPreMUNetParams
     channels_last = True
-    presets = {"tiny": {"model": {"width": 0.125}}, "small": {"amp": True, "model": {"width": 0.125}}}
+    pretext_any_size = True  # fully convolutional: its pretext may see sub-crops (edges a multiple of 8)
+    # at `small` the stand-in segments 32^3 sub-crops at the run's spacing, as the Swin methods' pretexts do
+    presets = {"tiny": {"model": {"width": 0.125}},
+               "small": {"amp": True, "pretrain": {"crop_size": 32}, "model": {"width": 0.125}}}
     public_weights = WeightsSpec(filename="supervised_suprem_unet_2100.pth", url="", sha256="",
                                  layout=SUPREM_LAYOUT, convert=convert_suprem,
                                  licence="unverified here (see MrGiovanni/SuPreM)",
@@ -207,4 +212,4 @@ class SuPreMUNet(Method):
         network = UNet3D(self.params.width)
         out_channels = scaled_channels(64, self.params.width)
         network.out_tr = nn.Conv3d(out_channels, len(ORGANS), kernel_size=1)  # a logit per organ
-        return OrganSegmentation(hu_window(self.params.hu_window), network, encoder_blocks=ENCODER_BLOCKS)
+        return OrganSegmentation(hu_window(self.params.hu_window), network, encoder_blocks=ENCODER_BLOCKS, multiple=8)

@@ -42,8 +42,8 @@ def test_the_corpora_take_subcrops_and_vary_them_by_epoch():
     assert patch.shape == (1, 32, 32, 32) and label.shape == (32, 32, 32)
 
 
-@pytest.mark.parametrize("name", ["swin_unetr", "voco", "suprem"])
-def test_the_swin_pretexts_train_on_32_voxel_subcrops_of_48_voxel_crops(name):
+@pytest.mark.parametrize("name", ["swin_unetr", "voco", "suprem", "suprem_unet"])
+def test_the_any_size_pretexts_train_on_32_voxel_subcrops_of_48_voxel_crops(name):
     method, cfg = _method(name, crop_size="48", **{"pretrain.crop_size": "32"})
     dataset, spec = pretext_dataset(method, cfg, "public", 0)
     assert spec["pretext_crop_size"] == 32 and spec["crop_size"] == 48
@@ -56,8 +56,8 @@ def test_the_swin_pretexts_train_on_32_voxel_subcrops_of_48_voxel_crops(name):
     assert torch.isfinite(loss)
 
 
-def test_the_small_preset_pretrains_the_swin_methods_on_32_voxel_subcrops():
-    for name in ("swin_unetr", "voco", "suprem"):
+def test_the_small_preset_pretrains_the_any_size_methods_on_32_voxel_subcrops():
+    for name in ("swin_unetr", "voco", "suprem", "suprem_unet"):
         cfg = compose({"method": name, "preset": "small"}, get_method(name))
         assert (cfg.crop_size, cfg.pretrain.crop_size) == (48, 32), name
 
