@@ -157,7 +157,8 @@ def finetune(method: Any, data: VertebraSet, cfg: DictConfig, model: nn.Module |
     assert best is not None
     model = loop.model
     model.load_state_dict(best["state"])
-    cost = {"micro_batch": result.micro_batch, "train_s": result.train_s, "train_flops": result.flops,
+    cost = {"micro_batch": result.micro_batch, "train_s": result.train_s, "train_data_s": result.data_s,
+            "train_flops": result.flops,
             "threads": torch.get_num_threads(),
             "s_per_epoch": result.train_s / max(1, cfg.epochs - result.first_epoch),
             "resumed_at_epoch": result.first_epoch if resume is not None else None,

@@ -324,6 +324,7 @@ class LoopResult:
     first_epoch: int  # > 0 when resumed
     micro_batch: int = 0  # the chunk size the batches ran in (0: whole batches)
     flops: float = 0.0  # of the steps run here: one step's count (bench.flops) times the steps
+    data_s: float = 0.0  # of train_s, the time spent waiting for the loader's next batch
 
 
 OnEpoch = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -428,8 +429,9 @@ class TrainingLoop:
             if on_epoch is not None and lead:
                 on_epoch(record, self.state)
         steps_here = self.step - first * self.steps_per_epoch
+        data_s = sum(e.get("data_s", 0.0) for e in self.history[first:])
         return LoopResult(self.history, self.step, time.perf_counter() - t0, first, self.micro_batch,
-                          (self.flops_per_step or 0.0) * steps_here * self.world)
+                          (self.flops_per_step or 0.0) * steps_here * self.world, data_s)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         stage, opt, clip = self.stage, self.optimizer, self.schedule.grad_clip
@@ -441,8 +443,14 @@ class TrainingLoop:
             seed_rank(self.rank_seed, epoch, self.rank)
         self.step_model.train()
         sums: dict[str, float] = {}
-        seen = 0
-        for batch in stage.loader:
+        seen, data_s = 0, 0.0
+        batches = iter(stage.loader)
+        while True:
+            fetched = time.perf_counter()
+            batch = next(batches, None)
+            data_s += time.perf_counter() - fetched
+            if batch is None:
+                break
             opt.zero_grad(set_to_none=True)
             if self.flops_per_step is None:
                 from bench.flops import counted
@@ -468,7 +476,7 @@ class TrainingLoop:
 
             sums, seen = summed(sums, seen)
         means = {("train_loss" if k == "loss" else k): v / max(seen, 1) for k, v in sums.items()}
-        return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+        return {**means, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0, "data_s": data_s}
 
     def _accumulate(self, batch: Any, epoch: int, sums: dict[str, float], seen: int) -> int:
         """Forward and backward of one batch, in micro-batches when asked; the samples seen so far.

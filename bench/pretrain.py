@@ -198,7 +198,8 @@ def _pretrain(method: Any, cfg: DictConfig, dataset: Dataset, parent: dict | Non
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in loop.model.state_dict().items()},
               str(staging / "pretext.safetensors"))
     record = {"spec": spec, "source": stage, "init": init, "curve": result.history, "steps": result.steps,
-              "train_s": result.train_s, "flops": result.flops, "threads": torch.get_num_threads(),
+              "train_s": result.train_s, "data_s": result.data_s, "flops": result.flops,
+              "threads": torch.get_num_threads(),
               "s_per_epoch": result.train_s / max(p.epochs - result.first_epoch, 1),
               "resumed_at_epoch": result.first_epoch or None, "n_items": len(dataset),
               "n_params": sum(t.numel() for t in loop.model.parameters()), "started": started, "finished": now(),

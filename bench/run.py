@@ -69,10 +69,11 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
     """Train, select, evaluate and store one run; returns its folder. `on_epoch` and `resume` pass
     through to the protocol (per-epoch checkpoints of suite trials); `command` is the user's command
     line when this process is not the one the user started (a Ray worker)."""
+    from bench.locks import waited_s
     from bench.protocols import protocol
 
     started = now()
-    t0 = time.perf_counter()
+    t0, waited = time.perf_counter(), waited_s()
     method, data, model, init = prepare(cfg)
     result = protocol(cfg.protocol)(method, data, cfg, model, on_epoch=on_epoch, resume=resume)
     counts = data.table.groupby("split")["label"].agg(["size", "sum"])
@@ -82,7 +83,8 @@ def execute(cfg: DictConfig, on_epoch: Any = None, resume: dict[str, Any] | None
         "test": result.test_metrics,
         "val": result.val_metrics,
         "epochs": result.epochs,
-        "cost": {**result.cost, "total_s": time.perf_counter() - t0, "pretrain_s": init.get("pretrain_s")},
+        "cost": {**result.cost, "total_s": time.perf_counter() - t0, "pretrain_s": init.get("pretrain_s"),
+                 "lock_wait_s": waited_s() - waited},
         "pretraining": init,
         "data": {
             "name": data.name,

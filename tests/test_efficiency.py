@@ -44,3 +44,64 @@ def test_the_counter_counts_a_matmul_and_the_rate_is_positive():
     _, flops = counted(lambda: a @ b)
     assert flops == 2 * 64 * 32 * 16
     assert matmul_rate(size=128, seconds=0.05) > 0
+
+
+def test_data_loading_and_lock_waits_are_measured_and_reported(tmp_path):
+    """Where the time below the ceiling went: each training stage's wait for the loader's next batch,
+    and the time trials idled on another trial's lock (a row of its own)."""
+    public = _artifact(tmp_path / "a" / "public", 4e12, 40.0)
+    record = json.loads((public / "pretrain.json").read_text())
+    (public / "pretrain.json").write_text(json.dumps({**record, "data_s": 8.0}))
+    runs = [_run(tmp_path / "r1", {"train_flops": 3e12, "train_s": 30.0, "train_data_s": 3.0, "amp_dtype": None,
+                                   "threads": 1, "lock_wait_s": 12.0}, public),
+            _run(tmp_path / "r2", {"train_flops": 3e12, "train_s": 30.0, "train_data_s": 6.0, "amp_dtype": None,
+                                   "threads": 1, "lock_wait_s": 0.0})]
+    rows = {r["stage"]: r for r in efficiency_rows(stage_compute(runs), {"threads": 1, "float32": 200e9})}
+    assert rows["pretraining"]["data_s"] == pytest.approx(8.0) and rows["pretraining"]["data_share"] == 0.2
+    assert rows["finetuning"]["data_s"] == pytest.approx(9.0) and rows["finetuning"]["data_share"] == 0.15
+    assert rows["waiting on locks"]["seconds"] == pytest.approx(12.0) and rows["waiting on locks"]["gflop_s"] is None
+    assert list(rows)[-1] == "waiting on locks"
+
+
+def test_the_loop_times_the_loader_and_a_run_records_its_lock_waits(tmp_path):
+    import threading
+    import time
+
+    from bench.locks import locked, waited_s
+    from bench.loop import Execution, Schedule, Stage, TrainingLoop
+
+    class Slow:
+        def __iter__(self):
+            for _ in range(2):
+                time.sleep(0.05)
+                yield torch.randn(2, 3)
+
+        def __len__(self):
+            return 2
+
+    class Fit(Stage):
+        def __init__(self) -> None:
+            self.model, self.loader = torch.nn.Linear(3, 1), Slow()
+
+        def step(self, model, batch):
+            return {"loss": model(batch).pow(2).mean()}, len(batch)
+
+    loop = TrainingLoop(Fit(), Schedule(epochs=1, lr=1e-2, min_lr=1e-3, weight_decay=0.0, warmup_epochs=0.0),
+                        Execution(torch.device("cpu"), None, torch.contiguous_format, False), progress=False)
+    result = loop.run()
+    assert 0.09 <= result.data_s <= result.train_s and result.history[0]["data_s"] == result.data_s
+
+    before, held = waited_s(), threading.Event()
+
+    def hold():
+        with locked(tmp_path / "artifact"):
+            held.set()
+            time.sleep(0.3)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    held.wait()
+    with locked(tmp_path / "artifact"):
+        pass
+    other.join()
+    assert waited_s() - before >= 0.2
