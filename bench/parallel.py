@@ -138,17 +138,19 @@ def run_data_parallel(loop: Any, on_epoch: Any, resume: dict[str, Any] | None) -
                              f"{ray.cluster_resources().get('GPU', 0):g}; use device=cpu for CPU workers")
         handback = Queue(maxsize=1)
         payload = ray.put(cloudpickle.dumps((loop, on_epoch, resume)))
-        with tempfile.TemporaryDirectory(prefix="bench-ray-train-") as storage:
-            trainer = TorchTrainer(
-                _worker, train_loop_config={"payload": payload, "handback": handback},
-                scaling_config=ScalingConfig(num_workers=devices, use_gpu=gpus, resources_per_worker={"CPU": 1}),
-                run_config=RunConfig(name="stage", storage_path=storage))
-            try:
-                trainer.fit()
-            except Exception as exc:  # Ray wraps a worker's error; its first line names what failed
-                raise BenchError(f"{loop.stage.name} on {devices} devices: {_root_cause(exc)}") from None
-        saved = handback.get(timeout=60)
-        handback.shutdown()
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-ray-train-") as storage:
+                trainer = TorchTrainer(
+                    _worker, train_loop_config={"payload": payload, "handback": handback},
+                    scaling_config=ScalingConfig(num_workers=devices, use_gpu=gpus, resources_per_worker={"CPU": 1}),
+                    run_config=RunConfig(name="stage", storage_path=storage))
+                try:
+                    trainer.fit()
+                except Exception as exc:  # Ray wraps a worker's error; its first line names what failed
+                    raise BenchError(f"{loop.stage.name} on {devices} devices: {_root_cause(exc)}") from None
+            saved = handback.get(timeout=60)
+        finally:
+            handback.shutdown()
     if driver.type == "cuda":
         loop.retarget(driver)
     loop.restore(saved["state"])
