@@ -206,7 +206,7 @@ class Merlin(Method):
     }
     public_weights = WeightsSpec(
         filename=RELEASED_FILE, url="", sha256="", hf_repo="stanfordmimi/Merlin", hf_file=RELEASED_FILE,
-        licence="MIT (code, StanfordMIMI/Merlin); weights: see the Hugging Face model card",
+        licence="MIT (Hugging Face model card; code StanfordMIMI/Merlin MIT too)",
         trained_on="15,331 abdominal CTs with EHR phenotypes and radiology reports (Stanford)",
         layout="flat {'encode_image.i3_resnet.{conv1,bn1,layer{1-4}.<j>.*}', 'encode_image.i3_resnet.classifier.*', "
                "'encode_text.*', 'logit_scale'} or the i3_resnet's own keys (five-year file)",
