@@ -111,3 +111,25 @@ def test_a_suite_of_data_parallel_runs_resumes_after_kill_9_from_the_last_epoch(
     for a, b in zip(one["epochs"], resumed["epochs"]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+
+
+def test_workers_train_on_gpus_the_driver_may_not_hold():
+    """device=cuda with devices=2 in a process without a GPU (a suite trial whose workers hold them):
+    the process evaluates on its CPU, the workers train on CUDA, and the pretraining artifact is named
+    by the workers' autocast dtype (fp16 on CUDA); device=cpu keeps everything on CPUs."""
+    import torch
+
+    from bench.loop import Execution
+    from bench.registry import create_method
+    from bench.run import resolve_runs
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the placement of a process without a GPU")
+    cfg = resolve_runs({"method": "vit_b", "regime": "scratch", "preset": "tiny", "devices": "2", "device": "cuda",
+                        "amp": "true"})[0]
+    execution = Execution.of(cfg, create_method("vit_b", cfg))
+    assert execution.device.type == "cpu" and execution.workers == "cuda"
+    assert execution.training_dtype_name == "float16"
+    cfg.device = "cpu"
+    execution = Execution.of(cfg, create_method("vit_b", cfg))
+    assert execution.workers == "cpu" and execution.training_dtype_name == execution.dtype_name
