@@ -133,3 +133,21 @@ def test_two_gpus_take_the_one_gpu_steps(tmp_path, gpu_results):
         curves[devices] = [e["val_loss"] for e in json.loads(next(out.rglob("metrics.json")).read_text())["epochs"]]
     gpu_results.append({"check": "two gpus", "method": "vit_b", "losses": curves[2], "one": curves[1]})
     assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="data parallel needs two GPUs")
+def test_a_suite_spans_each_run_over_two_gpus(tmp_path, gpu_results):
+    """ray.gpus_per_run=2: each trial holds no GPU itself, its two workers hold one each (NCCL, fp16
+    autocast chosen on the workers' device), and the trial evaluates on its CPU."""
+    import json
+
+    from bench.cli import main
+
+    suite = tmp_path / "dp.yaml"
+    suite.write_text("runs:\n  - {method: vit_b, regimes: [scratch]}\n")
+    assert main(["run", f"suite={suite}", "preset=tiny", "epochs=2", "amp=true", "ray.gpus_per_run=2",
+                 f"out={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    gpu_results.append({"check": "suite over two gpus", "method": "vit_b", "losses": losses})
+    assert metrics["cost"]["device"] == "cpu" and len(losses) == 2
