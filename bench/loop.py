@@ -67,9 +67,14 @@ def select_device(name: str) -> torch.device:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU has bf16 kernels (oneDNN: AVX512-BF16 or AMX). Without them bf16 convolutions
-    fall back to PyTorch's slow reference kernels (slow_conv3d), many times slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX. oneDNN also accepts bf16 on
+    AVX-512 CPUs without them, but emulates it, slower than fp32; and without AVX-512 bf16
+    convolutions fall back to PyTorch's slow reference kernels (slow_conv3d). So only the instruction
+    sets themselves count (torch.cpu's probes; oneDNN's own answer where torch has no probes)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(probe is None for probe in probes):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(bool(probe()) for probe in probes if probe is not None)
 
 
 def amp_dtype(amp: bool, name: str, device: torch.device) -> torch.dtype | None:

@@ -92,3 +92,17 @@ def test_execution_guards_only_under_cpu_bf16():
         cfg.amp = amp
         model, _ = Execution.of(cfg, Method()).place(nn.Sequential(nn.Conv3d(1, 2, 3)))
         assert isinstance(model[0], GuardedConv3d) is guarded
+
+
+def test_native_bf16_means_the_instructions_not_onednns_emulation(monkeypatch):
+    """An AVX-512 CPU without AVX512-BF16 or AMX: oneDNN still says bf16 is supported (emulated,
+    slower than fp32), so amp_dtype=auto must not take it."""
+    import bench.loop as loop
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not loop.native_bf16()
+    assert loop.amp_dtype(True, "auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert loop.native_bf16() and loop.amp_dtype(True, "auto", torch.device("cpu")) == torch.bfloat16
