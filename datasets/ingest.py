@@ -8,6 +8,7 @@ CT voxels under the crop is read and interpolated, never the whole volume.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def check_label_image(mask: np.ndarray, where: str) -> None:
     low = mask.min() if mask.size else 0
     if low < 0:
         raise BenchError(f"{where} holds negative values (down to {low:g}); a label image has none: is it the CT?")
-    sample = np.asarray(mask).ravel()[:: max(1, mask.size // 2_000_000)]
+    sample = np.asarray(mask).ravel(order="K")[:: max(1, mask.size // 2_000_000)]  # memory order: no copy
     count = len(np.unique(sample))
     if count > MAX_LABELS:
         raise BenchError(f"{where} holds {count} distinct values; a label image has at most {MAX_LABELS}: "
@@ -133,7 +134,13 @@ def read_verse_centroids(path: str | Path, affine: np.ndarray, shape: tuple[int,
 
 def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: int, spacing: float,
                 order: int = 1) -> tuple[np.ndarray, float]:
-    """The float32 (size,)*3 RAS crop around `centre` (mm) and the fraction outside the scan."""
+    """The float32 (size,)*3 RAS crop around `centre` (mm) and the fraction outside the scan.
+
+    Linear interpolation with the edge voxel repeated (map_coordinates, order 1, mode "nearest").
+    A scan whose voxel axes run along R, A and S (in some order and direction, as nearly every CT's
+    do) is sampled axis by axis: trilinear interpolation is the product of three linear ones, so
+    this gives map_coordinates' values without its per-voxel cost. An oblique scan, or `order` 0,
+    takes map_coordinates over the whole grid."""
     offsets = (np.arange(size) - (size - 1) / 2) * spacing
     inv = np.linalg.inv(affine)
     step = inv[:3, :3]  # voxel displacement per mm along R, A, S
@@ -144,24 +151,72 @@ def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: in
     lo = np.clip(np.floor(reach.min(0)).astype(int) - 1, 0, shape)
     hi = np.clip(np.ceil(reach.max(0)).astype(int) + 2, 0, shape)
     block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    # voxel coordinates of every grid point, built separably (no (3, N) world-point matrix)
-    coords = np.empty((3, size, size, size), np.float32)
-    for d in range(3):
-        coords[d] = (
-            (origin[d] - lo[d])
-            + step[d, 0] * offsets[:, None, None]
-            + step[d, 1] * offsets[None, :, None]
-            + step[d, 2] * offsets[None, None, :]
-        )
-    outside = np.zeros((size,) * 3, bool)
-    for d in range(3):
-        absolute = coords[d] + lo[d]
-        outside |= (absolute < -0.5) | (absolute > shape[d] - 0.5)
+    axes = _axis_aligned(step, offsets) if order == 1 else None
+    if axes is not None:
+        lines = [(origin[d] - lo[d]) + step[d, axes[d]] * offsets for d in range(3)]
+        outside = np.zeros((size,) * 3, bool)
+        for d in range(3):  # a grid point is outside when it is outside along any voxel axis
+            absolute = lines[d] + lo[d]
+            along = (absolute < -0.5) | (absolute > shape[d] - 0.5)
+            outside |= along.reshape([-1 if r == axes[d] else 1 for r in range(3)])
+    else:
+        # voxel coordinates of every grid point, built separably (no (3, N) world-point matrix)
+        coords = np.empty((3, size, size, size), np.float32)
+        for d in range(3):
+            coords[d] = (
+                (origin[d] - lo[d])
+                + step[d, 0] * offsets[:, None, None]
+                + step[d, 1] * offsets[None, :, None]
+                + step[d, 2] * offsets[None, None, :]
+            )
+        outside = np.zeros((size,) * 3, bool)
+        for d in range(3):
+            absolute = coords[d] + lo[d]
+            outside |= (absolute < -0.5) | (absolute > shape[d] - 0.5)
     if block.size == 0:
         return np.full((size,) * 3, PAD_HU, np.float32), 1.0
-    crop = ndimage.map_coordinates(block, coords, order=order, mode="nearest", output=np.float32)
+    if axes is not None:
+        crop = np.array(block, order="K")  # contiguous in the scan's memory order: the gathers below read runs
+        for d in range(3):
+            crop = _linear_along(crop, lines[d], d)
+        crop = np.ascontiguousarray(crop.transpose(np.argsort(axes)), dtype=np.float32)
+    else:
+        crop = ndimage.map_coordinates(block, coords, order=order, mode="nearest", output=np.float32)
     crop[outside] = PAD_HU
     return crop, float(outside.mean())
+
+
+def _axis_aligned(step: np.ndarray, offsets: np.ndarray, tol_voxels: float = 1e-4) -> np.ndarray | None:
+    """For each voxel axis, the one RAS axis it moves along, when every voxel axis moves along one
+    (up to `tol_voxels` over the crop: stored affines carry float rounding); None for an oblique scan."""
+    axes = np.abs(step).argmax(axis=1)
+    if sorted(axes.tolist()) != [0, 1, 2]:
+        return None
+    across = np.abs(step)
+    across[np.arange(3), axes] = 0.0
+    return axes if (across.sum(axis=1) * np.abs(offsets).max()).max() <= tol_voxels else None
+
+
+def _linear_along(x: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """`x` linearly interpolated at `positions` (voxel coordinates) along one axis, in float32, the
+    edge repeated beyond its ends (map_coordinates' mode "nearest")."""
+    n = x.shape[axis]
+    positions = np.clip(positions, 0, n - 1)
+    low = np.minimum(np.floor(positions).astype(np.intp), max(n - 2, 0))
+    weight = (positions - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    below = np.take(x, low, axis=axis).astype(np.float32, copy=False)
+    return below + weight * (np.take(x, np.minimum(low + 1, n - 1), axis=axis) - below)
+
+
+def _read_mask(path: str, label_map: dict[int, str]) -> tuple[np.ndarray, np.ndarray, list[Vertebra] | BenchError]:
+    """The mask, its affine and its vertebrae, or why it is not a label image (raised by the caller
+    after the grid check, so that errors come in the order a reader fixes them)."""
+    mask, affine = load_volume(path, "mask")
+    try:
+        check_label_image(mask, f"mask '{path}'")
+    except BenchError as exc:
+        return mask, affine, exc
+    return mask, affine, vertebra_centroids(mask, affine, label_map)
 
 
 def ingest_case(case: Case, opts: IngestOptions,
@@ -171,15 +226,17 @@ def ingest_case(case: Case, opts: IngestOptions,
     sampled on the crop's grid (nearest neighbour), as bit 1 of a uint8 mask."""
     map_name = case.label_map or opts.label_map
     label_map = get_label_map(map_name)
-    ct, ct_affine = load_volume(case.ct, "CT")
-    mask, mask_affine = load_volume(case.mask, "mask")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the mask is read and measured while the CT decompresses
+        reading = pool.submit(_read_mask, case.mask, label_map)
+        ct, ct_affine = load_volume(case.ct, "CT")
+        mask, mask_affine, vertebrae = reading.result()
     if not same_grid(ct.shape, ct_affine, mask.shape, mask_affine):
         raise BenchError(
             f"mask '{case.mask}' is not on the CT's grid: shapes {ct.shape} vs {mask.shape}, "
             f"affines differ by {np.abs(ct_affine - mask_affine).max():.3g}; resample the mask to the CT first"
         )
-    check_label_image(mask, f"mask '{case.mask}'")
-    vertebrae = vertebra_centroids(mask, mask_affine, label_map)
+    if isinstance(vertebrae, BenchError):
+        raise vertebrae
     if not vertebrae:
         present = sorted(int(v) for v in np.unique(mask) if v)[:12]
         raise BenchError(

@@ -366,3 +366,37 @@ def test_two_ingests_into_one_out_take_turns(tmp_path):
     from bench.datasets.cropstore import verify_crops
 
     assert verify_crops(out, crops, manifest) == len(manifest) > 0
+
+
+@pytest.mark.parametrize("ornt", [None, [[2, 1], [0, -1], [1, 1]]], ids=["as stored", "axes permuted and flipped"])
+def test_an_axis_aligned_scan_is_sampled_axis_by_axis_to_map_coordinates_values(monkeypatch, ornt):
+    """The fast path for scans whose voxel axes run along R, A, S gives map_coordinates' crop: the
+    centre of every vertebra, and one whose crop leaves the scan (padding and missing fraction)."""
+    import bench.datasets.ingest as ingest_module
+
+    img = nib.load(str(TS_CT))
+    if ornt is not None:
+        img = img.as_reoriented(np.array(ornt))
+    ct = np.asanyarray(img.dataobj)
+    centres = [v.centroid_world for v in vertebra_centroids(
+        np.asanyarray(nib.load(str(TS_VERT)).dataobj), nib.load(str(TS_VERT)).affine, LABEL_MAPS["totalseg_v2"])]
+    assert ingest_module._axis_aligned(np.linalg.inv(img.affine)[:3, :3], np.arange(96) - 47.5) is not None
+    fast = [sample_crop(ct, img.affine, c, 96, 1.0) for c in centres]
+    monkeypatch.setattr(ingest_module, "_axis_aligned", lambda step, offsets: None)
+    general = [sample_crop(ct, img.affine, c, 96, 1.0) for c in centres]
+    assert any(0 < missing < 1 for _, missing in general)
+    for (crop, missing), (expected, expected_missing) in zip(fast, general):
+        assert missing == expected_missing
+        # map_coordinates is given float32 voxel coordinates (~1e-5 voxel apart from exact), the axes
+        # float64 ones: 1e-2 HU bounds that at the fixture's steepest edges, far below the stores' 1 HU
+        np.testing.assert_allclose(crop, expected, atol=1e-2, rtol=0)
+
+
+def test_an_oblique_scan_is_not_taken_for_an_axis_aligned_one():
+    from bench.datasets.ingest import _axis_aligned
+
+    angle = np.deg2rad(0.5)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    offsets = np.arange(96) - 47.5
+    assert _axis_aligned(rotation, offsets) is None
+    assert _axis_aligned(np.diag([1.28, -1.28, 1.0]) + 1e-9, offsets) is not None  # stored rounding

@@ -92,7 +92,7 @@ def write_dicom_series(volume, affine_ras, folder: Path, slice_axis: int = 2, re
     study_uid = generate_uid()
     indices = [k for k in range(volume.shape[slice_axis]) if k not in drop]
     for number, k in enumerate(reversed(indices) if reverse else indices, start=1):
-        plane = np.take(volume, k, axis=slice_axis)  # (column axis, row axis)
+        plane = np.moveaxis(volume, slice_axis, 0)[k]  # a view: np.take passes over the volume per slice
         stored = np.rint((plane.T.astype(np.float64) - intercept) / slope)
         index = np.zeros(4)
         index[slice_axis], index[3] = k, 1.0
