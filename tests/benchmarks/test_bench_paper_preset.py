@@ -2,8 +2,8 @@
 and takes one training step at batch 2 on its real input (96^3 crops, slice-view clips), plus one
 pretext step where it has a pretext (what `bench cost` prints, per method).
 
-Run with `pytest tests/benchmarks/test_bench_paper_preset.py --benchmark-enable -s` (minutes: the
-paper's ViT-L and ResEnc-L steps are real)."""
+Run with `pytest tests/benchmarks --benchmark-enable -m paper_preset -s` (tens of minutes: the
+paper's ViT-L and ResEnc-L steps are real); the other benchmarks leave it out."""
 import math
 
 import pytest
@@ -14,6 +14,7 @@ from bench.registry import list_methods
 METHODS = [m for m in list_methods() if not m.startswith("_")]
 
 
+@pytest.mark.paper_preset
 @pytest.mark.parametrize("name", METHODS)
 def test_paper_preset_takes_a_finetuning_and_a_pretext_step(name, report_lines):
     row = method_cost(name)
