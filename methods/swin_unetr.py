@@ -52,9 +52,13 @@ SWINVIT_WEIGHTS = WeightsSpec(
 
 
 def make_swin(p, use_v2: bool = False) -> SwinTransformer:
+    """MONAI's Swin encoder. Without gradients (features, evaluation) its windows attend through
+    PyTorch's fused attention, which MONAI offers for inference: the same function of the same
+    weights, without the many small products and the separate softmax of its training path."""
     return SwinTransformer(in_chans=1, embed_dim=p.feature_size, window_size=(p.window_size,) * 3,
                            patch_size=(2, 2, 2), depths=tuple(p.depths), num_heads=tuple(p.num_heads),
-                           spatial_dims=3, use_v2=use_v2, use_checkpoint=p.grad_checkpointing)
+                           spatial_dims=3, use_v2=use_v2, use_checkpoint=p.grad_checkpointing,
+                           use_flash_attention=True)
 
 
 class SwinEncoder(nn.Module):
