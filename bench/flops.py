@@ -16,11 +16,28 @@ from typing import Any
 import torch
 
 
+def _cpu_fused_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_fused_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def counted(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """`fn()`'s result and the FLOPs it ran (forward, and backward when fn calls it)."""
+    """`fn()`'s result and the FLOPs it ran (forward, and backward when fn calls it). torch's counter
+    knows the GPU kernels of fused attention but not the CPU one, which timm's ViTs (and MONAI's
+    Swin without gradients) run on a CPU: its products are counted here as the GPU kernels' are."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_fused_attention_backward}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         result = fn()
     return result, float(counter.get_total_flops())
 

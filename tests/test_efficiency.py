@@ -46,6 +46,16 @@ def test_the_counter_counts_a_matmul_and_the_rate_is_positive():
     assert matmul_rate(size=128, seconds=0.05) > 0
 
 
+def test_fused_attention_on_a_cpu_counts_the_products_that_the_unfused_one_does():
+    """timm's ViTs and MONAI's Swin (without gradients) attend through torch's fused CPU kernel,
+    which torch's counter would count as nothing."""
+    q = torch.randn(4, 2, 64, 12)
+    mask = torch.randn(1, 2, 64, 64)
+    _, fused = counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+    _, unfused = counted(lambda: ((q @ q.transpose(-2, -1)) * 12**-0.5 + mask).softmax(-1) @ q)
+    assert fused == unfused == 2 * 2 * 4 * 2 * 64 * 64 * 12
+
+
 def test_data_loading_and_lock_waits_are_measured_and_reported(tmp_path):
     """Where the time below the ceiling went: each training stage's wait for the loader's next batch,
     and the time trials idled on another trial's lock (a row of its own)."""

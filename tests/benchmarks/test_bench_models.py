@@ -1,8 +1,9 @@
 """Model step costs: MAE at mask 0.8 vs a full-token step; ViT MFU; Video-CT MAE format adaptation.
 
 Run: pytest tests/benchmarks/test_bench_models.py --benchmark-enable -s
-FLOPs are counted by torch's FlopCounterMode on one real step; the peak is this process's own
-matmul FLOP/s, measured in the same run (the machines are noisy, ratios are what we quote).
+FLOPs are counted by torch's FlopCounterMode on one real step (bench.flops.counted, which adds the
+CPU's fused attention); the peak is this process's own matmul FLOP/s, measured in the same run (the
+machines are noisy, ratios are what we quote).
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.flops import counted
 from bench.loop import keep_freed_memory, make_optimizer
 from bench.methods.mae3d import MAE3D, Masking
 from bench.methods.video_mae import VideoViT
@@ -43,11 +44,8 @@ def _step(model, x, opt):
     return run
 
 
-def _flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+def _flops(fn) -> float:
+    return counted(fn)[1]  # the suite's own count: torch's counter with the CPU's fused attention
 
 
 def _vit(size=96):
