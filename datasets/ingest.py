@@ -151,16 +151,13 @@ def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: in
     lo = np.clip(np.floor(reach.min(0)).astype(int) - 1, 0, shape)
     hi = np.clip(np.ceil(reach.max(0)).astype(int) + 2, 0, shape)
     block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if block.size == 0:
+        return np.full((size,) * 3, PAD_HU, np.float32), 1.0
     axes = _axis_aligned(step, offsets) if order == 1 else None
-    if axes is not None:
-        lines = [(origin[d] - lo[d]) + step[d, axes[d]] * offsets for d in range(3)]
-        outside = np.zeros((size,) * 3, bool)
-        for d in range(3):  # a grid point is outside when it is outside along any voxel axis
-            absolute = lines[d] + lo[d]
-            along = (absolute < -0.5) | (absolute > shape[d] - 0.5)
-            outside |= along.reshape([-1 if r == axes[d] else 1 for r in range(3)])
-    else:
-        # voxel coordinates of every grid point, built separably (no (3, N) world-point matrix)
+    if axes is not None:  # the voxel coordinate along each voxel axis: a line along the RAS axis it follows
+        along = [[-1 if r == axes[d] else 1 for r in range(3)] for d in range(3)]
+        coords = [((origin[d] - lo[d]) + step[d, axes[d]] * offsets).reshape(along[d]) for d in range(3)]
+    else:  # voxel coordinates of every grid point, built separably (no (3, N) world-point matrix)
         coords = np.empty((3, size, size, size), np.float32)
         for d in range(3):
             coords[d] = (
@@ -169,16 +166,14 @@ def sample_crop(ct: np.ndarray, affine: np.ndarray, centre: np.ndarray, size: in
                 + step[d, 1] * offsets[None, :, None]
                 + step[d, 2] * offsets[None, None, :]
             )
-        outside = np.zeros((size,) * 3, bool)
-        for d in range(3):
-            absolute = coords[d] + lo[d]
-            outside |= (absolute < -0.5) | (absolute > shape[d] - 0.5)
-    if block.size == 0:
-        return np.full((size,) * 3, PAD_HU, np.float32), 1.0
+    outside = np.zeros((size,) * 3, bool)
+    for d in range(3):
+        absolute = coords[d] + lo[d]
+        outside |= (absolute < -0.5) | (absolute > shape[d] - 0.5)
     if axes is not None:
         crop = np.array(block, order="K")  # contiguous in the scan's memory order: the gathers below read runs
         for d in range(3):
-            crop = _linear_along(crop, lines[d], d)
+            crop = _linear_along(crop, coords[d].ravel(), d)
         crop = np.ascontiguousarray(crop.transpose(np.argsort(axes)), dtype=np.float32)
     else:
         crop = ndimage.map_coordinates(block, coords, order=order, mode="nearest", output=np.float32)
@@ -208,14 +203,10 @@ def _linear_along(x: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray
     return below + weight * (np.take(x, np.minimum(low + 1, n - 1), axis=axis) - below)
 
 
-def _read_mask(path: str, label_map: dict[int, str]) -> tuple[np.ndarray, np.ndarray, list[Vertebra] | BenchError]:
-    """The mask, its affine and its vertebrae, or why it is not a label image (raised by the caller
-    after the grid check, so that errors come in the order a reader fixes them)."""
+def _read_mask(path: str, label_map: dict[int, str]) -> tuple[np.ndarray, np.ndarray, list[Vertebra]]:
+    """The mask, its affine and its vertebrae; a mask that is not a label image is one line."""
     mask, affine = load_volume(path, "mask")
-    try:
-        check_label_image(mask, f"mask '{path}'")
-    except BenchError as exc:
-        return mask, affine, exc
+    check_label_image(mask, f"mask '{path}'")
     return mask, affine, vertebra_centroids(mask, affine, label_map)
 
 
@@ -235,8 +226,6 @@ def ingest_case(case: Case, opts: IngestOptions,
             f"mask '{case.mask}' is not on the CT's grid: shapes {ct.shape} vs {mask.shape}, "
             f"affines differ by {np.abs(ct_affine - mask_affine).max():.3g}; resample the mask to the CT first"
         )
-    if isinstance(vertebrae, BenchError):
-        raise vertebrae
     if not vertebrae:
         present = sorted(int(v) for v in np.unique(mask) if v)[:12]
         raise BenchError(

@@ -378,8 +378,9 @@ def test_an_axis_aligned_scan_is_sampled_axis_by_axis_to_map_coordinates_values(
     if ornt is not None:
         img = img.as_reoriented(np.array(ornt))
     ct = np.asanyarray(img.dataobj)
-    centres = [v.centroid_world for v in vertebra_centroids(
-        np.asanyarray(nib.load(str(TS_VERT)).dataobj), nib.load(str(TS_VERT)).affine, LABEL_MAPS["totalseg_v2"])]
+    mask = nib.load(str(TS_VERT))
+    centres = [v.centroid_world for v in vertebra_centroids(np.asanyarray(mask.dataobj), mask.affine,
+                                                             LABEL_MAPS["totalseg_v2"])]
     assert ingest_module._axis_aligned(np.linalg.inv(img.affine)[:3, :3], np.arange(96) - 47.5) is not None
     fast = [sample_crop(ct, img.affine, c, 96, 1.0) for c in centres]
     monkeypatch.setattr(ingest_module, "_axis_aligned", lambda step, offsets: None)
